@@ -8,7 +8,7 @@ result depends on, so medium configurations stay testable.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -32,7 +32,7 @@ def _token_mask(i: int, j: int, t: int, b: int, decay: float, model: str) -> tor
     return mask
 
 
-@lru_cache(maxsize=None)
+@cache
 def _shrunk(key, t: int, b: int, rr: int, rc: int, decay: float, model: str, i: int, j: int) -> torch.Tensor:
     lm = _token_mask(i, j, t, b, decay, model)
     c = math.ceil(t / b)
