@@ -1,0 +1,211 @@
+"""Video files <-> uint8 frame arrays through PyAV (FFmpeg): mp4, mov, mkv, webm, gif.
+
+Frames are always ``uint8 [F, H, W, 3]`` RGB. Reading raises :class:`VideoReadError` (a ``ValueError``)
+naming the file for anything FFmpeg cannot open or decode, so a dataset job can skip the file with one
+log line. Writing is atomic: a temp file in the target folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mov", ".mkv", ".gif", ".avi", ".m4v")
+
+# Encoder and pixel format chosen by the container when the caller does not name a codec.
+_DEFAULT_CODEC = {".webm": "libvpx-vp9", ".gif": "gif"}
+_PIX_FMT = {"gif": "rgb8", "libvpx-vp9": "yuv420p", "libvpx": "yuv420p"}
+
+
+class VideoReadError(ValueError):
+    """A video file that cannot be opened or decoded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the first video stream (``num_frames`` may be an estimate)."""
+
+    path: str
+    fps: float
+    num_frames: int
+    height: int
+    width: int
+    codec: str
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+def _stream_fps(stream: av.video.stream.VideoStream) -> float:
+    """Average frame rate, falling back to FFmpeg's guess (gifs and some webm lack an average)."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and float(rate) > 0:
+            return float(rate)
+    return 0.0
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.is_file():
+        raise VideoReadError(f"{path}: no such video file")
+    try:
+        container = av.open(str(path), mode="r")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise VideoReadError(f"{path}: cannot open as a video ({exc}); is it a complete video file?") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoReadError(f"{path}: the file has no video stream")
+    return container
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """Read the header only: fps, frame count (from the container, else duration x fps), size, codec."""
+    path = Path(path)
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        frames = int(stream.frames or 0)
+        if frames <= 0 and stream.duration is not None and stream.time_base is not None:
+            frames = int(round(float(stream.duration * stream.time_base) * fps))
+        if frames <= 0 and container.duration is not None:
+            frames = int(round(container.duration / av.time_base * fps))
+        ctx = stream.codec_context
+        return VideoInfo(str(path), fps, frames, int(ctx.height), int(ctx.width), ctx.name)
+    finally:
+        container.close()
+
+
+def iter_frames(
+    path: str | os.PathLike[str], *, start_frame: int = 0, max_frames: int | None = None
+) -> Iterator[np.ndarray]:
+    """Decode frames one at a time as ``uint8 [H, W, 3]``; stops decoding once ``max_frames`` are out."""
+    path = Path(path)
+    if start_frame < 0 or (max_frames is not None and max_frames < 0):
+        raise ValueError(f"start_frame={start_frame} and max_frames={max_frames} must not be negative")
+    container = _open(path)
+    emitted = 0
+    try:
+        for index, frame in enumerate(container.decode(video=0)):
+            if max_frames is not None and emitted >= max_frames:
+                break
+            if index < start_frame:
+                continue
+            yield frame.to_ndarray(format="rgb24")
+            emitted += 1
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoReadError(f"{path}: decoding failed after {emitted} frames ({exc})") from exc
+    finally:
+        container.close()
+
+
+def read_video(
+    path: str | os.PathLike[str], *, start_frame: int = 0, max_frames: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Whole video (or ``max_frames`` from ``start_frame``) as ``(uint8 [F, H, W, 3], fps)``."""
+    path = Path(path)
+    container = _open(path)
+    try:
+        fps = _stream_fps(container.streams.video[0])
+    finally:
+        container.close()
+    frames = list(iter_frames(path, start_frame=start_frame, max_frames=max_frames))
+    if not frames:
+        raise VideoReadError(f"{path}: no decodable frames (from frame {start_frame})")
+    if fps <= 0:
+        raise VideoReadError(f"{path}: the stream has no frame rate; re-encode it with a fixed fps")
+    return np.stack(frames), fps
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3] with F >= 1, got shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (0..255), got {frames.dtype}; convert with (x * 255).round()")
+    return frames
+
+
+def _pad_even(frames: np.ndarray) -> np.ndarray:
+    """yuv420p needs even sizes: replicate the last row/column rather than refuse the video."""
+    _, h, w, _ = frames.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        log.debug("padding %dx%d frames to even size %dx%d for yuv420p", w, h, w + pw, h + ph)
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    return frames
+
+
+def write_video(
+    path: str | os.PathLike[str],
+    frames: np.ndarray,
+    fps: float,
+    *,
+    codec: str | None = None,
+    crf: int = 18,
+    odd_size: str = "pad",
+) -> Path:
+    """Write ``uint8 [F, H, W, 3]`` frames as a real video file; returns the path.
+
+    ``codec=None`` picks by extension: H.264 (``libx264``, yuv420p) for mp4/mov/mkv, VP9 for webm, GIF for
+    gif. yuv420p needs even sizes: ``odd_size="pad"`` replicates one edge row/column, ``"error"`` refuses.
+    """
+    path = Path(path)
+    frames = _check_frames(frames)
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    suffix = path.suffix.lower()
+    codec = codec or _DEFAULT_CODEC.get(suffix, "libx264")
+    pix_fmt = _PIX_FMT.get(codec, "yuv420p")
+    if pix_fmt == "yuv420p" and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        if odd_size == "error":
+            raise ValueError(
+                f"{path}: {codec}/yuv420p needs even width and height, got {frames.shape[2]}x{frames.shape[1]}"
+            )
+        if odd_size != "pad":
+            raise ValueError(f"odd_size must be 'pad' or 'error', got {odd_size!r}")
+        frames = _pad_even(frames)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its 0600 mode would stick to the final file; FFmpeg creates it with the umask instead.
+    tmp_name = str(path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        _encode(tmp_name, frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix))
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def container_format(suffix: str) -> str | None:
+    """FFmpeg muxer for an extension (the temp file's ``.tmp.mp4`` suffix would confuse the guess)."""
+    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
+            ".gif": "gif", ".avi": "avi"}.get(suffix)
+
+
+def _encode(
+    target: str, frames: np.ndarray, rate: Fraction, codec: str, pix_fmt: str, crf: int, fmt: str | None
+) -> None:
+    options: dict[str, str] = {}
+    if codec == "libx264":
+        options = {"crf": str(crf), "preset": "medium"}
+    elif codec in ("libvpx-vp9", "libvpx"):
+        options = {"crf": str(max(crf, 4)), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
+    with av.open(target, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = pix_fmt
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
