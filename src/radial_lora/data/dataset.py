@@ -1,0 +1,184 @@
+"""The prepared-dataset format (docs/ARCHITECTURE.md) and its reader, used by training and evaluation.
+
+```
+DATASET/dataset.json       settings the clips were made with (format, family, model, size, fps, lengths)
+DATASET/manifest.jsonl     one JSON object per finished clip (see :class:`Record`)
+DATASET/latents/f{N}/{id}.safetensors   "latents" [C,F,h,w] float32 + the text tensors, no batch dim
+```
+The manifest is append-only while ``data prepare`` runs; a crash can leave a cut-off last line, which
+:func:`read_manifest` drops with a warning (that clip is simply prepared again on the next run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "radial-lora-dataset/1"
+DATASET_JSON = "dataset.json"
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One cached clip: a row of ``manifest.jsonl``. ``file`` is relative to the dataset folder."""
+
+    id: str
+    bucket: int
+    source: str
+    caption: str
+    start_frame: int
+    fps: float
+    height: int
+    width: int
+    num_frames: int
+    latent_shape: tuple[int, ...]
+    file: str
+    sha256: str
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any], where: str) -> Record:
+        """Build from a manifest row; ``where`` (file:line) goes into the error for a bad row."""
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(row))
+        if missing:
+            raise ValueError(f"{where}: manifest row lacks {missing}; re-run `radial-lora data prepare`")
+        try:
+            return cls(
+                id=str(row["id"]), bucket=int(row["bucket"]), source=str(row["source"]),
+                caption=str(row["caption"]), start_frame=int(row["start_frame"]), fps=float(row["fps"]),
+                height=int(row["height"]), width=int(row["width"]), num_frames=int(row["num_frames"]),
+                latent_shape=tuple(int(x) for x in row["latent_shape"]), file=str(row["file"]),
+                sha256=str(row["sha256"]),
+            )  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: bad value in manifest row ({exc})") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["latent_shape"] = list(self.latent_shape)
+        return row
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[Record]:
+    """Rows in file order; a later row with the same id replaces the earlier one (a re-prepared clip).
+
+    A cut-off *last* line (interrupted append) is dropped with a warning; any other bad line is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `radial-lora data prepare` first")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    by_id: dict[str, Record] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s:%d: ignoring a cut-off last line (interrupted run)", path, number)
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc}); the manifest is damaged") from exc
+        record = Record.from_json(row, f"{path}:{number}")
+        by_id.pop(record.id, None)
+        by_id[record.id] = record
+    return list(by_id.values())
+
+
+class PreparedDataset:
+    """Read-only view of a prepared dataset folder: settings, clip records by bucket, tensors per clip."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        info_path = self.path / DATASET_JSON
+        if not info_path.is_file():
+            raise FileNotFoundError(
+                f"{info_path} not found: {self.path} is not a prepared dataset (run `radial-lora data prepare`)"
+            )
+        try:
+            self.info: dict[str, Any] = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{info_path}: not valid JSON ({exc})") from exc
+        if self.info.get("format") != FORMAT:
+            raise ValueError(f"{info_path}: format {self.info.get('format')!r} is not {FORMAT!r}")
+        self.records: list[Record] = read_manifest(self.path / MANIFEST)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def buckets(self) -> dict[int, list[Record]]:
+        """Records grouped by frame count, buckets in ascending order, records in manifest order."""
+        groups: dict[int, list[Record]] = defaultdict(list)
+        for record in self.records:
+            groups[record.bucket].append(record)
+        return {bucket: groups[bucket] for bucket in sorted(groups)}
+
+    def file_of(self, record: Record) -> Path:
+        return self.path / record.file
+
+    def load(self, record: Record, *, verify: bool = False) -> dict[str, torch.Tensor]:
+        """The clip's tensors ("latents" [C,F,h,w] float32 + text tensors). ``verify`` checks the sha256."""
+        file = self.file_of(record)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file}: latent file of clip {record.id!r} is missing; re-run `radial-lora data prepare`"
+            )
+        if verify and sha256_file(file) != record.sha256:
+            raise ValueError(f"{file}: checksum differs from the manifest; the file was changed or damaged")
+        try:
+            tensors = load_file(file)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{file}: cannot read safetensors ({exc}); re-run `radial-lora data prepare`") from exc
+        if "latents" not in tensors:
+            raise ValueError(f"{file}: no 'latents' tensor (has {sorted(tensors)})")
+        if tuple(tensors["latents"].shape) != record.latent_shape:
+            raise ValueError(
+                f"{file}: latents shape {tuple(tensors['latents'].shape)} != manifest {record.latent_shape}"
+            )
+        return tensors
+
+    def split(self, holdout_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
+        """(train, holdout) by *source video*: clips of one source never land on both sides.
+
+        Deterministic for a seed; with a fraction > 0 and two or more sources, both sides get at least one.
+        """
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction={holdout_fraction} must be in [0, 1)")
+        sources = sorted({r.source for r in self.records})
+        random.Random(seed).shuffle(sources)
+        count = round(holdout_fraction * len(sources))
+        if holdout_fraction > 0 and len(sources) > 1:
+            count = min(max(count, 1), len(sources) - 1)  # both sides non-empty
+        held = set(sources[:count])
+        train = [r for r in self.records if r.source not in held]
+        holdout = [r for r in self.records if r.source in held]
+        return train, holdout

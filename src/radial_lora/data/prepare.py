@@ -1,0 +1,529 @@
+"""Videos + captions -> cached latents at one or more clip lengths (``radial-lora data prepare``).
+
+Why cache: training the LoRA needs only the transformer; encoding every clip once with the model's own
+VAE and text encoder up front takes them out of GPU memory during training. Each requested length is a
+bucket (``latents/f{N}/``); the same source gives base-length and extended-length clips.
+
+The job never stops for one bad input: an unreadable file, a too-short video or a missing caption is
+skipped with one log line and counted in the summary. It is resumable: clips whose file is present and
+matches the manifest checksum are not encoded again, and each finished clip is appended to the manifest
+right away, so an interrupted run loses nothing it finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from radial_lora.data.dataset import (
+    DATASET_JSON,
+    FORMAT,
+    MANIFEST,
+    Record,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
+from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_frames, probe_video
+from radial_lora.geometry import latent_geometry
+
+log = logging.getLogger(__name__)
+
+VIDEO_COLUMN_ALIASES = ("video", "file_name", "filename", "video_path", "path", "file", "media_path")
+CAPTION_COLUMN_ALIASES = ("caption", "text", "prompt", "description", "caption_text")
+CLIP_MODES = ("start", "middle", "sliding")
+
+# Exit status of `data prepare` (docs/DATA.md): 2 = usage error (from the CLI), 3 = some input skipped.
+EXIT_OK = 0
+EXIT_SKIPPED = 3
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input video and its caption; ``source`` is its path relative to the input (stable id)."""
+
+    source: str
+    path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: str
+    reason: str
+
+
+@dataclass
+class PrepareOptions:
+    """Settings of one ``data prepare`` run (the CLI flags)."""
+
+    input: Path
+    out: Path
+    model: str
+    family: str
+    lengths: tuple[int, ...] = (17, 65)
+    height: int = 480
+    width: int = 832
+    fps: float = 16.0
+    clip_mode: str = "start"
+    stride: int | None = None
+    max_clips: int | None = None
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    video_column: str | None = None
+    caption_column: str | None = None
+
+
+@dataclass
+class PrepareSummary:
+    """What a run did; ``exit_code`` is 0 when nothing was skipped, else 3."""
+
+    encoded: Counter[int] = field(default_factory=Counter)
+    reused: Counter[int] = field(default_factory=Counter)
+    skipped: list[Skip] = field(default_factory=list)
+    sources: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SKIPPED if self.skipped else EXIT_OK
+
+    def format(self) -> str:
+        lines = [f"{self.sources} source videos"]
+        for bucket in sorted(set(self.encoded) | set(self.reused)):
+            lines.append(
+                f"  f{bucket}: {self.encoded[bucket] + self.reused[bucket]} clips "
+                f"({self.encoded[bucket]} encoded, {self.reused[bucket]} already prepared)"
+            )
+        if self.skipped:
+            reasons = Counter(s.reason.split(":")[0] for s in self.skipped)
+            lines.append(f"  skipped {len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in reasons.items()))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _clean_caption(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _pick_column(names: list[str], wanted: str | None, aliases: tuple[str, ...], what: str, where: Path) -> str:
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"{where}: no {what} column {wanted!r}; columns are {names}")
+        return wanted
+    lowered = {name.lower(): name for name in names}
+    for alias in aliases:
+        if alias in lowered:
+            return lowered[alias]
+    raise ValueError(
+        f"{where}: no {what} column among {names}; name one with --{what}-column (looked for {list(aliases)})"
+    )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8-sig")
+    if suffix == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
+        return rows
+    if suffix == ".json":
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of {{video, caption}} objects")
+        return data
+    raise ValueError(f"{path}: unsupported metadata file; use a folder, .csv, .jsonl or .json")
+
+
+def _items_from_table(path: Path, video_column: str | None, caption_column: str | None) -> tuple[
+    list[SourceItem], list[Skip]
+]:
+    rows = _read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{path}: every row must be an object with a video and a caption")
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    vcol = _pick_column(names, video_column, VIDEO_COLUMN_ALIASES, "video", path)
+    ccol = _pick_column(names, caption_column, CAPTION_COLUMN_ALIASES, "caption", path)
+    items, skips = [], []
+    for number, row in enumerate(rows, start=1):
+        video = str(row.get(vcol) or "").strip()
+        if not video:
+            skips.append(Skip(f"{path.name}:row {number}", f"no video path in column {vcol!r}"))
+            continue
+        caption = _clean_caption(str(row.get(ccol) or ""))
+        if not caption:
+            skips.append(Skip(video, f"missing caption: empty {ccol!r} in {path.name} row {number}"))
+            continue
+        items.append(SourceItem(video, (path.parent / video), caption))
+    return items, skips
+
+
+def _items_from_folder(folder: Path) -> tuple[list[SourceItem], list[Skip]]:
+    # finetrainers' older layout: prompt.txt and videos.txt, line by line
+    prompts, videos = folder / "prompt.txt", folder / "videos.txt"
+    if prompts.is_file() and videos.is_file():
+        p_lines = prompts.read_text(encoding="utf-8").splitlines()
+        v_lines = [v.strip() for v in videos.read_text(encoding="utf-8").splitlines()]
+        if len(p_lines) != len([v for v in v_lines if v]) and len(p_lines) != len(v_lines):
+            raise ValueError(f"{folder}: prompt.txt has {len(p_lines)} lines but videos.txt {len(v_lines)}")
+        items, skips = [], []
+        for video, prompt in zip([v for v in v_lines if v], p_lines):
+            caption = _clean_caption(prompt)
+            if caption:
+                items.append(SourceItem(video, folder / video, caption))
+            else:
+                skips.append(Skip(video, "missing caption: empty line in prompt.txt"))
+        return items, skips
+    items, skips = [], []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.suffix.lower() not in VIDEO_EXTENSIONS or any(p.startswith(".") for p in rel.parts):
+            continue
+        txt = path.with_suffix(".txt")
+        if not txt.is_file():
+            skips.append(Skip(rel.as_posix(), f"missing caption: no {txt.name} next to it"))
+            continue
+        caption = _clean_caption(txt.read_text(encoding="utf-8", errors="replace"))
+        if not caption:
+            skips.append(Skip(rel.as_posix(), f"missing caption: {txt.name} is empty"))
+            continue
+        items.append(SourceItem(rel.as_posix(), path, caption))
+    return items, skips
+
+
+def collect_inputs(
+    input_path: str | os.PathLike[str], *, video_column: str | None = None, caption_column: str | None = None
+) -> tuple[list[SourceItem], list[Skip]]:
+    """The usable (video, caption) pairs and the skipped ones with reasons.
+
+    ``input_path``: a folder of videos with same-named ``.txt`` captions (musubi-tuner / diffusion-pipe),
+    a folder with ``prompt.txt`` + ``videos.txt`` (finetrainers), or a CSV / JSONL / JSON table with a video
+    path (relative to the table) and a caption per row.
+    """
+    path = Path(input_path)
+    if path.is_dir():
+        items, skips = _items_from_folder(path)
+    elif path.is_file():
+        items, skips = _items_from_table(path, video_column, caption_column)
+    else:
+        raise FileNotFoundError(f"{path}: input not found (give a folder of videos or a CSV/JSONL file)")
+    if not items and not skips:
+        raise ValueError(f"{path}: no videos found (extensions {', '.join(VIDEO_EXTENSIONS)})")
+    return items, skips
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scale so the frame covers ``height x width`` (aspect kept), then cut the centre."""
+    h, w = frame.shape[:2]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frame[top : top + height, left : left + width]
+
+
+def load_resampled(
+    path: Path, height: int, width: int, fps: float, max_frames: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Decode, resample to ``fps`` (nearest source frame in time) and resize+crop: ``uint8 [N,H,W,3]``.
+
+    Returns the frames and the source fps. Streams: only the kept, resized frames are held in memory.
+    """
+    source_fps = probe_video(path).fps
+    if source_fps <= 0:
+        raise VideoReadError(f"{path}: the stream has no frame rate")
+    step = source_fps / fps  # source frames per output frame
+    out: list[np.ndarray] = []
+    for index, frame in enumerate(iter_frames(path)):
+        # output frame j shows source frame round(j * step); emit every j that maps to this index
+        while int(np.floor(len(out) * step + 0.5)) == index:
+            out.append(resize_center_crop(frame, height, width))
+            if max_frames is not None and len(out) >= max_frames:
+                return np.stack(out), source_fps
+        if int(np.floor(len(out) * step + 0.5)) < index:  # cannot happen; guards rounding surprises
+            raise RuntimeError(f"{path}: resampling fell behind at source frame {index}")
+    if not out:
+        raise VideoReadError(f"{path}: no decodable frames")
+    return np.stack(out), source_fps
+
+
+def clip_starts(num_frames: int, length: int, mode: str, stride: int | None, max_clips: int | None) -> list[int]:
+    """First frames of the clips of ``length`` cut from ``num_frames`` (empty when too short)."""
+    if num_frames < length:
+        return []
+    last = num_frames - length
+    if mode == "start":
+        starts = [0]
+    elif mode == "middle":
+        starts = [last // 2]
+    elif mode == "sliding":
+        starts = list(range(0, last + 1, stride or length))
+    else:
+        raise ValueError(f"clip mode {mode!r} is not one of {CLIP_MODES}")
+    return starts[:max_clips] if max_clips else starts
+
+
+def clip_id(source: str, length: int, start: int) -> str:
+    """Readable and unique: the file stem, a hash of the full source path, length and start frame."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source).stem)[:48] or "clip"
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:6]
+    return f"{stem}_{digest}_f{length}_s{start:05d}"
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class _PendingClip:
+    id: str
+    item: SourceItem
+    length: int
+    start: int
+    frames: np.ndarray  # uint8 [F,H,W,3]
+
+
+class _Encoder:
+    """The adapter's VAE and text encoder with a per-caption cache of text embeddings."""
+
+    def __init__(self, adapter: Any, pipe: Any, device: torch.device) -> None:
+        self.adapter, self.pipe, self.device = adapter, pipe, device
+        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        vae = getattr(pipe, "vae", None)
+        self.dtype = next(vae.parameters()).dtype if vae is not None else torch.float32
+
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        new = list(dict.fromkeys(c for c in captions if c not in self.text_cache))
+        if new:
+            encoded = self.adapter.encode_prompts(self.pipe, new)
+            for i, caption in enumerate(new):
+                self.text_cache[caption] = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
+        return [self.text_cache[c] for c in captions]
+
+    @torch.no_grad()
+    def videos(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """uint8 [F,H,W,3] clips -> latents [B,C,f,h,w] float32 on the CPU."""
+        batch = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3)  # B,3,F,H,W
+        batch = (batch.to(self.device, torch.float32) / 127.5 - 1.0).to(self.dtype)
+        return self.adapter.encode_videos(self.pipe, batch).detach().to("cpu", torch.float32)
+
+
+def _save_clip(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """Atomic safetensors write; returns the file's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+class _ManifestWriter:
+    """Append one line per finished clip and flush it to disk at once."""
+
+    def __init__(self, path: Path, existing: list[Record]) -> None:
+        self.path = path
+        # rewrite once (atomically) without cut-off lines or stale rows, then append
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in existing), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def append(self, record: Record) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record.to_json()) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def _check_options(opts: PrepareOptions) -> None:
+    if not opts.lengths:
+        raise ValueError("--lengths is empty; give frame counts like 17,65")
+    for length in opts.lengths:
+        latent_geometry(length, opts.height, opts.width)  # 4k+1 frames, sizes multiple of 16
+    if opts.clip_mode not in CLIP_MODES:
+        raise ValueError(f"--clip-mode {opts.clip_mode!r} is not one of {CLIP_MODES}")
+    if opts.fps <= 0:
+        raise ValueError(f"--fps {opts.fps} must be positive")
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch-size {opts.batch_size} must be >= 1")
+    if opts.stride is not None and opts.stride < 1:
+        raise ValueError(f"--stride {opts.stride} must be >= 1")
+    if opts.max_clips is not None and opts.max_clips < 1:
+        raise ValueError(f"--max-clips {opts.max_clips} must be >= 1")
+
+
+def _dataset_info(opts: PrepareOptions, pipe: Any, previous: dict[str, Any] | None) -> dict[str, Any]:
+    info = {
+        "format": FORMAT,
+        "family": opts.family,
+        "model": opts.model,
+        "height": opts.height,
+        "width": opts.width,
+        "fps": opts.fps,
+        "lengths": sorted(set(opts.lengths)),
+        "vae_temporal_factor": int(getattr(pipe, "vae_scale_factor_temporal", 4)),
+        "vae_spatial_factor": int(getattr(pipe, "vae_scale_factor_spatial", 8)),
+        "dtype": opts.dtype,
+        "clip_mode": opts.clip_mode,
+        "stride": opts.stride,
+        "max_clips": opts.max_clips,
+    }
+    if previous is not None:
+        for key in ("format", "family", "model", "height", "width", "fps"):
+            if previous.get(key) != info[key]:
+                raise ValueError(
+                    f"{opts.out / DATASET_JSON}: prepared with {key}={previous.get(key)!r}, this run asks for "
+                    f"{info[key]!r}; use another --out folder for different settings"
+                )
+        info["lengths"] = sorted(set(previous.get("lengths", [])) | set(opts.lengths))
+        info["latent_shapes"] = previous.get("latent_shapes", {})
+        info["text_keys"] = previous.get("text_keys")
+    return info
+
+
+def _resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"--dtype {name!r} is not one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[Any, Any]:
+    if adapter is None:
+        from radial_lora.models import get_adapter
+
+        adapter = get_adapter(opts.family)
+    if pipe is None:
+        log.info("loading %s pipeline (VAE + text encoder) from %s", opts.family, opts.model)
+        pipe = adapter.load_pipeline(opts.model, _resolve_dtype(opts.dtype))
+        pipe.to(opts.device)
+    return adapter, pipe
+
+
+def prepare_dataset(
+    opts: PrepareOptions,
+    *,
+    adapter: Any | None = None,
+    pipe: Any | None = None,
+) -> PrepareSummary:
+    """Run the whole job; see the module docstring. ``adapter``/``pipe`` may be given already loaded
+    (the demo passes its in-memory tiny pipeline); otherwise they come from ``opts.family``/``opts.model``.
+    """
+    _check_options(opts)
+    _resolve_dtype(opts.dtype)
+    out = opts.out
+    items, skipped = collect_inputs(opts.input, video_column=opts.video_column, caption_column=opts.caption_column)
+    for skip in skipped:
+        log.warning("skip %s: %s", skip.source, skip.reason)
+
+    info_path = out / DATASET_JSON
+    previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    adapter, pipe = _load(opts, adapter, pipe)
+    for length in opts.lengths:
+        adapter.geometry(pipe, length, opts.height, opts.width)  # the model's own size rules
+    info = _dataset_info(opts, pipe, previous)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(info_path, info)
+
+    existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
+    done: dict[str, Record] = {}
+    for record in existing:
+        file = out / record.file
+        if file.is_file() and sha256_file(file) == record.sha256:
+            done[record.id] = record
+        else:
+            log.warning("clip %s: file missing or changed since it was prepared; encoding it again", record.id)
+    manifest = _ManifestWriter(out / MANIFEST, list(done.values()))
+    encoder = _Encoder(adapter, pipe, torch.device(opts.device))
+    summary = PrepareSummary(skipped=skipped, sources=len(items))
+    pending: dict[int, list[_PendingClip]] = defaultdict(list)
+    max_needed = max(opts.lengths) if opts.clip_mode == "start" else None
+
+    def flush(length: int) -> None:
+        clips, pending[length] = pending[length], []
+        if not clips:
+            return
+        latents = encoder.videos([c.frames for c in clips])
+        texts = encoder.text([c.item.caption for c in clips])
+        for clip, latent, text in zip(clips, latents, texts):
+            rel = f"latents/f{length}/{clip.id}.safetensors"
+            tensors = {"latents": latent.contiguous(), **text}
+            digest = _save_clip(out / rel, tensors, {"id": clip.id, "source": clip.item.source})
+            record = Record(
+                id=clip.id, bucket=length, source=clip.item.source, caption=clip.item.caption,
+                start_frame=clip.start, fps=opts.fps, height=opts.height, width=opts.width, num_frames=length,
+                latent_shape=tuple(latent.shape), file=rel, sha256=digest,
+            )  # fmt: skip
+            manifest.append(record)
+            summary.encoded[length] += 1
+            info.setdefault("latent_shapes", {})[str(length)] = list(latent.shape)
+            if info.get("text_keys") is None:
+                info["text_keys"] = sorted(text)
+
+    bar = tqdm(items, desc="prepare", unit="video", disable=None)
+    for item in bar:
+        try:
+            frames, _ = load_resampled(item.path, opts.height, opts.width, opts.fps, max_needed)
+        except (VideoReadError, OSError, ValueError) as exc:
+            reason = str(exc).replace(str(item.path), "").lstrip(": ") or type(exc).__name__
+            summary.skipped.append(Skip(item.source, f"unreadable: {reason}"))
+            log.warning("skip %s: unreadable (%s)", item.source, reason)
+            continue
+        too_short = [n for n in sorted(set(opts.lengths)) if len(frames) < n]
+        if too_short:
+            reason = f"too short: {len(frames)} frames at {opts.fps:g} fps, no clip of {too_short} frames"
+            summary.skipped.append(Skip(item.source, reason))
+            log.warning("skip %s: %s", item.source, reason)
+        for length in sorted(set(opts.lengths)):
+            for start in clip_starts(len(frames), length, opts.clip_mode, opts.stride, opts.max_clips):
+                cid = clip_id(item.source, length, start)
+                if cid in done:
+                    summary.reused[length] += 1
+                    continue
+                pending[length].append(_PendingClip(cid, item, length, start, frames[start : start + length]))
+                if len(pending[length]) >= opts.batch_size:
+                    flush(length)
+    for length in list(pending):
+        flush(length)
+    counts = Counter(r.bucket for r in done.values()) + summary.encoded
+    info["num_clips"] = {str(b): counts[b] for b in info["lengths"]}
+    write_json_atomic(info_path, info)
+    log.info("prepared dataset in %s\n%s", out, summary.format())
+    return summary
