@@ -426,13 +426,22 @@ def _resolve_dtype(name: str) -> torch.dtype:
 
 
 def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[Any, Any]:
+    """Adapter and pipeline; checks the clip sizes against the model's own geometry rules."""
     if adapter is None:
-        from radial_lora.models import get_adapter
+        from radial_lora.models.adapter import get_adapter
 
         adapter = get_adapter(opts.family)
-    if pipe is None:
-        log.info("loading %s pipeline (VAE + text encoder) from %s", opts.family, opts.model)
+    own = pipe is None
+    if own:
+        log.info("loading the %s pipeline from %s", opts.family, opts.model)
         pipe = adapter.load_pipeline(opts.model, _resolve_dtype(opts.dtype))
+    for length in opts.lengths:
+        adapter.geometry(pipe, length, opts.height, opts.width)  # needs the transformer's patch size
+    if own:
+        # encoding needs only the VAE and the text encoder(s): free the transformer(s) before moving
+        for name in ("transformer", "transformer_2"):
+            if getattr(pipe, name, None) is not None:
+                setattr(pipe, name, None)
         pipe.to(opts.device)
     return adapter, pipe
 
@@ -456,8 +465,6 @@ def prepare_dataset(
     info_path = out / DATASET_JSON
     previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     adapter, pipe = _load(opts, adapter, pipe)
-    for length in opts.lengths:
-        adapter.geometry(pipe, length, opts.height, opts.width)  # the model's own size rules
     info = _dataset_info(opts, pipe, previous)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(info_path, info)
