@@ -1,0 +1,328 @@
+"""PEFT LoRA on the attention projections, saved in the diffusers LoRA format with our metadata.
+
+The file is what ``pipe.load_lora_weights(dir)`` of the stock diffusers pipeline reads:
+``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A.weight`` /
+``lora_B.weight`` and diffusers' own ``lora_adapter_metadata`` header (the LoraConfig, so rank and
+alpha load exactly). Our training settings (base model, lengths, mask settings, steps) ride along in
+the same header under ``radial_lora`` (JSON), so a LoRA file says how it must be used.
+
+``export_comfyui`` rewrites the keys to ComfyUI's native module names (``diffusion_model.<module>``,
+original Wan / HunyuanVideo checkpoint naming), folding the LoRA scale into ``lora_B``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+COMFYUI_FILENAME = "comfyui_lora.safetensors"
+METADATA_KEY = "radial_lora"
+# diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY: LoraConfig kwargs, keys prefixed "transformer."
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+PREFIX = "transformer."
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    rank: int = 128,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: Iterable[str] = DEFAULT_TARGETS,
+    adapter_name: str = "default",
+) -> list[torch.nn.Parameter]:
+    """Freeze ``transformer`` and attach a LoRA adapter; returns the (only) trainable parameters.
+
+    ``alpha=None`` means alpha = rank (scale 1), the convention of the Radial Attention recipe.
+    Module names match PEFT-style: "to_q" hits every module whose name ends in ``.to_q``.
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    targets = list(target_modules)
+    if not targets:
+        raise ValueError("LoRA target_modules is empty; give module name suffixes such as 'to_q'")
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+    try:
+        transformer.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as exc:
+        raise ValueError(f"cannot add LoRA with target_modules={targets}: {exc}") from exc
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    logger.info(
+        "LoRA rank %d alpha %s on %s: %d tensors, %.2fM trainable parameters",
+        rank, config.lora_alpha, targets, len(params), sum(p.numel() for p in params) / 1e6,
+    )  # fmt: skip
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers keys ``transformer.<module>.lora_A.weight`` (contiguous, CPU)."""
+    sd = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    return {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def adapter_config(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, Any]:
+    """The LoraConfig fields diffusers needs to rebuild the adapter exactly (JSON-serialisable)."""
+    cfg = transformer.peft_config[adapter_name]
+    return {
+        "r": int(cfg.r),
+        "lora_alpha": float(cfg.lora_alpha),
+        "lora_dropout": float(cfg.lora_dropout),
+        "target_modules": sorted(cfg.target_modules),
+        "use_dora": bool(cfg.use_dora),
+        "rank_pattern": dict(cfg.rank_pattern or {}),
+        "alpha_pattern": dict(cfg.alpha_pattern or {}),
+    }
+
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_lora(
+    out_dir: str | os.PathLike,
+    transformer_or_state: torch.nn.Module | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    *,
+    lora_config: Mapping[str, Any] | None = None,
+    filename: str = LORA_FILENAME,
+) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` atomically; returns the file path.
+
+    ``transformer_or_state``: a PEFT-adapted transformer, or a state dict already in diffusers keys
+    (then ``lora_config`` gives rank/alpha/targets, else diffusers infers rank from the shapes and
+    uses alpha = rank). ``metadata`` (JSON-serialisable) is stored under the header key ``radial_lora``.
+    """
+    if isinstance(transformer_or_state, torch.nn.Module):
+        if not getattr(transformer_or_state, "peft_config", None):
+            raise ValueError("no LoRA weights to save: the transformer has no adapter (call add_lora first)")
+        state = lora_state_dict(transformer_or_state)
+        lora_config = adapter_config(transformer_or_state) if lora_config is None else lora_config
+    else:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in transformer_or_state.items()}
+    if not state:
+        raise ValueError("no LoRA weights to save: the transformer has no adapter (call add_lora first)")
+    bad = [k for k in state if not k.startswith(PREFIX) or ".lora_" not in k]
+    if bad:
+        raise ValueError(f"LoRA state keys must look like 'transformer.<module>.lora_A.weight'; got e.g. {bad[0]!r}")
+    try:
+        meta_json = json.dumps(dict(metadata), sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"LoRA metadata must be JSON-serialisable: {exc}") from exc
+    header = {"format": "pt", METADATA_KEY: meta_json}
+    if lora_config is not None:
+        header[DIFFUSERS_METADATA_KEY] = json.dumps({PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True)
+    path = Path(out_dir) / filename
+    _atomic_save(state, path, header)
+    logger.info("saved LoRA (%d tensors) to %s", len(state), path)
+    return path
+
+
+def _lora_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_FILENAME
+    if not p.is_file():
+        raise FileNotFoundError(f"LoRA file {p} not found; expected a directory with {LORA_FILENAME} or the file")
+    return p
+
+
+def _header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Our training metadata (``radial_lora`` header JSON) of a LoRA file or directory."""
+    p = _lora_file(path)
+    header = _header(p)
+    if METADATA_KEY not in header:
+        raise ValueError(f"{p} has no '{METADATA_KEY}' metadata; it was not written by radial-lora save_lora")
+    try:
+        return json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: header key '{METADATA_KEY}' is not valid JSON: {exc}") from exc
+
+
+def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file (diffusers keys)."""
+    p = _lora_file(path)
+    with safe_open(str(p), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _lora_scale(path: Path, module: str, rank: int) -> float:
+    """alpha / r of one module, from diffusers' adapter metadata (alpha = r when absent)."""
+    raw = _header(path).get(DIFFUSERS_METADATA_KEY)
+    if not raw:
+        return 1.0
+    cfg = json.loads(raw)
+    alpha = cfg.get(PREFIX + "lora_alpha", rank)
+    for pattern, value in (cfg.get(PREFIX + "alpha_pattern") or {}).items():
+        if module.endswith(pattern):
+            alpha = value
+    return float(alpha) / rank
+
+
+# --- ComfyUI key mapping -----------------------------------------------------------------------------
+
+_WAN_ATTN = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "o", "add_k_proj": "k_img", "add_v_proj": "v_img"}
+_WAN_FFN = {"ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+
+
+def _wan_comfy_name(module: str) -> str | None:
+    """diffusers WanTransformer3DModel module -> original Wan checkpoint module (ComfyUI's WanModel)."""
+    parts = module.split(".")
+    if len(parts) < 4 or parts[0] != "blocks":
+        return None
+    head, rest = ".".join(parts[:2]), ".".join(parts[2:])
+    for attn, comfy_attn in (("attn1", "self_attn"), ("attn2", "cross_attn")):
+        if rest.startswith(attn + "."):
+            proj = _WAN_ATTN.get(rest[len(attn) + 1 :])
+            return f"{head}.{comfy_attn}.{proj}" if proj else None
+    return f"{head}.{_WAN_FFN[rest]}" if rest in _WAN_FFN else None
+
+
+# HunyuanVideo: ComfyUI's model fuses q/k/v (and the single blocks' MLP input) into one Linear, so a
+# LoRA on to_q/to_k/to_v becomes one LoRA on the fused weight: A stacked, B block-diagonal (exact).
+# Values: (comfy module, slot index, slot count) where the fused output is split in equal slots,
+# except single blocks' linear1 = [q, k, v, mlp] whose mlp width is taken from the fused B size.
+_HY_DOUBLE = {
+    "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
+    "attn.add_q_proj": ("txt_attn_qkv", 0), "attn.add_k_proj": ("txt_attn_qkv", 1),
+    "attn.add_v_proj": ("txt_attn_qkv", 2), "attn.to_out.0": ("img_attn_proj", None),
+    "attn.to_add_out": ("txt_attn_proj", None),
+}  # fmt: skip
+_HY_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2)}
+_HY_REFINER = {
+    "attn.to_q": ("self_attn_qkv", 0), "attn.to_k": ("self_attn_qkv", 1), "attn.to_v": ("self_attn_qkv", 2),
+    "attn.to_out.0": ("self_attn_proj", None),
+}  # fmt: skip
+
+
+def _hunyuan_comfy_name(module: str) -> tuple[str, int | None] | None:
+    parts = module.split(".")
+    table: dict[str, tuple[str, int | None]]
+    if parts[0] == "transformer_blocks":
+        head, table, rest = f"double_blocks.{parts[1]}", _HY_DOUBLE, ".".join(parts[2:])
+    elif parts[0] == "single_transformer_blocks":
+        head, table, rest = f"single_blocks.{parts[1]}", _HY_SINGLE, ".".join(parts[2:])
+    elif parts[:3] == ["context_embedder", "token_refiner", "refiner_blocks"]:
+        head, table = f"txt_in.individual_token_refiner.blocks.{parts[3]}", _HY_REFINER
+        rest = ".".join(parts[4:])
+    else:
+        return None
+    if rest not in table:
+        return None
+    name, slot = table[rest]
+    return f"{head}.{name}", slot
+
+
+def _modules(state: Mapping[str, torch.Tensor]) -> list[str]:
+    mods = {k[len(PREFIX) : k.index(".lora_A.")] for k in state if ".lora_A." in k}
+    return sorted(mods)
+
+
+def export_comfyui(
+    src: str | os.PathLike, dst: str | os.PathLike, family: str | None = None, *, single_mlp_dim: int | None = None
+) -> Path:
+    """Rewrite a diffusers-format LoRA for ComfyUI's native loader; returns the written file.
+
+    ``family`` ("wan", "wan22", "hunyuan") defaults to the file's metadata. The LoRA scale
+    (alpha / r) is folded into ``lora_B`` and no ``.alpha`` key is written, so ComfyUI applies
+    strength 1 x B @ A, the same delta as diffusers. For HunyuanVideo single blocks the fused
+    ``linear1`` also holds the MLP input; its width is ``single_mlp_dim`` (default: 4 x hidden size,
+    read from the q projection, i.e. mlp_ratio 4 as in the released model).
+    """
+    p = _lora_file(src)
+    state = load_lora_state(p)
+    meta = read_lora_metadata(p) if family is None else {}
+    family = family or meta.get("family")
+    if family not in ("wan", "wan22", "hunyuan"):
+        raise ValueError(f"unknown or missing model family {family!r} for ComfyUI export; pass family='wan'|'hunyuan'")
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    skipped = []
+    for module in _modules(state):
+        a = state[f"{PREFIX}{module}.lora_A.weight"].float()
+        b = state[f"{PREFIX}{module}.lora_B.weight"].float()
+        b = b * _lora_scale(p, module, a.shape[0])
+        if family in ("wan", "wan22"):
+            name = _wan_comfy_name(module)
+            if name is None:
+                skipped.append(module)
+                continue
+            out[f"diffusion_model.{name}.lora_A.weight"] = a.contiguous()
+            out[f"diffusion_model.{name}.lora_B.weight"] = b.contiguous()
+            continue
+        mapped = _hunyuan_comfy_name(module)
+        if mapped is None:
+            skipped.append(module)
+            continue
+        name, slot = mapped
+        if slot is None:
+            out[f"diffusion_model.{name}.lora_A.weight"] = a.contiguous()
+            out[f"diffusion_model.{name}.lora_B.weight"] = b.contiguous()
+        else:
+            fused.setdefault(name, {})[slot] = (a, b)
+    for name, slots in fused.items():
+        if sorted(slots) != [0, 1, 2]:
+            raise ValueError(
+                f"ComfyUI fuses q, k and v into {name}; the LoRA must target all of to_q, to_k, to_v "
+                f"(found slots {sorted(slots)})"
+            )
+        a_cat = torch.cat([slots[i][0] for i in range(3)], dim=0)
+        widths = [slots[i][1].shape[0] for i in range(3)]
+        extra = 0
+        if name.endswith("linear1"):
+            extra = single_mlp_dim if single_mlp_dim is not None else 4 * widths[0]
+        b_full = torch.zeros(sum(widths) + extra, a_cat.shape[0])
+        row, col = 0, 0
+        for i in range(3):
+            b_i = slots[i][1]
+            b_full[row : row + b_i.shape[0], col : col + b_i.shape[1]] = b_i
+            row, col = row + b_i.shape[0], col + b_i.shape[1]
+        out[f"diffusion_model.{name}.lora_A.weight"] = a_cat.contiguous()
+        out[f"diffusion_model.{name}.lora_B.weight"] = b_full.contiguous()
+    if skipped:
+        logger.warning("ComfyUI export: no native name for %d module(s), skipped: %s", len(skipped), skipped[:4])
+    if not out:
+        raise ValueError(f"{p}: none of its modules map to ComfyUI's {family} model; nothing to export")
+    dst_path = Path(dst)
+    if dst_path.is_dir() or dst_path.suffix != ".safetensors":
+        dst_path = dst_path / COMFYUI_FILENAME
+    header = {"format": "pt"}
+    if METADATA_KEY in _header(p):
+        header[METADATA_KEY] = _header(p)[METADATA_KEY]
+    _atomic_save(out, dst_path, header)
+    logger.info("exported ComfyUI LoRA (%d tensors) to %s", len(out), dst_path)
+    return dst_path
