@@ -1,0 +1,171 @@
+"""Wan2.1 / Wan2.2 (``WanPipeline``): the adapters and the radial self-attention processor.
+
+Radial attention replaces only the self-attention ``attn1`` of every ``WanTransformerBlock``;
+cross-attention to the text stays stock. The first latent frame is an attention sink (mask model
+type "wan"). Wan2.2 A14B has two experts (``transformer`` for high noise, ``transformer_2`` for low
+noise, switched at ``boundary_ratio * num_train_timesteps``); both get radial attention.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from torch import nn
+
+from radial_lora.models.adapter import ModelAdapter, _check_videos, register_adapter
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from radial_lora.models.radial import RadialController
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved pairs (the same math as ``WanAttnProcessor``)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class RadialWanAttnProcessor(WanAttnProcessor):
+    """``WanAttnProcessor`` for self-attention whose attention product goes through the radial controller.
+
+    Wan's blocks call ``attn1(x, None, None, rotary_emb)``: no mask reaches the processor, so it holds
+    the shared controller (geometry, mask cache, dense policy) and its block index.
+    """
+
+    def __init__(self, controller: RadialController, block_index: int) -> None:
+        super().__init__()
+        self.controller = controller
+        self.block_index = block_index
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise RuntimeError(
+                "RadialWanAttnProcessor is for Wan self-attention (attn1) only; it got cross-attention inputs"
+            )
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = self.controller.attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            block_index=self.block_index, video_tokens=hidden_states.shape[1],
+        )  # fmt: skip
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class WanAdapter(ModelAdapter):
+    """Wan2.1 T2V (1.3B, 14B) and Wan2.2 TI2V-5B (16x spatial VAE, read from the pipeline's VAE config)."""
+
+    family = "wan"
+    mask_model_type = "wan"
+    default_decay = 0.2
+    pipeline_class_name = "WanPipeline"
+    transformer_class_name = "WanTransformer3DModel"
+    # The pipeline's default text length: Wan pads T5 embeddings with zeros to 512 tokens.
+    max_sequence_length = 512
+
+    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, int, nn.Module]]:
+        return [(f"blocks.{i}.attn1", i, block.attn1) for i, block in enumerate(transformer.blocks)]
+
+    def make_processor(self, controller: RadialController, block_index: int) -> RadialWanAttnProcessor:
+        return RadialWanAttnProcessor(controller, block_index)
+
+    def patch_size(self, transformer: nn.Module) -> tuple[int, int, int]:
+        pt, ph, pw = transformer.config.patch_size
+        return int(pt), int(ph), int(pw)
+
+    def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16):
+        """Stock ``from_pretrained``; the VAE goes to float32 as Wan's model cards recommend."""
+        pipe = super().load_pipeline(model_id_or_path, torch_dtype)
+        pipe.vae.to(torch.float32)
+        return pipe
+
+    @torch.no_grad()
+    def encode_prompts(self, pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = pipe.encode_prompt(
+            prompt=list(prompts), do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length, device=pipe._execution_device,
+        )  # fmt: skip
+        return {"encoder_hidden_states": embeds}
+
+    def _stats(self, pipe: DiffusionPipeline, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = pipe.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(shape).to(like.device)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(shape).to(like.device)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_videos(self, pipe: DiffusionPipeline, videos: torch.Tensor) -> torch.Tensor:
+        _check_videos(videos)
+        vae = pipe.vae
+        dist = vae.encode(videos.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = dist.mode().float()
+        mean, std = self._stats(pipe, latents)
+        # WanPipeline decodes with latents * std + mean; this is its inverse.
+        return (latents - mean) / std
+
+    @torch.no_grad()
+    def decode_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        mean, std = self._stats(pipe, latents)
+        raw = latents.float() * std + mean
+        video = vae.decode(raw.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+        return video.float().clamp(-1, 1)
+
+    def predict(
+        self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        dtype = transformer.dtype
+        return transformer(
+            hidden_states=latents.to(dtype),
+            timestep=timesteps.to(latents.device),
+            encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+            return_dict=False,
+        )[0]
+
+
+class Wan22Adapter(WanAdapter):
+    """Wan2.2 A14B: two experts split by ``boundary_ratio``; radial attention on both."""
+
+    family = "wan22"
+    default_decay = 0.8
+
+    def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
+        return [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+
+    def boundary_timestep(self, pipe: DiffusionPipeline) -> float | None:
+        """Timesteps ``>=`` this go to ``transformer``, the rest to ``transformer_2`` (as in ``WanPipeline``)."""
+        ratio = pipe.config.boundary_ratio
+        return None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+
+    def expert_for(self, pipe: DiffusionPipeline, timestep: float) -> nn.Module:
+        """The expert ``WanPipeline`` would use at ``timestep``."""
+        boundary = self.boundary_timestep(pipe)
+        if boundary is None or pipe.transformer_2 is None or timestep >= boundary:
+            return pipe.transformer
+        return pipe.transformer_2
+
+
+register_adapter(WanAdapter())
+register_adapter(Wan22Adapter())
