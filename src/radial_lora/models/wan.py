@@ -57,6 +57,11 @@ class RadialWanAttnProcessor(WanAttnProcessor):
                 "RadialWanAttnProcessor is for Wan self-attention (attn1) only; it got cross-attention inputs"
             )
         if getattr(attn, "fused_projections", False):
+            if hasattr(attn.to_q, "lora_A"):
+                raise RuntimeError(
+                    "fused QKV projections bypass the LoRA layers on to_q/to_k/to_v; call "
+                    "pipe.unfuse_qkv_projections() (never fuse with LoRA adapters attached)"
+                )
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)

@@ -1,0 +1,265 @@
+"""Radial attention inside the real diffusers transformers, with PEFT LoRA on top.
+
+The oracle is diffusers' own stock processor given the radial mask expanded to tokens as an explicit
+attention mask: independent of our processors' projection/RoPE code and of the block-sparse kernels.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from peft import LoraConfig
+
+from radial_lora.attention.reference import expand_block_mask
+from radial_lora.mask import mask_density, radial_block_mask
+from radial_lora.models import (
+    apply_radial_attention,
+    build_tiny_pipeline,
+    get_adapter,
+    remove_radial_attention,
+)
+from radial_lora.models.hunyuan import RadialHunyuanAttnProcessor
+from radial_lora.models.wan import RadialWanAttnProcessor
+
+FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
+TEXT, VALID = 10, 7  # Hunyuan text tokens, of which the last 3 are padding
+BLOCK = 16
+
+
+class _OracleWan(WanAttnProcessor):
+    """Stock Wan self-attention with an explicit token mask."""
+
+    def __init__(self, token_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.token_mask = token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.token_mask, rotary_emb)
+
+
+class _OracleHunyuan(HunyuanVideoAttnProcessor2_0):
+    """Stock HunyuanVideo joint attention with the token mask AND-ed into the model's text mask."""
+
+    def __init__(self, token_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.token_mask = token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        mask = self.token_mask[None, None] & attention_mask
+        return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+
+def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, FRAMES, SIDE, SIDE, generator=g)
+    timesteps = torch.tensor([700.0])
+    if family == "hunyuan":
+        mask = torch.zeros(1, TEXT, dtype=torch.long)
+        mask[:, :VALID] = 1
+        text = {
+            "encoder_hidden_states": torch.randn(1, TEXT, 16, generator=g),
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(1, 8, generator=g),
+        }
+    else:
+        text = {"encoder_hidden_states": torch.randn(1, TEXT, 32, generator=g)}
+    return latents, timesteps, text
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    """One tiny transformer per family with LoRA attached and non-zero (so every LoRA grad is non-zero)."""
+    out = {}
+    for family in ("wan", "hunyuan"):
+        transformer = build_tiny_pipeline(family).transformer
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for name, p in transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        out[family] = transformer
+    return out
+
+
+def _run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Velocity prediction and the LoRA gradients of a fixed random projection of it."""
+    latents, timesteps, text = _inputs(family)
+    transformer.zero_grad(set_to_none=True)
+    out = get_adapter(family).predict(transformer, latents, timesteps, text)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+def _assert_same(a: tuple, b: tuple, atol: float = 2e-5) -> None:
+    torch.testing.assert_close(a[0], b[0], atol=atol, rtol=1e-4)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], atol=atol, rtol=1e-3, msg=name)
+
+
+def _token_mask(family: str) -> torch.Tensor:
+    adapter = get_adapter(family)
+    text = TEXT if family == "hunyuan" else 0
+    blocks = radial_block_mask(
+        FRAMES, (SIDE // 2) ** 2, block_size=BLOCK, decay_factor=adapter.default_decay,
+        model_type=adapter.mask_model_type, num_text_tokens=text,
+    )  # fmt: skip
+    seq = FRAMES * (SIDE // 2) ** 2 + text
+    assert mask_density(blocks, seq, BLOCK) < 0.97, "the test geometry must give a really sparse mask"
+    return expand_block_mask(blocks, seq, BLOCK)
+
+
+def _oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
+    cls = _OracleHunyuan if family == "hunyuan" else _OracleWan
+    procs = dict(transformer.attn_processors)
+    for name, _, _ in get_adapter(family).self_attention_modules(transformer):
+        procs[f"{name}.processor"] = cls(token_mask)
+    return procs
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_all_true_mask_equals_stock_model_and_lora_grads(family, models):
+    transformer = models[family]
+    stock = _run(family, transformer)
+    assert all(p.abs().sum() > 0 for p in stock[1].values()), "every LoRA parameter must get a gradient"
+    assert all("lora_" in n for n in stock[1]), "only LoRA parameters may require grad"
+    controller = apply_radial_attention(transformer, block_size=4096, backend="reference")
+    try:
+        patched = _run(family, transformer)
+        assert controller.calls["sparse"] == len(get_adapter(family).self_attention_modules(transformer))
+        assert controller.last_density == 1.0
+    finally:
+        remove_radial_attention(transformer)
+    _assert_same(patched, stock)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_sparse_mask_matches_stock_processor_with_token_mask(family, models):
+    transformer = models[family]
+    stock = _run(family, transformer)
+    token_mask = _token_mask(family)
+    originals = dict(transformer.attn_processors)
+    transformer.set_attn_processor(_oracle_processors(family, transformer, token_mask))
+    try:
+        oracle = _run(family, transformer)
+    finally:
+        transformer.set_attn_processor(dict(originals))
+    assert (oracle[0] - stock[0]).abs().max() > 1e-3, "the radial mask must change the output"
+
+    controller = apply_radial_attention(transformer, block_size=BLOCK, backend="reference")
+    try:
+        radial = _run(family, transformer)
+        assert controller.last_density < 0.97 and controller.calls["dense"] == 0
+    finally:
+        remove_radial_attention(transformer)
+    _assert_same(radial, oracle)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_default_backend_matches_reference_forward_and_grads(family, models):
+    attention = pytest.importorskip("radial_lora.attention")
+    if not hasattr(attention, "block_sparse_attention"):
+        pytest.skip("radial_lora.attention.block_sparse_attention not written yet")
+    transformer = models[family]
+    runs = {}
+    for backend in ("reference", "auto"):
+        apply_radial_attention(transformer, block_size=BLOCK, backend=backend)
+        try:
+            runs[backend] = _run(family, transformer)
+        finally:
+            remove_radial_attention(transformer)
+    _assert_same(runs["auto"], runs["reference"], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_gradient_checkpointing_with_radial_and_lora(family, models):
+    transformer = models[family]
+    apply_radial_attention(transformer, block_size=BLOCK, backend="reference")
+    try:
+        plain = _run(family, transformer)
+        transformer.enable_gradient_checkpointing()
+        checkpointed = _run(family, transformer)
+    finally:
+        transformer.disable_gradient_checkpointing()
+        remove_radial_attention(transformer)
+    _assert_same(checkpointed, plain, atol=1e-6)
+
+
+def test_dense_layers_training_mode_and_force_dense(models):
+    transformer = models["hunyuan"]  # 2 double + 2 single blocks = block indices 0..3
+    latents, timesteps, text = _inputs("hunyuan")
+    adapter = get_adapter("hunyuan")
+    controller = apply_radial_attention(transformer, block_size=BLOCK, dense_layers=1, dense_timesteps=3)
+    try:
+        with torch.no_grad():
+            adapter.predict(transformer, latents, timesteps, text)
+            assert controller.calls == {"sparse": 0, "dense": 4}  # step 0 < dense_timesteps: all dense
+            controller.reset_stats()
+            with controller.training_mode():
+                adapter.predict(transformer, latents, timesteps, text)
+            assert controller.calls == {"sparse": 3, "dense": 1}  # only block 0 dense
+            controller.reset_stats()
+            with controller.training_mode(), controller.force_dense():
+                adapter.predict(transformer, latents, timesteps, text)
+            assert controller.calls == {"sparse": 0, "dense": 4}
+    finally:
+        remove_radial_attention(transformer)
+
+
+def test_remove_restores_the_exact_stock_processors():
+    pipe = build_tiny_pipeline("hunyuan")
+    before = dict(pipe.transformer.attn_processors)
+    apply_radial_attention(pipe, block_size=BLOCK)
+    procs = pipe.transformer.attn_processors
+    radial = {k for k, v in procs.items() if isinstance(v, RadialHunyuanAttnProcessor)}
+    assert len(radial) == 4 and not any("refiner" in k for k in radial)
+    assert all(procs[k] is before[k] for k in before if "refiner" in k), "the token refiner stays stock"
+    apply_radial_attention(pipe, block_size=BLOCK, pattern="dense")  # re-patching replaces, keeps originals
+    assert remove_radial_attention(pipe) == 1
+    after = pipe.transformer.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not pipe.transformer._forward_pre_hooks
+    assert remove_radial_attention(pipe) == 0
+
+
+def test_wan22_patches_both_experts_with_one_controller():
+    pipe = build_tiny_pipeline("wan22")
+    controller = apply_radial_attention(pipe, block_size=BLOCK)
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        procs = [p for k, p in transformer.attn_processors.items() if k.endswith("attn1.processor")]
+        assert procs and all(isinstance(p, RadialWanAttnProcessor) and p.controller is controller for p in procs)
+        cross = [p for k, p in transformer.attn_processors.items() if k.endswith("attn2.processor")]
+        assert all(type(p) is WanAttnProcessor for p in cross)
+    assert controller.decay_factor == 0.8
+    assert remove_radial_attention(pipe) == 2
+
+
+def test_fused_qkv_with_lora_is_refused():
+    pipe = build_tiny_pipeline("wan")
+    pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        apply_radial_attention(pipe)
+
+
+def test_bad_settings_are_named():
+    pipe = build_tiny_pipeline("wan")
+    for kwargs, word in [
+        ({"pattern": "sliding"}, "pattern"), ({"backend": "triton"}, "backend"),
+        ({"dense_layers": -1}, "dense_layers"), ({"block_size": 0}, "block_size"),
+        ({"decay_factor": 0.0}, "decay_factor"), ({"num_frames": 17}, "num_frames"),
+        ({"num_frames": 18, "height": 64, "width": 64}, "num_frames=18"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=word):
+            apply_radial_attention(pipe, **kwargs)
+    controller = apply_radial_attention(pipe.transformer, block_size=BLOCK)
+    attn = pipe.transformer.blocks[0].attn1
+    with pytest.raises(RuntimeError, match="no transformer call"):
+        attn(torch.randn(1, 144, 32), None, None, None)
+    assert controller.calls["sparse"] == 0
