@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,9 @@ class PreparedDataset:
         if verify and sha256_file(file) != record.sha256:
             raise ValueError(f"{file}: checksum differs from the manifest; the file was changed or damaged")
         try:
-            tensors = load_file(file)
+            # read the bytes, not load_file: its tensors map the file, and a file rewritten later (a resumed
+            # prepare) would then crash the reader with SIGBUS instead of raising
+            tensors = load(file.read_bytes())
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{file}: cannot read safetensors ({exc}); re-run `radial-lora data prepare`") from exc
         if "latents" not in tensors:

@@ -265,16 +265,23 @@ def load_resampled(
         raise VideoReadError(f"{path}: the stream has no frame rate")
     step = source_fps / fps  # source frames per output frame
     out: list[np.ndarray] = []
+    decoded, frame = 0, None
+
+    def nearest(j: int) -> int:  # output frame j (time j / fps) shows source frame round(j * step)
+        return int(np.floor(j * step + 0.5))
+
     for index, frame in enumerate(iter_frames(path)):
-        # output frame j shows source frame round(j * step); emit every j that maps to this index
-        while int(np.floor(len(out) * step + 0.5)) == index:
-            out.append(resize_center_crop(frame, height, width))
+        decoded, resized = index + 1, None
+        while nearest(len(out)) == index:
+            resized = resize_center_crop(frame, height, width) if resized is None else resized
+            out.append(resized)
             if max_frames is not None and len(out) >= max_frames:
                 return np.stack(out), source_fps
-        if int(np.floor(len(out) * step + 0.5)) < index:  # cannot happen; guards rounding surprises
-            raise RuntimeError(f"{path}: resampling fell behind at source frame {index}")
-    if not out:
+    if frame is None:
         raise VideoReadError(f"{path}: no decodable frames")
+    # output times still inside the video whose nearest source frame would be one past the end
+    while len(out) * step < decoded and (max_frames is None or len(out) < max_frames):
+        out.append(resize_center_crop(frame, height, width))
     return np.stack(out), source_fps
 
 
