@@ -1,0 +1,5 @@
+"""Evaluation: quality metrics vs a dense reference, the length x variant grid, the report and its plots."""
+
+from radial_lora.eval.metrics import drift, psnr, ssim, summarize, temporal_consistency
+
+__all__ = ["psnr", "ssim", "temporal_consistency", "drift", "summarize"]

@@ -1,0 +1,228 @@
+"""Video quality metrics against a reference, with no downloads: PSNR, SSIM, temporal consistency, drift.
+
+The Radial Attention paper (arXiv 2506.19852) reports PSNR and SSIM of a sparse-attention video against
+the dense-attention video of the same model, prompt and seed; that is what :func:`summarize` computes.
+Videos are ``[F, H, W, 3]`` (or ``[F, H, W]``) arrays or tensors, either ``uint8`` (0..255) or floating
+point in ``[0, 1]``; both are compared on the ``[0, 1]`` scale.
+
+JSON and infinity: identical videos have infinite PSNR. :func:`jsonable` writes ``+inf`` as the
+string ``"inf"`` (and ``-inf`` as ``"-inf"``; NaN, which no metric here produces, as ``null``) so that
+``results.json`` stays strict JSON; :func:`from_jsonable` turns the strings back into floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Wang, Bovik, Sheikh, Simoncelli, "Image quality assessment: from error visibility to structural
+# similarity", IEEE TIP 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def to_unit_video(video: Any, name: str = "video") -> torch.Tensor:
+    """``[F, H, W, C]`` / ``[F, H, W]`` uint8 or float in [0, 1] -> float64 ``[F, C, H, W]`` in [0, 1]."""
+    t = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video).detach().cpu()
+    if t.ndim == 3:
+        t = t.unsqueeze(-1)
+    if t.ndim != 4 or t.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be [frames, height, width, channels] or [frames, height, width]; got {tuple(t.shape)}"
+        )
+    if t.dtype == torch.uint8:
+        t = t.double() / 255.0
+    elif t.is_floating_point():
+        t = t.double()
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or Inf values")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise ValueError(
+                f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] (or pass uint8)"
+            )
+        t = t.clamp(0.0, 1.0)
+    else:
+        raise ValueError(f"{name} must be uint8 or floating point, got {t.dtype}")
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def _pair(video: Any, reference: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = to_unit_video(video, "video"), to_unit_video(reference, "reference")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"video and reference differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} ([F, C, H, W]); "
+            "compare videos of the same length and resolution"
+        )
+    return a, b
+
+
+def _psnr_from_mse(mse: float) -> float:
+    return math.inf if mse <= 0.0 else 10.0 * math.log10(1.0 / mse)
+
+
+def psnr(video: Any, reference: Any) -> float:
+    """PSNR in dB over the whole video (one MSE over every pixel): ``10 log10(1 / MSE)``; ``inf`` if identical."""
+    a, b = _pair(video, reference)
+    return _psnr_from_mse(float(((a - b) ** 2).mean()))
+
+
+def psnr_per_frame(video: Any, reference: Any) -> list[float]:
+    """PSNR of each frame (``inf`` for identical frames)."""
+    a, b = _pair(video, reference)
+    return [_psnr_from_mse(float(m)) for m in ((a - b) ** 2).mean(dim=(1, 2, 3))]
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(x**2) / (2.0 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def _window_for(height: int, width: int) -> tuple[int, float]:
+    """The standard 11x11 window, shrunk (odd size, sigma scaled alike) for frames smaller than 11 pixels."""
+    size = min(SSIM_WINDOW, height, width)
+    if size % 2 == 0:
+        size -= 1
+    return size, SSIM_SIGMA * size / SSIM_WINDOW
+
+
+def ssim_per_frame(video: Any, reference: Any) -> list[float]:
+    """Mean SSIM of each frame (Gaussian window, 'valid' positions, averaged over channels); 1.0 if identical."""
+    a, b = _pair(video, reference)
+    frames, channels, height, width = a.shape
+    size, sigma = _window_for(height, width)
+    win = _gaussian_window(size, sigma)[None, None].expand(channels, 1, size, size).contiguous()
+    c1, c2 = (SSIM_K1 * 1.0) ** 2, (SSIM_K2 * 1.0) ** 2
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, win, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    ssim_map = num / den
+    return [float(v) for v in ssim_map.mean(dim=(1, 2, 3))]
+
+
+def ssim(video: Any, reference: Any) -> float:
+    """Mean SSIM over frames (Wang et al. 2004 with the standard constants)."""
+    values = ssim_per_frame(video, reference)
+    return float(sum(values) / len(values))
+
+
+def temporal_consistency(video: Any) -> float:
+    """Mean similarity of consecutive frames, ``1 - mean |frame[t+1] - frame[t]|`` on [0, 1]: 1.0 = static.
+
+    Flicker and temporal collapse in long videos show up as a lower value than the dense video's;
+    a frozen video scores 1.0, so read it next to the reference's value, not alone. 1.0 for one frame.
+    """
+    v = to_unit_video(video)
+    if v.shape[0] < 2:
+        return 1.0
+    return float(1.0 - (v[1:] - v[:-1]).abs().mean())
+
+
+def segment_bounds(num_frames: int, segments: int) -> list[tuple[int, int]]:
+    """``[start, end)`` frame ranges splitting a video into ``segments`` nearly equal parts along time."""
+    if segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
+    segments = min(segments, num_frames)
+    edges = [round(i * num_frames / segments) for i in range(segments + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(segments)]
+
+
+def drift(video: Any, reference: Any, segments: int = 4) -> dict[str, Any]:
+    """Quality along time: PSNR and SSIM vs the reference per segment (quarters by default).
+
+    Attention errors in a long video tend to grow with distance from the start; ``psnr_drop`` (first
+    segment minus last, dB) and ``ssim_drop`` summarise how much quality decays towards the end.
+    """
+    a, b = _pair(video, reference)
+    bounds = segment_bounds(a.shape[0], segments)
+    mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
+    ssims = ssim_per_frame(video, reference)
+    seg_psnr = [_psnr_from_mse(float(mse[s:e].mean())) for s, e in bounds]
+    seg_ssim = [float(np.mean(ssims[s:e])) for s, e in bounds]
+    return {
+        "segments": [[s, e] for s, e in bounds],
+        "psnr": seg_psnr,
+        "ssim": seg_ssim,
+        "psnr_drop": _difference(seg_psnr[0], seg_psnr[-1]),
+        "ssim_drop": seg_ssim[0] - seg_ssim[-1],
+    }
+
+
+def _difference(first: float, last: float) -> float:
+    """``first - last`` with infinities: inf - inf (identical throughout) is 0, not NaN."""
+    if math.isinf(first) and math.isinf(last):
+        return 0.0
+    return first - last
+
+
+def summarize(video: Any, reference: Any | None = None, segments: int = 4) -> dict[str, Any]:
+    """All metrics of one video: temporal consistency alone, plus PSNR/SSIM/drift when a reference is given."""
+    out: dict[str, Any] = {
+        "frames": int(to_unit_video(video).shape[0]),
+        "temporal_consistency": temporal_consistency(video),
+    }
+    if reference is not None:
+        out["psnr"] = psnr(video, reference)
+        out["ssim"] = ssim(video, reference)
+        out["drift"] = drift(video, reference, segments)
+        out["reference_temporal_consistency"] = temporal_consistency(reference)
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types, recursively: ``inf`` -> ``"inf"``, ``-inf`` -> ``"-inf"``, NaN -> ``None``; numpy/torch scalars -> float/int."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return value
+
+
+def from_jsonable(value: Any) -> Any:
+    """Inverse of :func:`jsonable` for numbers: ``"inf"``/``"-inf"`` strings back to floats, recursively."""
+    if isinstance(value, Mapping):
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    if value == "inf":
+        return math.inf
+    if value == "-inf":
+        return -math.inf
+    return value
+
+
+def mean_finite(values: Sequence[float]) -> float:
+    """Mean that keeps infinities meaningful: all inf -> inf; otherwise the mean of the finite values."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.inf if values and all(v == math.inf for v in values) else math.nan
+    return float(sum(finite) / len(finite))
