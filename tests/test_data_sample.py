@@ -113,3 +113,20 @@ def test_write_sample_dataset(tmp_path) -> None:
         assert frames.shape == (21, 32, 48, 3) and fps == 8
         # H.264 keeps the drawing: mean error small against the pure render
         assert np.abs(frames.astype(float) - render_clip(spec, 21, (32, 48), 8)).mean() < 4
+
+
+def test_sample_command(tmp_path, capsys) -> None:
+    from radial_lora.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["data", "sample", "--out", str(out), "--num-videos", "2", "--frames", "9", "--size", "32x48",
+                 "--fps", "8", "--seed", "7"]) == 0  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metadata.jsonl", "sample_0000.mp4", "sample_0000.txt", "sample_0001.mp4", "sample_0001.txt"
+    ]  # fmt: skip
+    assert read_video(out / "sample_0001.mp4")[0].shape == (9, 32, 48, 3)
+    assert (out / "sample_0000.txt").read_text().strip() == caption_for(sample_specs(2, 7)[0], 9, 8)
+    with pytest.raises(SystemExit) as exc:  # argparse rejects the size before anything runs
+        main(["data", "sample", "--out", str(out), "--size", "big"])
+    assert exc.value.code == 2 and "HEIGHTxWIDTH" in capsys.readouterr().err
+    assert main(["data", "sample", "--out", str(out), "--frames", "0"]) == 2

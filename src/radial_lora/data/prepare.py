@@ -539,5 +539,8 @@ def prepare_dataset(
     counts = Counter(r.bucket for r in done.values()) + summary.encoded
     info["num_clips"] = {str(b): counts[b] for b in info["lengths"]}
     write_json_atomic(info_path, info)
-    log.info("prepared dataset in %s\n%s", out, summary.format())
+    log.info(
+        "dataset %s: %d clips encoded, %d already prepared, %d inputs skipped",
+        out, sum(summary.encoded.values()), sum(summary.reused.values()), len(summary.skipped),
+    )  # fmt: skip
     return summary
