@@ -91,6 +91,7 @@ class RadialController:
         self._force_dense = 0
         self._geometry_by_tokens: dict[int, tuple[int, int]] = {}
         self._masks: dict[tuple[int, int, int, str], torch.Tensor] = {}
+        self._densities: dict[tuple[int, int, int], float] = {}
         self.last_density: float | None = None
 
     # -- what the hooks tell us -----------------------------------------------------------------
@@ -167,7 +168,12 @@ class RadialController:
                     latent_frames, tokens_per_frame, block_size=self.block_size, decay_factor=self.decay_factor,
                     model_type=self.adapter.mask_model_type, num_text_tokens=num_text_tokens,
                 )  # fmt: skip
-                logger.debug("radial mask f=%d T=%d text=%d built", latent_frames, tokens_per_frame, num_text_tokens)
+                seq = latent_frames * tokens_per_frame + num_text_tokens
+                self._densities[cpu_key[:3]] = mask_density(self._masks[cpu_key], seq, self.block_size)
+                logger.debug(
+                    "radial mask f=%d T=%d text=%d: density %.3f", latent_frames, tokens_per_frame, num_text_tokens,
+                    self._densities[cpu_key[:3]],
+                )  # fmt: skip
             self._masks[key] = self._masks[cpu_key].to(dev)
         return self._masks[key]
 
@@ -199,9 +205,13 @@ class RadialController:
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
         frames, tokens = self.geometry_for(video_tokens)
+        if query.shape[-2] != video_tokens + num_text_tokens:
+            raise RuntimeError(
+                f"attention over {query.shape[-2]} tokens, expected {video_tokens} video + {num_text_tokens} text"
+            )
         block_mask = self.mask(frames, tokens, num_text_tokens, query.device)
         self.calls["sparse"] += 1
-        self.last_density = mask_density(block_mask, query.shape[-2], self.block_size)
+        self.last_density = self._densities[(frames, tokens, num_text_tokens)]
         return _block_sparse_attention(
             query, key, value, block_mask,
             block_size=self.block_size, backend=self.backend, key_padding_mask=key_padding_mask,
