@@ -1,8 +1,10 @@
 """radial-lora: LoRA length extension for video diffusion transformers under Radial Attention."""
 
+from radial_lora.attention import block_sparse_attention
 from radial_lora.mask import attention_cost, mask_density, mask_sparsity, radial_block_mask
 
 __all__ = [
+    "block_sparse_attention",
     "radial_block_mask",
     "mask_density",
     "mask_sparsity",
