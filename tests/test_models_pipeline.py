@@ -127,7 +127,10 @@ def test_detect_family_and_registry(tiny_wan22_dir, tiny_hunyuan_dir, tmp_path):
     assert detect_family(tiny_hunyuan_dir) == "hunyuan"
     wan = build_tiny_pipeline("wan")
     assert detect_family(wan) == "wan" and detect_family(wan.transformer) == "wan"
-    assert get_adapter("wan22").transformers(build_tiny_pipeline("wan22"))[1] is not None
+    wan22 = build_tiny_pipeline("wan22")
+    assert get_adapter("wan22").transformers(wan22)[1] is not None
+    assert detect_family(wan22.transformer_2) == "wan22", "an expert taken out of its pipeline keeps its family"
+    assert apply_radial_attention(wan22.transformer).decay_factor == 0.8
     assert [get_adapter(f).default_decay for f in ("wan", "wan22", "hunyuan")] == [0.2, 0.8, 0.95]
     with pytest.raises(ValueError, match="wan22"):
         get_adapter("wan2.2")
@@ -136,6 +139,7 @@ def test_detect_family_and_registry(tiny_wan22_dir, tiny_hunyuan_dir, tmp_path):
     with pytest.raises(ValueError, match="family 'hunyuan'"):
         get_adapter("wan").load_pipeline(tiny_hunyuan_dir, torch.float32)
     loaded = get_adapter("wan22").load_pipeline(tiny_wan22_dir, torch.float32)
+    assert detect_family(loaded.transformer) == "wan22"
     assert loaded.vae.dtype == torch.float32 and loaded.transformer_2 is not None
     boundary = get_adapter("wan22").boundary_timestep(loaded)
     assert boundary == 875.0

@@ -107,6 +107,7 @@ def _check_videos(videos: torch.Tensor) -> None:
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}
+_FAMILY_ATTR = "_radial_lora_family"
 
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
@@ -139,8 +140,13 @@ def get_adapter(family: str) -> ModelAdapter:
 def detect_family(pipe_or_transformer: Any) -> str:
     """Family of a pipeline, a transformer, or a saved pipeline directory (its ``model_index.json``).
 
-    A lone Wan transformer reports "wan": only the pipeline knows whether a second expert exists.
+    A lone Wan transformer cannot show whether a second expert exists: detecting a pipeline tags its
+    transformers with the family, so a Wan2.2 expert taken out of its pipeline still reports "wan22";
+    an untagged Wan transformer reports "wan".
     """
+    tagged = getattr(pipe_or_transformer, _FAMILY_ATTR, None)
+    if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
+        return tagged
     if isinstance(pipe_or_transformer, str | os.PathLike):
         index = Path(pipe_or_transformer) / "model_index.json"
         if not index.is_file():
@@ -151,10 +157,17 @@ def detect_family(pipe_or_transformer: Any) -> str:
     else:
         name = type(pipe_or_transformer).__name__
         has_second = getattr(pipe_or_transformer, "transformer_2", None) is not None
+    family = None
     if name in ("WanPipeline", "WanTransformer3DModel"):
-        return "wan22" if has_second else "wan"
-    if name in ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel"):
-        return "hunyuan"
+        family = "wan22" if has_second else "wan"
+    elif name in ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel"):
+        family = "hunyuan"
+    if family is not None:
+        for attr in ("transformer", "transformer_2"):
+            module = getattr(pipe_or_transformer, attr, None) if name.endswith("Pipeline") else None
+            if isinstance(module, nn.Module):
+                setattr(module, _FAMILY_ATTR, family)
+        return family
     raise ValueError(
         f"cannot tell the model family of {name or pipe_or_transformer!r}; supported: WanPipeline (Wan2.1, "
         "Wan2.2), HunyuanVideoPipeline and their transformers"
