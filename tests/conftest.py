@@ -29,3 +29,19 @@ def tiny_hunyuan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from radial_lora.models.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline("hunyuan", tmp_path_factory.mktemp("tiny") / "hunyuan")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dataset(tiny_wan_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dataset (real `data prepare` path) for the tiny Wan model: 6 sample videos, 64x64,
+    buckets of 9 and 17 frames (3 and 5 latent frames of 16 tokens), one clip per video and length."""
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("tiny_wan_dataset")
+    write_sample_dataset(root / "videos", num_videos=6, num_frames=20, size=(64, 64), fps=16, seed=0)
+    prepare_dataset(
+        PrepareOptions(input=root / "videos", out=root / "dataset", model=str(tiny_wan_dir), family="wan",
+                       lengths=(9, 17), height=64, width=64, fps=16, dtype="float32")
+    )  # fmt: skip
+    return root / "dataset"

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Each module defines register(subparsers) and sets a `func` default on its parser(s).
-_COMMAND_MODULES: list[str] = ["data"]
+_COMMAND_MODULES: list[str] = ["data", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
