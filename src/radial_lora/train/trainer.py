@@ -1,0 +1,486 @@
+"""The LoRA length-extension training loop (Radial Attention, arXiv 2506.19852, section 4.3).
+
+Read top to bottom: load the base pipeline through its family adapter, keep only the transformer,
+attach LoRA, install radial attention, then for every step draw a length bucket, a global batch of
+that bucket, noise it (flow matching) and take an AdamW step on the LoRA weights only.
+
+Reproducibility is by construction: the bucket and clips of step ``k`` come from a sampler whose whole
+state is saved, and the noise and noise level of sample ``i`` of step ``k`` come from a generator seeded
+with ``(seed, k, i)``. A resumed run, or a run on N processes with the same global batch, therefore sees
+exactly the same inputs as the uninterrupted single-process run.
+
+Data parallelism: each process holds the (frozen) base model and computes its share of the global
+batch; the LoRA gradients are averaged with one all-reduce per optimizer step (``accelerate`` sets up
+the process group: ``accelerate launch`` / ``torchrun``, gloo on CPU, NCCL on GPU). Only LoRA
+parameters are synchronised, so no DDP wrapper is needed and the adapter's ``predict`` sees the plain
+model. FSDP (sharding the frozen base) is not implemented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from radial_lora import lora as lora_io
+from radial_lora.train import checkpoint as ckpt
+from radial_lora.train import flow_matching as fm
+from radial_lora.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "train.log"
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN/Inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    lora_path: Path | None
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, all steps of the run
+    last_step: int = 0
+    heldout: dict[str, Any] | None = None
+
+
+# --- schedule and optimiser ------------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, total: int, warmup: int, name: str, min_ratio: float) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warmup, then cosine or flat."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    if o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ValueError("optimizer.name='adamw8bit' needs bitsandbytes (not installed); use 'adamw'") from exc
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if o.fused:
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class BucketSampler:
+    """Draws (bucket, global batch of clip indices) per step, reproducibly and resumably.
+
+    The bucket of step ``k`` is drawn from ``rng(seed, k)`` with the configured weights; clips of a
+    bucket are served in epoch-wise permutations (``rng(seed, bucket, epoch)``), so every clip is seen
+    once per epoch. The state is just the (epoch, position) of each bucket.
+    """
+
+    def __init__(self, sizes: dict[int, int], weights: dict[int, float], seed: int) -> None:
+        self.sizes, self.seed = dict(sizes), seed
+        self.buckets = sorted(sizes)
+        total = sum(weights[b] for b in self.buckets)
+        self.probs = np.array([weights[b] / total for b in self.buckets])
+        self.pos = {b: [0, 0] for b in self.buckets}  # bucket -> [epoch, position]
+
+    def _perm(self, bucket: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, bucket, epoch]).permutation(self.sizes[bucket])
+
+    def draw(self, step: int, batch_size: int) -> tuple[int, list[int]]:
+        bucket = int(np.random.default_rng([self.seed, step]).choice(self.buckets, p=self.probs))
+        epoch, pos = self.pos[bucket]
+        out: list[int] = []
+        while len(out) < batch_size:
+            perm = self._perm(bucket, epoch)
+            take = perm[pos : pos + batch_size - len(out)].tolist()
+            out += take
+            pos += len(take)
+            if pos >= len(perm):
+                epoch, pos = epoch + 1, 0
+        self.pos[bucket] = [epoch, pos]
+        return bucket, out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(b): list(v) for b, v in self.pos.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for b, v in state.items():
+            if int(b) in self.pos:
+                self.pos[int(b)] = [int(v[0]), int(v[1])]
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of global sample ``index`` at optimizer step ``step``: independent of process count."""
+    digest = hashlib.sha256(f"train|{seed}|{step}|{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def collate(items: list[dict[str, torch.Tensor]], where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stack clips of one bucket: latents ``[B,C,F,h,w]`` and every text tensor with a batch dim."""
+    keys = sorted(items[0])
+    for it in items[1:]:
+        if sorted(it) != keys:
+            raise ValueError(f"{where}: clips carry different tensors ({sorted(it)} vs {keys}); re-prepare the dataset")
+    try:
+        batch = {k: torch.stack([it[k] for it in items]) for k in keys}
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: clips of one bucket have different tensor shapes ({exc})") from exc
+    latents = batch.pop("latents")
+    return latents, batch
+
+
+# --- setup helpers -------------------------------------------------------------------------------
+
+
+def _resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """(accelerate mixed_precision, base weight dtype)."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype_name = cfg.model.dtype
+    if dtype_name == "auto":
+        dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    return mixed, getattr(torch, dtype_name)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@contextmanager
+def _base_model(transformer: torch.nn.Module, controller: Any) -> Iterator[None]:
+    """The frozen base model: LoRA disabled, dense attention everywhere, no gradients."""
+    transformer.disable_adapters()
+    try:
+        with torch.no_grad(), controller.force_dense():
+            yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _file_logger(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger("radial_lora").addHandler(handler)
+    logging.getLogger("radial_lora").setLevel(logging.INFO)
+    return handler
+
+
+class _Loggers:
+    """TensorBoard (default) and wandb (optional) scalars; main process only."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool) -> None:
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if cfg.logging.wandb:
+            import wandb  # type: ignore[import-not-found]
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), dir=str(out))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def lora_metadata(cfg: TrainConfig, family: str, controller: Any, step: int) -> dict[str, Any]:
+    """What a LoRA file says about how it was trained (and must be used)."""
+    return {
+        "format": "radial-lora/1",
+        "base_model": cfg.model.id,
+        "family": family,
+        "trained_lengths": cfg.data.lengths,
+        "base_length": cfg.data.base_length,
+        "height": cfg.resolution.height,
+        "width": cfg.resolution.width,
+        "attention": {
+            "pattern": cfg.radial.pattern,
+            "decay": controller.decay_factor,
+            "block_size": cfg.radial.block_size,
+            "dense_layers": cfg.radial.dense_layers,
+        },
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
+        "targets": cfg.lora.targets,
+        "steps": step,
+        "batch_size": cfg.train.batch_size,
+        "lr": cfg.optimizer.lr,
+        "consistency_weight": cfg.train.consistency_weight,
+    }
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None) -> TrainResult:
+    """Run (or continue) a training job described by ``cfg``; see the module docstring.
+
+    ``pipe`` may be an already loaded pipeline (tests, demo); otherwise ``cfg.model.id`` is loaded.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.models.adapter import detect_family, get_adapter
+    from radial_lora.models.radial import apply_radial_attention
+
+    out = Path(cfg.output_dir)
+    cpu = not torch.cuda.is_available()
+    probe = torch.device("cpu" if cpu else "cuda")
+    mixed, weight_dtype = _resolve_precision(cfg, probe)
+    acc = Accelerator(mixed_precision=mixed, cpu=cpu)
+    device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
+    t = cfg.train
+    micro_total = t.batch_size // t.grad_accum
+    if micro_total % world:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro_total} samples per "
+            f"micro-step cannot be split over {world} processes; make it a multiple of {world}"
+        )
+    micro = micro_total // world
+    handler = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = _file_logger(out / LOG_FILE)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+    set_seed(t.seed)
+
+    # Data: the prepared dataset, its buckets, the holdout split.
+    dataset = PreparedDataset(cfg.data.path)
+    info = dataset.info
+    if (info.get("height"), info.get("width")) != (cfg.resolution.height, cfg.resolution.width):
+        raise ValueError(
+            f"resolution {cfg.resolution.height}x{cfg.resolution.width} differs from the dataset's "
+            f"{info.get('height')}x{info.get('width')} ({cfg.data.path}/dataset.json); set resolution.* to match"
+        )
+    train_records, holdout_records = dataset.split(cfg.data.holdout, seed=cfg.data.holdout_seed)
+    by_bucket: dict[int, list[Any]] = {}
+    for rec in train_records:
+        by_bucket.setdefault(rec.bucket, []).append(rec)
+    lengths = cfg.data.lengths or sorted(by_bucket)
+    missing = [n for n in lengths if n not in by_bucket]
+    if missing:
+        raise ValueError(
+            f"data.lengths {missing} have no training clips in {cfg.data.path} (it has {sorted(by_bucket)}); "
+            "prepare those lengths or change data.lengths"
+        )
+    weights = dict(zip(lengths, cfg.data.weights or [1.0] * len(lengths)))
+    sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, t.seed)
+
+    # Model: transformer only (latents and text embeddings are pre-computed), LoRA, radial attention.
+    family = cfg.model.family or (detect_family(pipe) if pipe is not None else detect_family(cfg.model.id))
+    if info.get("family") not in (None, family):
+        raise ValueError(f"dataset {cfg.data.path} was prepared for family {info.get('family')!r}, model is {family!r}")
+    adapter = get_adapter(family)
+    if pipe is None:
+        pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=weight_dtype)
+    transformer = adapter.transformers(pipe)[0]
+    sched_cfg = pipe.scheduler.config
+    shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
+    if family == "wan22":
+        logger.warning("Wan2.2 A14B: training the high-noise expert (pipe.transformer) only")
+    del pipe
+    transformer.to(device=device, dtype=weight_dtype)
+    params = lora_io.add_lora(
+        transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.targets
+    )
+    for p in params:
+        p.data = p.data.float()  # trainable weights in fp32 even when the base is bf16
+    controller = apply_radial_attention(
+        transformer, pattern=cfg.radial.pattern, dense_layers=cfg.radial.dense_layers,
+        decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size, backend=cfg.radial.backend,
+    )  # fmt: skip
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = build_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total=t.steps, warmup=cfg.schedule.warmup_steps, name=cfg.schedule.name,
+                            min_ratio=cfg.schedule.min_lr_ratio),
+    )  # fmt: skip
+    lora_cfg = lora_io.adapter_config(transformer)
+
+    # Resume.
+    start, losses = 0, []
+    if resume:
+        path = ckpt.resolve_resume(out, resume)
+        state = ckpt.load_checkpoint(path)
+        from peft import set_peft_model_state_dict
+
+        sd = {k[len(lora_io.PREFIX) :]: v for k, v in state["lora_state"].items()}
+        result = set_peft_model_state_dict(transformer, sd)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"checkpoint {path} does not match this LoRA config: unexpected {result.unexpected_keys[:3]}")
+        for p in params:
+            p.data = p.data.float()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["state"]["sampler"])
+        rngs = state["rng"]
+        ckpt.restore_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        start, losses = int(state["state"]["step"]), list(state["state"]["losses"])
+        logger.info("resumed from %s at step %d", path, start)
+        if start >= t.steps:
+            logger.info("checkpoint step %d >= train.steps %d: nothing to train", start, t.steps)
+
+    loggers = _Loggers(cfg, out, main)
+    n_base = 1 + (cfg.data.base_length - 1) // 4  # latent frames of the base length
+
+    def save(step: int) -> None:
+        rng_states = gather_object([ckpt.capture_rng_state()]) if world > 1 else [ckpt.capture_rng_state()]
+        if main:
+            ckpt.save_checkpoint(
+                out, step, lora_state=lora_io.lora_state_dict(transformer), lora_config=lora_cfg,
+                metadata=lora_metadata(cfg, family, controller, step), optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(), rng_states=rng_states,
+                trainer_state={"sampler": sampler.state_dict(), "losses": losses}, keep_last=cfg.checkpoint.keep_last,
+            )  # fmt: skip
+        acc.wait_for_everyone()
+
+    def validate(step: int) -> dict[str, Any] | None:
+        if not holdout_records:
+            return None
+        res = None
+        if main:
+            clips = holdout_records[: cfg.validation.max_clips]
+            with controller.training_mode(), acc.autocast():
+                res = fm.heldout_loss(adapter, transformer, clips, cfg.validation.timesteps,
+                                      cfg.validation.seed, dataset=dataset)  # fmt: skip
+            logger.info("step %d held-out loss %.6f per bucket %s", step, res.mean, res.per_bucket)
+            loggers.scalars({"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}}, step)
+        acc.wait_for_everyone()
+        return None if res is None else res.to_dict()
+
+    logger.info(
+        "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
+        "pattern %s, precision %s on %s", family, t.steps, t.batch_size, world, micro, t.grad_accum, lengths,
+        [weights[n] for n in lengths], cfg.radial.pattern, mixed, device,
+    )  # fmt: skip
+    bar = tqdm(total=t.steps, initial=start, disable=not main, desc="train", dynamic_ncols=True)
+    heldout = None
+    step = start
+    try:
+        for step in range(start + 1, t.steps + 1):
+            t0 = time.perf_counter()
+            bucket, idx = sampler.draw(step, t.batch_size)
+            records = [by_bucket[bucket][i] for i in idx]
+            step_loss = torch.zeros((), device=device)
+            cons_loss = torch.zeros((), device=device)
+            with controller.training_mode():
+                for a in range(t.grad_accum):
+                    first = (a * world + rank) * micro
+                    mine = records[first : first + micro]
+                    latents, text = collate([dataset.load(r) for r in mine], f"{cfg.data.path} bucket f{bucket}")
+                    gens = [sample_generator(t.seed, step, first + j) for j in range(micro)]
+                    sigmas = torch.cat([
+                        fm.sample_sigmas(1, scheme=t.timestep_sampling, shift=shift, logit_mean=t.logit_mean,
+                                         logit_std=t.logit_std, generator=g) for g in gens
+                    ])  # fmt: skip
+                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+                    x0, noise = latents.to(device), noise.to(device)
+                    xt = fm.add_noise(x0, noise, sigmas).to(weight_dtype)
+                    timesteps = fm.sigma_to_timestep(sigmas).to(device)
+                    text = {k: v.to(device) for k, v in text.items()}
+                    with acc.autocast():
+                        pred = adapter.predict(transformer, xt, timesteps, text)
+                    loss = fm.flow_matching_loss(pred, x0, noise)
+                    total = loss
+                    if t.consistency_weight > 0 and bucket > cfg.data.base_length:
+                        with _base_model(transformer, controller), acc.autocast():
+                            base_pred = adapter.predict(transformer, xt[:, :, :n_base], timesteps, text)
+                        cons = torch.mean((pred[:, :, :n_base].float() - base_pred.float()) ** 2)
+                        total = loss + t.consistency_weight * cons
+                        cons_loss += cons.detach() / t.grad_accum
+                    acc.backward(total / t.grad_accum)
+                    step_loss += loss.detach() / t.grad_accum
+            if world > 1:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+                offset = 0
+                for p, g in zip(params, grads):
+                    p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
+                    offset += g.numel()
+                step_loss = acc.reduce(step_loss, reduction="mean")
+                cons_loss = acc.reduce(cons_loss, reduction="mean")
+            loss_value = float(step_loss)
+            if not math.isfinite(loss_value):
+                last = ckpt.list_checkpoints(out)
+                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"loss is {loss_value} at step {step} (bucket {bucket} frames); stopping without an optimizer "
+                    f"step. {where}; lower optimizer.lr or check the data, then --resume latest"
+                )
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_value)
+            dt = time.perf_counter() - t0
+            if main and (step % cfg.logging.every == 0 or step == t.steps):
+                lr = scheduler.get_last_lr()[0]
+                scalars = {"loss": loss_value, f"loss/f{bucket}": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                           "step_time_s": dt, "peak_memory_mb": _peak_memory_mb(device)}  # fmt: skip
+                if t.consistency_weight > 0:
+                    scalars["consistency_loss"] = float(cons_loss)
+                loggers.scalars(scalars, step)
+                logger.info("step %d/%d f%d loss %.6f lr %.3g grad %.3g %.2fs", step, t.steps, bucket, loss_value,
+                            lr, float(grad_norm), dt)  # fmt: skip
+            bar.set_postfix(loss=f"{loss_value:.4f}", f=bucket, s_per_step=f"{dt:.2f}")
+            bar.update(1)
+            if cfg.validation.every and step % cfg.validation.every == 0:
+                heldout = validate(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
+                save(step)
+        if start < t.steps:
+            save(t.steps)
+        lora_path = None
+        if main:
+            meta = lora_metadata(cfg, family, controller, max(step, start))
+            lora_path = lora_io.save_lora(out, transformer, meta)
+            lora_io.export_comfyui(lora_path, out / lora_io.COMFYUI_FILENAME, family)
+            (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+        acc.wait_for_everyone()
+    finally:
+        bar.close()
+        loggers.close()
+        if handler is not None:
+            logging.getLogger("radial_lora").removeHandler(handler)
+            handler.close()
+    return TrainResult(output_dir=out, lora_path=lora_path, losses=losses, last_step=max(step, start), heldout=heldout)
+
