@@ -31,6 +31,15 @@ ARGS = ["--family", "wan", "--lengths", "9,17", "--height", str(H), "--width", s
         "--device", "cpu", "--dtype", "float32", "--batch-size", "2"]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: with 2 shared cores, 2 OpenMP threads made the tiny VAE 5-40x slower (spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
     """Three sample videos (24 fps, 48x64) plus a gif, a webm and four bad inputs, folder format."""
@@ -237,3 +246,25 @@ def test_sliding_clips_and_gif_source(sources, tiny_wan_dir, tmp_path) -> None:
     n = len(read_video(sources / "anim.gif")[0])
     assert [r.start_frame for r in records] == list(range(0, n - 9 + 1, 4))
     assert len({r.id for r in records}) == len(records)
+
+
+@pytest.mark.parametrize("family", ["wan22", "hunyuan"])
+def test_other_families(family, sources, request, tmp_path) -> None:
+    """Wan2.2 (two transformers, both released) and HunyuanVideo (three text tensors incl. a mask)."""
+    model = request.getfixturevalue(f"tiny_{family}_dir")
+    table = tmp_path / "one.jsonl"
+    table.write_text(json.dumps({"video": str(sources / "sample_0000.mp4"), "caption": "a red circle"}) + "\n")
+    out = tmp_path / family
+    args = ["--family", family, "--lengths", "9", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert main(["data", "prepare", str(table), "--out", str(out), "--model", str(model), *args]) == 0
+    ds = PreparedDataset(out)
+    adapter = get_adapter(family)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    tensors = ds.load(ds.records[0])
+    text = adapter.encode_prompts(pipe, ["a red circle"])
+    assert set(tensors) == {"latents", *text} and ds.info["text_keys"] == sorted(text)
+    for key, value in text.items():
+        assert tensors[key].dtype == value.dtype
+        torch.testing.assert_close(tensors[key], value[0])
+    assert tensors["latents"].shape == (4, 3, 4, 4)  # tiny VAEs: 4 channels; 9 frames -> 3; 32 px -> 4
+    assert validate_dataset(out).ok
