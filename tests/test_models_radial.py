@@ -75,7 +75,10 @@ def models() -> dict[str, torch.nn.Module]:
     for family in ("wan", "hunyuan"):
         transformer = build_tiny_pipeline(family).transformer
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        if family == "hunyuan":  # the text stream of the double-stream blocks goes through our processor too
+            targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
         g = torch.Generator().manual_seed(2)
         with torch.no_grad():
             for name, p in transformer.named_parameters():
