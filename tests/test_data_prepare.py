@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from radial_lora.cli import main
+from radial_lora.data import prepare as prepare_module
 from radial_lora.data.dataset import PreparedDataset, sha256_file
 from radial_lora.data.prepare import (
     clip_id,
@@ -79,7 +80,9 @@ def counting(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def test_prepare_folder_skips_bad_input_and_resumes(sources, tiny_wan_dir, tmp_path, counting, capsys) -> None:
+def test_prepare_folder_skips_bad_input_and_resumes(
+    sources, tiny_wan_dir, tmp_path, counting, capsys, monkeypatch
+) -> None:
     out = tmp_path / "ds"
     code = main(["data", "prepare", str(sources), "--out", str(out), "--model", str(tiny_wan_dir), *ARGS])
     printed = capsys.readouterr().out
@@ -115,11 +118,16 @@ def test_prepare_folder_skips_bad_input_and_resumes(sources, tiny_wan_dir, tmp_p
     assert decoded.shape == (1, 3, 17, H, W) and torch.isfinite(decoded).all()
     assert validate_dataset(out).ok
 
-    # second run: everything is there and matches its checksum -> nothing encoded, no file rewritten
+    # second run: everything is there and matches its checksum -> nothing encoded, no file rewritten,
+    # and only the videos that gave no clips (corrupt, too short) are decoded again
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "latents").rglob("*.safetensors")}
     counting.update(videos=0, clips=0, prompts=0)
+    decoded: list[str] = []
+    real_iter = prepare_module.iter_timed_frames
+    monkeypatch.setattr(prepare_module, "iter_timed_frames", lambda p: (decoded.append(p.name), real_iter(p))[1])
     assert main(["data", "prepare", str(sources), "--out", str(out), "--model", str(tiny_wan_dir), *ARGS]) == 3
     assert counting == {"videos": 0, "clips": 0, "prompts": 0}
+    assert decoded == ["short.mp4"]  # corrupt.mp4 fails already when probed
     assert {p: p.stat().st_mtime_ns for p in (out / "latents").rglob("*.safetensors")} == mtimes
     assert "f17: 5 clips (0 encoded, 5 already prepared)" in capsys.readouterr().out
 
@@ -268,3 +276,24 @@ def test_other_families(family, sources, request, tmp_path) -> None:
         torch.testing.assert_close(tensors[key], value[0])
     assert tensors["latents"].shape == (4, 3, 4, 4)  # tiny VAEs: 4 channels; 9 frames -> 3; 32 px -> 4
     assert validate_dataset(out).ok
+
+
+def test_variable_frame_rate_resamples_by_timestamp(tmp_path) -> None:
+    """Frames shown at 0, 0.10, 0.15, 0.40, 0.50 s; at 10 fps each output time takes the nearest frame."""
+    from fractions import Fraction
+
+    import av
+
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10, options={"crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, ms in enumerate([0, 100, 150, 400, 500]):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 40 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    frames, _ = load_resampled(path, 16, 16, fps=10)
+    # t = 0.0 0.1 0.2 0.3 0.4 0.5 -> frames 0 1 2 3 3 4 (0.3 s is nearer 0.40 than 0.15); by index it would be 0..4
+    np.testing.assert_array_equal(np.round(frames[:, 8, 8, 0] / 40), [0, 1, 2, 3, 3, 4])

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from radial_lora.data.dataset import (
     sha256_file,
     write_json_atomic,
 )
-from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_frames, probe_video
+from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
 from radial_lora.geometry import latent_geometry
 
 log = logging.getLogger(__name__)
@@ -256,32 +256,36 @@ def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray
 def load_resampled(
     path: Path, height: int, width: int, fps: float, max_frames: int | None = None
 ) -> tuple[np.ndarray, float]:
-    """Decode, resample to ``fps`` (nearest source frame in time) and resize+crop: ``uint8 [N,H,W,3]``.
+    """Decode, resample to ``fps`` and resize+crop: ``uint8 [N, H, W, 3]`` and the source's average fps.
 
-    Returns the frames and the source fps. Streams: only the kept, resized frames are held in memory.
+    Output frame j (time j / fps) is the source frame nearest in presentation time (ties go to the
+    later frame); output times run to the end of the last source frame (its time + one frame period).
+    Streams: only the kept, resized frames are held in memory; stops once ``max_frames`` are out.
     """
     source_fps = probe_video(path).fps
     if source_fps <= 0:
         raise VideoReadError(f"{path}: the stream has no frame rate")
-    step = source_fps / fps  # source frames per output frame
     out: list[np.ndarray] = []
-    decoded, frame = 0, None
+    eps = 1e-9
 
-    def nearest(j: int) -> int:  # output frame j (time j / fps) shows source frame round(j * step)
-        return int(np.floor(j * step + 0.5))
-
-    for index, frame in enumerate(iter_frames(path)):
-        decoded, resized = index + 1, None
-        while nearest(len(out)) == index:
+    def emit_until(limit: float, frame: np.ndarray) -> bool:
+        """Emit ``frame`` for every output time before ``limit``; True once ``max_frames`` are out."""
+        resized = None
+        while len(out) / fps < limit - eps:
+            if max_frames is not None and len(out) >= max_frames:
+                return True
             resized = resize_center_crop(frame, height, width) if resized is None else resized
             out.append(resized)
-            if max_frames is not None and len(out) >= max_frames:
-                return np.stack(out), source_fps
-    if frame is None:
+        return max_frames is not None and len(out) >= max_frames
+
+    previous: tuple[float, np.ndarray] | None = None
+    for t, frame in iter_timed_frames(path):
+        if previous is not None and emit_until((previous[0] + t) / 2, previous[1]):
+            return np.stack(out), source_fps
+        previous = (t, frame)
+    if previous is None:
         raise VideoReadError(f"{path}: no decodable frames")
-    # output times still inside the video whose nearest source frame would be one past the end
-    while len(out) * step < decoded and (max_frames is None or len(out) < max_frames):
-        out.append(resize_center_crop(frame, height, width))
+    emit_until(previous[0] + 1.0 / source_fps, previous[1])
     return np.stack(out), source_fps
 
 
@@ -321,11 +325,16 @@ class _PendingClip:
 
 
 class _Encoder:
-    """The adapter's VAE and text encoder with a per-caption cache of text embeddings."""
+    """The adapter's VAE and text encoder with a cache of text embeddings per caption.
 
-    def __init__(self, adapter: Any, pipe: Any, device: torch.device) -> None:
+    The cache is bounded (least recently used out): a real T5 embedding is ~4 MB, and captions repeat
+    mostly within one source video (its clips of every length), which are encoded close together.
+    """
+
+    def __init__(self, adapter: Any, pipe: Any, device: torch.device, cache_size: int = 256) -> None:
         self.adapter, self.pipe, self.device = adapter, pipe, device
-        self.text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.cache_size = cache_size
         vae = getattr(pipe, "vae", None)
         self.dtype = next(vae.parameters()).dtype if vae is not None else torch.float32
 
@@ -336,7 +345,12 @@ class _Encoder:
             encoded = self.adapter.encode_prompts(self.pipe, new)
             for i, caption in enumerate(new):
                 self.text_cache[caption] = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
-        return [self.text_cache[c] for c in captions]
+        result = [self.text_cache[c] for c in captions]
+        for caption in captions:
+            self.text_cache.move_to_end(caption)
+        while len(self.text_cache) > max(self.cache_size, len(captions)):
+            self.text_cache.popitem(last=False)
+        return result
 
     @torch.no_grad()
     def videos(self, clips: list[np.ndarray]) -> torch.Tensor:
@@ -511,8 +525,12 @@ def prepare_dataset(
             if info.get("text_keys") is None:
                 info["text_keys"] = sorted(text)
 
-    bar = tqdm(items, desc="prepare", unit="video", disable=None)
-    for item in bar:
+    lengths = sorted(set(opts.lengths))
+    for item in tqdm(items, desc="prepare", unit="video", disable=None):
+        if opts.clip_mode == "start" and all(clip_id(item.source, n, 0) in done for n in lengths):
+            for n in lengths:  # resumed run: every clip of this video is there, no need to decode it
+                summary.reused[n] += 1
+            continue
         try:
             frames, _ = load_resampled(item.path, opts.height, opts.width, opts.fps, max_needed)
         except (VideoReadError, OSError, ValueError) as exc:
@@ -520,12 +538,12 @@ def prepare_dataset(
             summary.skipped.append(Skip(item.source, f"unreadable: {reason}"))
             log.warning("skip %s: unreadable (%s)", item.source, reason)
             continue
-        too_short = [n for n in sorted(set(opts.lengths)) if len(frames) < n]
+        too_short = [n for n in lengths if len(frames) < n]
         if too_short:
             reason = f"too short: {len(frames)} frames at {opts.fps:g} fps, no clip of {too_short} frames"
             summary.skipped.append(Skip(item.source, reason))
             log.warning("skip %s: %s", item.source, reason)
-        for length in sorted(set(opts.lengths)):
+        for length in lengths:
             for start in clip_starts(len(frames), length, opts.clip_mode, opts.stride, opts.max_clips):
                 cid = clip_id(item.source, length, start)
                 if cid in done:

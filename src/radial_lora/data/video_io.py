@@ -109,6 +109,25 @@ def iter_frames(
         container.close()
 
 
+def iter_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.ndarray]]:
+    """``(seconds since the first frame, uint8 [H, W, 3])`` per frame: presentation times, so variable
+    frame rate videos (phones) resample correctly. Frames without a timestamp get index / average fps."""
+    path = Path(path)
+    container = _open(path)
+    fps = _stream_fps(container.streams.video[0]) or 1.0
+    first: float | None = None
+    index = 0
+    try:
+        for index, frame in enumerate(container.decode(video=0)):
+            t = frame.time if frame.time is not None else index / fps
+            first = t if first is None else first
+            yield t - first, frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoReadError(f"{path}: decoding failed after {index} frames ({exc})") from exc
+    finally:
+        container.close()
+
+
 def read_video(
     path: str | os.PathLike[str], *, start_frame: int = 0, max_frames: int | None = None
 ) -> tuple[np.ndarray, float]:
