@@ -45,3 +45,36 @@ def tiny_wan_dataset(tiny_wan_dir: Path, tmp_path_factory: pytest.TempPathFactor
                        lengths=(9, 17), height=64, width=64, fps=16, dtype="float32")
     )  # fmt: skip
     return root / "dataset"
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA (rank 4, random non-zero B) for the tiny Wan model of `tiny_wan_dir` (seed 0), saved with
+    `lora.save_lora`; its metadata says it was trained radial with decay 0.5, block size 4, no dense layers."""
+    import torch
+
+    from radial_lora import lora
+    from radial_lora.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan")
+    lora.add_lora(pipe.transformer, rank=4)
+    gen = torch.Generator().manual_seed(0)
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data = 0.3 * torch.randn(param.shape, generator=gen)
+    out = tmp_path_factory.mktemp("tiny_lora") / "lora"
+    meta = {"family": "wan", "radial": {"pattern": "radial", "decay": 0.5, "block_size": 4, "dense_layers": 0}}
+    lora.save_lora(out, pipe.transformer, meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on 2 shared cores, OpenMP spinning made the tiny models many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,6 +23,8 @@ from radial_lora.models import (
 from radial_lora.models.hunyuan import RadialHunyuanAttnProcessor
 from radial_lora.models.wan import RadialWanAttnProcessor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
 TEXT, VALID = 10, 7  # Hunyuan text tokens, of which the last 3 are padding
 BLOCK = 16
@@ -166,9 +168,6 @@ def test_sparse_mask_matches_stock_processor_with_token_mask(family, models):
 
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_default_backend_matches_reference_forward_and_grads(family, models):
-    attention = pytest.importorskip("radial_lora.attention")
-    if not hasattr(attention, "block_sparse_attention"):
-        pytest.skip("radial_lora.attention.block_sparse_attention not written yet")
     transformer = models[family]
     runs = {}
     for backend in ("reference", "auto"):

@@ -14,6 +14,8 @@ from radial_lora.models.tiny import (
     save_tiny_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CAPTION = "a red circle moves right and bounces off the wall"
 
 

@@ -20,29 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radial_lora.attention import BACKENDS, block_sparse_attention
 from radial_lora.mask import mask_density, radial_block_mask
 from radial_lora.models.adapter import ModelAdapter, detect_family, get_adapter
 
 logger = logging.getLogger(__name__)
 
 PATTERNS = ("radial", "dense")
-BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 _STATE_ATTR = "_radial_lora_state"
-
-
-def _block_sparse_attention(q, k, v, block_mask, *, block_size, backend, key_padding_mask):
-    """``radial_lora.attention.block_sparse_attention``, or the reference oracle until that module exists."""
-    try:
-        from radial_lora.attention import block_sparse_attention
-    except ImportError:
-        if backend not in ("auto", "reference"):
-            raise RuntimeError(f"attention backend {backend!r} is not available (radial_lora.attention)") from None
-        from radial_lora.attention.reference import reference_attention
-
-        return reference_attention(q, k, v, block_mask, block_size, key_padding_mask=key_padding_mask)
-    return block_sparse_attention(
-        q, k, v, block_mask, block_size=block_size, backend=backend, key_padding_mask=key_padding_mask
-    )
 
 
 class RadialController:
@@ -212,7 +197,7 @@ class RadialController:
         block_mask = self.mask(frames, tokens, num_text_tokens, query.device)
         self.calls["sparse"] += 1
         self.last_density = self._densities[(frames, tokens, num_text_tokens)]
-        return _block_sparse_attention(
+        return block_sparse_attention(
             query, key, value, block_mask,
             block_size=self.block_size, backend=self.backend, key_padding_mask=key_padding_mask,
         )  # fmt: skip
