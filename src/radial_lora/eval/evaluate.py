@@ -1,0 +1,303 @@
+"""The evaluation grid: video lengths x variants (base/LoRA, dense/radial), same prompts and seeds.
+
+Every cell generates its videos through :func:`radial_lora.inference.generate` (mp4 + sidecar +
+lossless frames under ``OUT/videos``), so a rerun skips finished cells. Per cell: wall time, peak
+memory, attention density and FLOPs, and quality against the dense video of the same weights at
+the same length (PSNR, SSIM as the paper reports, drift along time), plus temporal consistency.
+With a prepared dataset, the held-out flow-matching loss per length and variant (``heldout_loss``).
+The numbers go to ``results.json``; :mod:`radial_lora.eval.report` and :mod:`radial_lora.eval.plots`
+turn them into ``report.md`` and PNGs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from radial_lora.eval import metrics
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "radial-lora-eval/1"
+_VARIANT_RE = re.compile(r"^(base|lora|lora2)_(dense|radial)$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One column of the grid: which weights (base, LoRA, second LoRA) under which attention pattern."""
+
+    name: str
+    weights: str  # "base", "lora", "lora2"
+    pattern: str  # "dense", "radial"
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+def make_variants(
+    names: Sequence[str], lora: tuple[str, float] | None = None, lora2: tuple[str, float] | None = None
+) -> list[Variant]:
+    """Variants from names like ``base_dense``, ``lora_radial``, ``lora2_radial`` (need --lora / --lora2)."""
+    out: list[Variant] = []
+    for name in names:
+        m = _VARIANT_RE.match(name)
+        if m is None:
+            raise ValueError(
+                f"unknown variant {name!r}; use base_dense, base_radial, lora_dense, lora_radial, lora2_dense, "
+                "lora2_radial"
+            )
+        weights, pattern = m.groups()
+        spec = {"base": None, "lora": lora, "lora2": lora2}[weights]
+        if weights != "base" and spec is None:
+            flag = "--lora" if weights == "lora" else "--lora2"
+            raise ValueError(f"variant {name} needs {flag} PATH[:SCALE]")
+        out.append(Variant(name, weights, pattern, () if spec is None else (spec,)))
+    if len({v.name for v in out}) != len(out):
+        raise ValueError(f"variant listed twice in {list(names)}")
+    return out
+
+
+def default_variant_names(has_lora: bool, has_lora2: bool) -> list[str]:
+    names = ["base_dense", "base_radial"]
+    if has_lora:
+        names += ["lora_dense", "lora_radial"]
+    if has_lora2:
+        names += ["lora2_radial"]
+    return names
+
+
+def reference_for(variant: Variant, variants: Sequence[Variant]) -> Variant | None:
+    """The dense variant of the same weights if it is in the grid, else ``base_dense``, else None."""
+    by_name = {v.name: v for v in variants}
+    return by_name.get(f"{variant.weights}_dense") or by_name.get("base_dense")
+
+
+def parse_lengths(text: str, base_frames: int) -> list[int]:
+    """``17,33,65`` (frames) or ``1x,2x,4x`` (multiples of ``base_frames`` in latent frames: ``(b-1)*k+1``)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            if part.lower().endswith("x"):
+                k = float(part[:-1])
+                frames = int(round((base_frames - 1) * k)) + 1
+            else:
+                frames = int(part)
+        except ValueError:
+            raise ValueError(
+                f"--lengths item {part!r} is neither a frame count (65) nor a multiple (2x)"
+            ) from None
+        if frames < 1 or (frames - 1) % 4:
+            raise ValueError(
+                f"--lengths {part!r} gives {frames} frames; video VAEs need 4k+1 frames (17, 33, 81...)"
+            )
+        out.append(frames)
+    if not out:
+        raise ValueError("--lengths is empty; e.g. --lengths 81,161 or --lengths 1x,2x")
+    return sorted(set(out))
+
+
+@dataclass
+class GridOptions:
+    """Everything one grid run needs (the CLI flags)."""
+
+    model: Any
+    prompts: list[str]
+    lengths: list[int]
+    variants: list[Variant]
+    out_dir: Path
+    height: int = 480
+    width: int = 832
+    family: str | None = None
+    dense_layers: int | None = None
+    dense_timesteps: int | None = None
+    decay_factor: float | None = None
+    block_size: int | None = None
+    backend: str = "auto"
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 5.0
+    fps: float = 16.0
+    negative_prompt: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    dataset: Path | None = None
+    heldout_max_clips: int = 8
+    segments: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cell_name(variant: Variant, length: int, prompt_index: int) -> str:
+    return f"{variant.name}_f{length:04d}_p{prompt_index:02d}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return metrics.mean_finite(list(values))
+
+
+def _quality(frames: list[np.ndarray], ref_frames: list[np.ndarray] | None, segments: int) -> dict[str, Any]:
+    """Per-prompt metrics and their means (PSNR means over finite values; all-identical stays inf)."""
+    per_prompt = [
+        metrics.summarize(f, r, segments) for f, r in zip(frames, ref_frames or [None] * len(frames))
+    ]
+    out: dict[str, Any] = {
+        "temporal_consistency": _mean([p["temporal_consistency"] for p in per_prompt]),
+        "per_prompt": per_prompt,
+    }
+    if ref_frames is not None:
+        seg = len(per_prompt[0]["drift"]["psnr"])
+        out.update(
+            psnr=_mean([p["psnr"] for p in per_prompt]),
+            ssim=_mean([p["ssim"] for p in per_prompt]),
+            reference_temporal_consistency=_mean([p["reference_temporal_consistency"] for p in per_prompt]),
+            drift_psnr=[_mean([p["drift"]["psnr"][i] for p in per_prompt]) for i in range(seg)],
+            drift_ssim=[_mean([p["drift"]["ssim"][i] for p in per_prompt]) for i in range(seg)],
+        )
+        first, last = out["drift_psnr"][0], out["drift_psnr"][-1]
+        out["psnr_drop"] = 0.0 if math.isinf(first) and math.isinf(last) else first - last
+        out["ssim_drop"] = out["drift_ssim"][0] - out["drift_ssim"][-1]
+    return out
+
+
+def _heldout(
+    pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: dict[str, Any]
+) -> dict[str, Any]:
+    """Held-out flow-matching loss of one variant on the prepared dataset, per length bucket."""
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.inference.generate import set_loras
+    from radial_lora.models import apply_radial_attention, get_adapter
+    from radial_lora.train.flow_matching import heldout_loss
+
+    ds = PreparedDataset(opts.dataset)
+    records = [r for bucket in ds.buckets.values() for r in bucket[: opts.heldout_max_clips]]
+    adapter = get_adapter(family)
+    set_loras(pipe, list(variant.loras))
+    controller = apply_radial_attention(
+        pipe, pattern=variant.pattern, dense_layers=attn["dense_layers"], dense_timesteps=0,
+        decay_factor=attn["decay_factor"], block_size=attn["block_size"], backend=opts.backend,
+    )  # fmt: skip
+    with controller.training_mode():
+        result = heldout_loss(adapter, adapter.transformers(pipe)[0], records, seed=opts.seed, dataset=ds)
+    return result.to_dict()
+
+
+def run_grid(opts: GridOptions) -> dict[str, Any]:
+    """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
+    from radial_lora.eval.plots import write_plots
+    from radial_lora.eval.report import write_report
+    from radial_lora.inference.generate import (
+        generate,
+        load_model,
+        resolve_attention_settings,
+        write_json_atomic,
+    )
+
+    if not opts.prompts:
+        raise ValueError("no prompts; pass --prompt TEXT or --prompts FILE")
+    if opts.dataset is not None and not (Path(opts.dataset) / "dataset.json").is_file():
+        raise FileNotFoundError(
+            f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first"
+        )
+    out = Path(opts.out_dir)
+    videos = out / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    pipe, family = load_model(opts.model, opts.family, device=opts.device, dtype=opts.dtype)
+    model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
+    # Dense references first, so every radial cell can be compared as soon as it is done.
+    order = sorted(opts.variants, key=lambda v: v.pattern != "dense")
+    cells_todo = [(length, v) for length in opts.lengths for v in order]
+    frames_of: dict[tuple[str, int], list[np.ndarray]] = {}
+    cells: list[dict[str, Any]] = []
+    user_attn = {
+        "decay_factor": opts.decay_factor, "block_size": opts.block_size, "dense_layers": opts.dense_layers,
+        "dense_timesteps": opts.dense_timesteps,
+    }  # fmt: skip
+    # One set of mask settings for every variant (the first LoRA's training metadata fills what the user
+    # left out), so base and LoRA cells are compared under the same mask.
+    first_lora = [s for v in opts.variants for s in v.loras][:1]
+    attn, _ = resolve_attention_settings(user_attn, first_lora)
+    grid_attn = {k: attn[k] for k in user_attn}
+    for length, variant in tqdm(cells_todo, desc="eval cells", unit="cell"):
+        results = generate(
+            pipe, opts.prompts, num_frames=length, height=opts.height, width=opts.width, out_dir=videos,
+            pattern=variant.pattern, loras=variant.loras, backend=opts.backend, seed=opts.seed, steps=opts.steps,
+            guidance=opts.guidance, fps=opts.fps, family=family, negative_prompt=opts.negative_prompt,
+            names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))], save_frames=True,
+            skip_existing=True, **grid_attn,
+        )  # fmt: skip
+        frames_of[(variant.name, length)] = [r.frames for r in results]
+        ref = reference_for(variant, opts.variants)
+        ref_frames = frames_of.get((ref.name, length)) if ref is not None else None
+        first = results[0].info
+        cell = {
+            "length": length,
+            "variant": variant.name,
+            "weights": variant.weights,
+            "pattern": variant.pattern,
+            "loras": [list(x) for x in variant.loras],
+            "reference": ref.name if ref is not None else None,
+            "settings": {k: first["settings"][k] for k in ("decay_factor", "block_size", "dense_layers",
+                                                           "dense_timesteps", "steps", "guidance", "backend")},
+            "wall_time_s": float(np.mean([r.info["wall_time_s"] for r in results])),
+            "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
+            "peak_memory_kind": first["peak_memory"].get("kind"),
+            "attention": {k: v for k, v in first["attention"].items() if k != "calls"},
+            "quality": _quality(frames_of[(variant.name, length)], ref_frames, opts.segments),
+            "videos": [str(r.video_path.relative_to(out)) for r in results],
+            "reused": all(r.reused for r in results),
+        }  # fmt: skip
+        cells.append(cell)
+        logger.info("cell %s @ %d frames: %.1fs, psnr %s", variant.name, length, cell["wall_time_s"],
+                    cell["quality"].get("psnr"))  # fmt: skip
+
+    heldout: dict[str, Any] = {}
+    if opts.dataset is not None:
+        for variant in tqdm(order, desc="held-out loss", unit="variant"):
+            heldout[variant.name] = _heldout(pipe, family, variant, opts, attn)
+        for cell in cells:
+            per_bucket = heldout[cell["variant"]]["per_bucket"]
+            cell["heldout_loss"] = per_bucket.get(str(cell["length"]))
+
+    cells.sort(key=lambda c: (c["length"], [v.name for v in opts.variants].index(c["variant"])))
+    results_doc = {
+        "format": RESULTS_FORMAT,
+        "model": model_name,
+        "family": family,
+        "prompts": opts.prompts,
+        "lengths": opts.lengths,
+        "variants": [
+            {"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
+            for v in opts.variants
+        ],  # fmt: skip
+        "settings": {
+            "height": opts.height,
+            "width": opts.width,
+            "seed": opts.seed,
+            "steps": opts.steps,
+            "guidance": opts.guidance,
+            "fps": opts.fps,
+            "segments": opts.segments,
+            "dataset": str(opts.dataset) if opts.dataset else None,
+            **grid_attn,
+        },  # fmt: skip
+        "cells": cells,
+        "heldout": heldout,
+        "notes": {
+            "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
+            "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
+        },
+    }
+    write_json_atomic(out / "results.json", results_doc)
+    plots = write_plots(
+        out, metrics.from_jsonable(metrics.jsonable(results_doc)), frames_of, pipe=pipe, family=family
+    )
+    write_report(out, results_doc, plots)
+    return results_doc

@@ -1,0 +1,158 @@
+"""The evaluation's pictures: metrics vs length per variant, a labelled frame strip per cell, the masks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+STRIP_FRAMES = 6
+STRIP_MIN_HEIGHT = 128
+_LABEL_HEIGHT = 14
+
+# (cell key path, axis label); PSNR points that are inf (identical to the reference) are left out.
+_PANELS = [
+    (("quality", "psnr"), "PSNR vs dense (dB)"),
+    (("quality", "ssim"), "SSIM vs dense"),
+    (("quality", "temporal_consistency"), "temporal consistency"),
+    (("attention", "effective_density"), "attention FLOPs / dense"),
+    (("wall_time_s",), "wall time per video (s)"),
+    (("peak_memory_bytes",), "peak memory (GiB)"),
+    (("heldout_loss",), "held-out flow-matching loss"),
+]
+
+
+def _get(cell: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = cell
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value) / 2**30 if path == ("peak_memory_bytes",) else float(value)
+
+
+def plot_metrics_vs_length(results: dict[str, Any], path: Path) -> Path | None:
+    """One panel per metric, one line per variant, frames on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(p, label) for p, label in _PANELS if any(_get(c, p) is not None for c in results["cells"])]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for variant in results["variants"]:
+            pts = [(c["length"], _get(c, key)) for c in results["cells"] if c["variant"] == variant["name"]]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=variant["name"])
+        ax.set_xlabel("frames")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(results["lengths"])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frame_strip(frames: np.ndarray, title: str, count: int = STRIP_FRAMES) -> Image.Image:
+    """``count`` evenly spaced frames side by side, each labelled with its index, under a title line."""
+    total = frames.shape[0]
+    picks = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
+    h, w = frames.shape[1:3]
+    scale = max(1, math.ceil(STRIP_MIN_HEIGHT / h))
+    tiles = [Image.fromarray(frames[i]).resize((w * scale, h * scale), Image.NEAREST) for i in picks]
+    tw, th = tiles[0].size
+    gap = 4
+    canvas = Image.new("RGB", (len(tiles) * (tw + gap) - gap, th + 2 * _LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    for n, (i, tile) in enumerate(zip(picks, tiles)):
+        x = n * (tw + gap)
+        canvas.paste(tile, (x, _LABEL_HEIGHT))
+        draw.text((x + 2, _LABEL_HEIGHT + th + 1), f"frame {i}", fill="black")
+    return canvas
+
+
+def plot_masks(results: dict[str, Any], family: str, path: Path) -> Path | None:
+    """The radial block mask at every length (black = computed block), as the radial cells used it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from radial_lora.mask import radial_block_mask
+    from radial_lora.models import get_adapter
+
+    adapter = get_adapter(family)
+    shown: dict[int, dict[str, Any]] = {}
+    for cell in results["cells"]:
+        if cell["pattern"] == "radial" and cell["length"] not in shown:
+            shown[cell["length"]] = cell
+    if not shown:
+        return None
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.8), squeeze=False)
+    for ax, (length, cell) in zip(axes.flat, sorted(shown.items())):
+        a = cell["attention"]
+        mask = radial_block_mask(
+            a["latent_frames"], a["tokens_per_frame"], block_size=cell["settings"]["block_size"],
+            decay_factor=a["decay_factor"], model_type=adapter.mask_model_type,
+        )  # fmt: skip
+        ax.imshow(mask.numpy(), cmap="gray_r", interpolation="nearest")
+        ax.set_title(f"{length} frames: density {a['mask_density']:.2f}", fontsize=9)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    out_dir: Path,
+    results: dict[str, Any],
+    frames_of: dict[tuple[str, int], list[np.ndarray]],
+    *,
+    pipe: Any = None,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """Write every picture; returns their paths relative to ``out_dir`` (``strips`` keyed by cell)."""
+    out_dir = Path(out_dir)
+    plots: dict[str, Any] = {"strips": {}}
+    metrics_png = plot_metrics_vs_length(results, out_dir / "metrics_vs_length.png")
+    if metrics_png is not None:
+        plots["metrics"] = metrics_png.name
+    mask_png = plot_masks(results, family or results["family"], out_dir / "radial_masks.png")
+    if mask_png is not None:
+        plots["masks"] = mask_png.name
+    strips = out_dir / "strips"
+    strips.mkdir(exist_ok=True)
+    for cell in results["cells"]:
+        frames = frames_of.get((cell["variant"], cell["length"]))
+        if not frames:
+            continue
+        psnr = cell["quality"].get("psnr")
+        title = f"{cell['variant']}  {cell['length']} frames  prompt 0"
+        if psnr is not None:
+            title += f"  PSNR {psnr:.1f} dB" if math.isfinite(psnr) else "  (reference)"
+        name = f"{cell['variant']}_f{cell['length']:04d}.png"
+        frame_strip(frames[0], title).save(strips / name)
+        plots["strips"][f"{cell['variant']}@{cell['length']}"] = f"strips/{name}"
+    logger.info("plots written to %s", out_dir)
+    return plots

@@ -1,0 +1,520 @@
+"""Generate videos with the stock diffusers pipeline under radial (or dense) attention, plus LoRAs.
+
+One call loads (or reuses) a pipeline, loads LoRAs with the stock ``pipe.load_lora_weights`` and
+``set_adapters``, patches attention with :func:`radial_lora.models.apply_radial_attention`, runs the
+stock ``pipe(...)`` with a seeded CPU generator (same noise on every device) and writes, per prompt,
+``NAME.mp4`` and a ``NAME.json`` sidecar holding every setting, the wall time, the peak memory and
+the attention density and FLOPs. A LoRA trained by radial-lora carries its attention settings in its
+header (:func:`radial_lora.lora.read_lora_metadata`); they become the defaults unless overridden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radial_lora.eval.metrics import jsonable
+from radial_lora.mask import attention_cost, radial_block_mask
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_FORMAT = "radial-lora-generation/1"
+ATTENTION_KEYS = ("pattern", "decay_factor", "block_size", "dense_layers", "dense_timesteps")
+# Used when neither the user nor a LoRA's metadata says otherwise (decay: the family default).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "pattern": "radial",
+    "decay_factor": None,
+    "block_size": 128,
+    "dense_layers": 0,
+    "dense_timesteps": 0,
+}
+# Spellings of the attention settings in a LoRA's radial_lora metadata (top level or a nested section).
+_META_ALIASES = {
+    "pattern": ("pattern",),
+    "decay_factor": ("decay_factor", "decay"),
+    "block_size": ("block_size",),
+    "dense_layers": ("dense_layers",),
+    "dense_timesteps": ("dense_timesteps",),
+}
+_META_SECTIONS = ("radial", "attention", "radial_attention")
+
+
+@dataclass
+class GenerationResult:
+    """One generated video: where it is, its uint8 ``[F, H, W, 3]`` frames and the sidecar content."""
+
+    prompt: str
+    index: int
+    video_path: Path
+    sidecar_path: Path
+    frames: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+# -- LoRA specs and their metadata ----------------------------------------------------------------
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> ``(path, scale)``; a trailing ``:number`` is the scale, anything else is the path."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    if not spec:
+        raise ValueError("empty --lora value; expected PATH or PATH:SCALE (e.g. out/lora:0.8)")
+    return spec, 1.0
+
+
+def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The attention settings a radial-lora LoRA was trained with (empty if it carries none).
+
+    Looks in the ``radial_lora`` header JSON at the top level and in a ``radial`` (or ``attention``)
+    section, also one level down (a whole training config stored under ``config``).
+    """
+    from radial_lora.lora import read_lora_metadata
+
+    try:
+        meta = read_lora_metadata(path)
+    except ValueError as exc:
+        logger.info("LoRA %s has no radial-lora training metadata (%s); using the given settings", path, exc)
+        return {}
+    places = [meta]
+    for holder in (meta, meta.get("config") if isinstance(meta.get("config"), dict) else {}):
+        places += [holder[s] for s in _META_SECTIONS if isinstance(holder.get(s), dict)]
+    found: dict[str, Any] = {}
+    for key, aliases in _META_ALIASES.items():
+        for place in reversed(places):  # the most specific section wins
+            hit = next((place[a] for a in aliases if a in place and place[a] is not None), None)
+            if hit is not None:
+                found[key] = hit
+                break
+    return found
+
+
+def resolve_attention_settings(
+    overrides: dict[str, Any], loras: Sequence[tuple[str, float]]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Final attention settings and where each came from: ``"user"`` > ``"lora"`` > ``"default"``.
+
+    The first LoRA with metadata gives the LoRA defaults; a later LoRA that disagrees is logged.
+    """
+    from_lora: dict[str, Any] = {}
+    for path, _ in loras:
+        for key, value in lora_attention_settings(path).items():
+            if key not in from_lora:
+                from_lora[key] = value
+            elif from_lora[key] != value:
+                logger.warning("LoRA %s was trained with %s=%r; keeping %r from the first LoRA", path, key, value,
+                               from_lora[key])  # fmt: skip
+    settings, source = {}, {}
+    for key in ATTENTION_KEYS:
+        if overrides.get(key) is not None:
+            settings[key], source[key] = overrides[key], "user"
+        elif key in from_lora:
+            settings[key], source[key] = from_lora[key], "lora"
+        else:
+            settings[key], source[key] = BUILTIN_DEFAULTS[key], "default"
+    for key in ("block_size", "dense_layers", "dense_timesteps"):
+        settings[key] = int(settings[key])
+    if settings["decay_factor"] is not None:
+        settings["decay_factor"] = float(settings["decay_factor"])
+    return settings, source
+
+
+# -- pipeline, LoRAs -----------------------------------------------------------------------------
+
+_LOADED_ATTR = "_radial_lora_loaded_loras"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    model: Any,
+    family: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[Any, str]:
+    """A pipeline (given, or loaded with the family adapter) and its family, on ``device``."""
+    from radial_lora.models import detect_family, get_adapter
+
+    if not isinstance(model, str | os.PathLike):
+        return model, family or detect_family(model)
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if family is None:
+        if Path(model).is_dir():
+            family = detect_family(model)
+        else:
+            raise ValueError(
+                f"--model {model} is not a local folder; pass --family (wan, wan22, hunyuan) for hub ids"
+            )
+    logger.info("loading %s pipeline from %s (%s on %s)", family, model, dtype, device)
+    pipe = get_adapter(family).load_pipeline(model, torch_dtype=dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family
+
+
+def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
+    """Activate exactly these LoRAs (loading each file once per pipeline); none -> LoRA layers disabled."""
+    loaded: dict[str, str] = getattr(pipe, _LOADED_ATTR, None) or {}
+    names = []
+    for path, _ in loras:
+        key = str(Path(path).resolve())
+        if key not in loaded:
+            name = f"lora{len(loaded)}"
+            try:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ValueError(f"cannot load LoRA {path} into this {type(pipe).__name__}: {exc}") from exc
+            loaded[key] = name
+            setattr(pipe, _LOADED_ATTR, loaded)
+        names.append(loaded[key])
+    if names:
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+    elif loaded:
+        pipe.disable_lora()
+    return names
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
+    """Peak memory of the block: CUDA ``max_memory_allocated``, else the process RSS sampled every 10 ms.
+
+    The RSS peak includes the weights already loaded (it is the process's footprint during the run);
+    without /proc the process-lifetime ``ru_maxrss`` is reported instead.
+    """
+    out: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield out
+        torch.cuda.synchronize(device)
+        out.update(bytes=int(torch.cuda.max_memory_allocated(device)), kind="cuda_max_memory_allocated")
+        return
+    if _rss_bytes() is None:
+        yield out
+        scale = 1 if sys.platform == "darwin" else 1024
+        out.update(
+            bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, kind="cpu_ru_maxrss"
+        )
+        return
+    peak = [_rss_bytes() or 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.01):
+            peak[0] = max(peak[0], _rss_bytes() or 0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes() or 0)
+        out.update(bytes=int(peak[0]), kind="cpu_rss_peak")
+
+
+def attention_budget(
+    pipe: Any,
+    family: str,
+    settings: dict[str, Any],
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+) -> dict[str, Any]:
+    """Self-attention density and FLOPs of a whole generation (video tokens; text tokens not counted).
+
+    Per transformer call every self-attention layer costs the dense FLOPs when it is dense (pattern
+    dense, layer ``< dense_layers``, step ``< dense_timesteps``) and ``density`` times that otherwise.
+    Wan runs two transformer calls per step under classifier-free guidance (``guidance > 1``).
+    """
+    from radial_lora.models import get_adapter
+
+    adapter = get_adapter(family)
+    transformer = adapter.transformers(pipe)[0]
+    geo = adapter.geometry(pipe, num_frames, height, width)
+    decay = adapter.default_decay if settings["decay_factor"] is None else settings["decay_factor"]
+    mask = radial_block_mask(
+        geo.latent_frames, geo.tokens_per_frame, block_size=settings["block_size"], decay_factor=decay,
+        model_type=adapter.mask_model_type,
+    )  # fmt: skip
+    cfg = transformer.config
+    cost = attention_cost(
+        mask, geo.video_tokens, head_dim=int(cfg.attention_head_dim), num_heads=int(cfg.num_attention_heads),
+        block_size=settings["block_size"],
+    )  # fmt: skip
+    layers = len(adapter.self_attention_modules(transformer))
+    passes = 2 if family in ("wan", "wan22") and guidance > 1.0 else 1
+    total = dense_total = 0.0
+    for step in range(steps):
+        for layer in range(layers):
+            dense = (
+                settings["pattern"] == "dense"
+                or layer < settings["dense_layers"]
+                or step < settings["dense_timesteps"]
+            )
+            total += passes * (cost.dense_flops if dense else cost.radial_flops)
+            dense_total += passes * cost.dense_flops
+    return {
+        "latent_frames": geo.latent_frames,
+        "tokens_per_frame": geo.tokens_per_frame,
+        "video_tokens": geo.video_tokens,
+        "mask_blocks": int(mask.shape[0]),
+        "mask_density": cost.density,
+        "decay_factor": float(decay),
+        "self_attention_layers": layers,
+        "transformer_calls": passes * steps,
+        "attention_flops": total,
+        "attention_flops_dense": dense_total,
+        "effective_density": total / dense_total if dense_total else 1.0,
+        "ideal_speedup": dense_total / total if total else 1.0,
+    }
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:limit].rstrip("-")) or "video"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Strict JSON (inf as "inf", see eval.metrics.jsonable), written to a temp file then renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=1, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save_frames(path: Path, frames: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, frames=frames)
+    os.replace(tmp, path)
+
+
+def _load_existing(video: Path, sidecar: Path, frames_file: Path | None, settings: dict[str, Any]) -> Any:
+    """The saved sidecar and frames when a finished result with the same settings exists, else None."""
+    if not (video.is_file() and sidecar.is_file()) or (frames_file is not None and not frames_file.is_file()):
+        return None
+    try:
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("format") != SIDECAR_FORMAT or info.get("settings") != jsonable(settings):
+        return None
+    if frames_file is not None:
+        with np.load(frames_file) as z:
+            return info, z["frames"]
+    from radial_lora.data.video_io import read_video
+
+    return info, read_video(video)[0]
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    from radial_lora import __version__
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "radial_lora": __version__}
+
+
+# -- the entry point -----------------------------------------------------------------------------
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    out_dir: str | os.PathLike,
+    pattern: str | None = None,
+    dense_layers: int | None = None,
+    dense_timesteps: int | None = None,
+    decay_factor: float | None = None,
+    block_size: int | None = None,
+    backend: str = "auto",
+    loras: Sequence[tuple[str | os.PathLike, float]] = (),
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 5.0,
+    fps: float = 16.0,
+    family: str | None = None,
+    negative_prompt: str | None = None,
+    names: Sequence[str] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    save_frames: bool = False,
+    skip_existing: bool = False,
+) -> list[GenerationResult]:
+    """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
+
+    ``model``: a pipeline folder / hub id (``family`` needed for hub ids) or a loaded pipeline (reused
+    as is: evaluation loads once). Attention settings left ``None`` come from the first LoRA's
+    training metadata, else the built-in defaults (radial, family decay, block 128, no dense layers
+    or steps). ``loras``: ``[(path, scale)]``. ``names``: output file stems (default ``000_prompt-slug``).
+    ``save_frames`` also writes the exact uint8 frames (``NAME.npz``, lossless, for metrics);
+    ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
+    """
+    from radial_lora.data.video_io import write_video
+    from radial_lora.models import apply_radial_attention
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given; pass --prompt TEXT or --prompts FILE (one prompt per line)")
+    if names is not None and len(names) != len(prompts):
+        raise ValueError(f"got {len(names)} names for {len(prompts)} prompts")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    lora_list = [(str(p), float(s)) for p, s in loras]
+    for path, _ in lora_list:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"LoRA {path} not found; pass a LoRA folder or .safetensors file")
+    attn, source = resolve_attention_settings(
+        {"pattern": pattern, "decay_factor": decay_factor, "block_size": block_size, "dense_layers": dense_layers,
+         "dense_timesteps": dense_timesteps},
+        lora_list,
+    )  # fmt: skip
+    pipe, family = load_model(model, family, device=device, dtype=dtype)
+    exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
+    base_settings = {
+        "model": model_name, "family": family, "num_frames": num_frames, "height": height, "width": width,
+        **attn, "backend": backend, "loras": [[p, s] for p, s in lora_list], "steps": steps,
+        "guidance": float(guidance), "fps": float(fps), "negative_prompt": negative_prompt,
+        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."), "device": str(exec_device),
+    }  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = attention_budget(pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps,
+                              guidance=guidance)  # fmt: skip
+
+    results: list[GenerationResult] = []
+    prepared = False
+    controller = None
+    for i, prompt in enumerate(prompts):
+        stem = names[i] if names is not None else f"{i:03d}_{slug(prompt)}"
+        video_path, sidecar = out / f"{stem}.mp4", out / f"{stem}.json"
+        frames_file = out / f"{stem}.npz" if save_frames else None
+        settings = {**base_settings, "prompt": prompt, "seed": seed + i}
+        if skip_existing:
+            found = _load_existing(video_path, sidecar, frames_file, settings)
+            if found is not None:
+                logger.info("reusing %s (same settings)", video_path)
+                results.append(
+                    GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True)
+                )
+                continue
+        if not prepared:
+            set_loras(pipe, lora_list)
+            controller = apply_radial_attention(
+                pipe, pattern=attn["pattern"], dense_layers=attn["dense_layers"],
+                dense_timesteps=attn["dense_timesteps"], decay_factor=attn["decay_factor"],
+                block_size=attn["block_size"], backend=backend,
+            )  # fmt: skip
+            prepared = True
+        controller.reset_stats()
+        controller.new_run()
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        call: dict[str, Any] = dict(
+            prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+            guidance_scale=guidance, generator=generator, output_type="np",
+        )  # fmt: skip
+        if negative_prompt is not None:
+            call["negative_prompt"] = negative_prompt
+        logger.info("generating %s: %d frames %dx%d, %d steps, pattern=%s", stem, num_frames, width, height, steps,
+                    attn["pattern"])  # fmt: skip
+        with peak_memory(exec_device) as mem:
+            start = time.perf_counter()
+            output = pipe(**call)
+            if exec_device.type == "cuda":
+                torch.cuda.synchronize(exec_device)
+            wall = time.perf_counter() - start
+        video = np.asarray(output.frames[0], dtype=np.float32)
+        frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        write_video(video_path, frames, fps)
+        if frames_file is not None:
+            _save_frames(frames_file, frames)
+        info = {
+            "format": SIDECAR_FORMAT,
+            "prompt": prompt,
+            "index": i,
+            "video": video_path.name,
+            "frames_file": frames_file.name if frames_file is not None else None,
+            "settings": settings,
+            "settings_source": source,
+            "wall_time_s": wall,
+            "peak_memory": mem,
+            "attention": {**budget, "calls": dict(controller.calls)},
+            "versions": _versions(),
+        }
+        write_json_atomic(sidecar, info)
+        results.append(GenerationResult(prompt, i, video_path, sidecar, frames, jsonable(info)))
+    return results
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts file {p} not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc}); expected a list of prompt strings") from exc
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"{p}: expected a JSON list of prompt strings")
+        prompts = [x.strip() for x in data if x.strip()]
+    else:
+        prompts = [
+            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
+    if not prompts:
+        raise ValueError(f"{p} holds no prompts; write one prompt per line")
+    return prompts

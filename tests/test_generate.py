@@ -1,0 +1,120 @@
+"""generate(): tiny Wan pipeline, two lengths, radial/dense, with and without a LoRA; sidecars; the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radial_lora.cli import main
+from radial_lora.data.video_io import read_video
+from radial_lora.eval import metrics
+from radial_lora.inference.generate import generate, load_model, parse_lora_spec, read_prompts
+
+PROMPT = "a red circle moves right"
+COMMON = dict(height=32, width=32, steps=2, guidance=1.0, fps=8.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two shared cores: one torch thread each is faster than oversubscribing."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_wan_dir: Path):
+    return load_model(str(tiny_wan_dir))[0]
+
+
+def test_lengths_lora_metadata_and_sidecar(pipe, tiny_wan_lora: Path, tmp_path: Path) -> None:
+    out = {}
+    for frames in (9, 17):
+        (r,) = generate(pipe, [PROMPT], num_frames=frames, out_dir=tmp_path, loras=[(tiny_wan_lora, 1.0)],
+                        names=[f"lora_{frames}"], **COMMON)  # fmt: skip
+        out[frames] = r
+        video, fps = read_video(r.video_path)
+        assert video.shape == (frames, 32, 32, 3) and fps == pytest.approx(8.0)
+        info = json.loads(r.sidecar_path.read_text())
+        assert info == metrics.jsonable(r.info)
+        s = info["settings"]
+        # the LoRA's training metadata became the attention defaults
+        assert (s["pattern"], s["decay_factor"], s["block_size"], s["dense_layers"]) == ("radial", 0.5, 4, 0)
+        assert (
+            info["settings_source"]["block_size"] == "lora"
+            and info["settings_source"]["dense_timesteps"] == "default"
+        )
+        assert s["loras"] == [[str(tiny_wan_lora), 1.0]] and s["seed"] == 0 and s["num_frames"] == frames
+        assert info["wall_time_s"] > 0 and info["peak_memory"]["bytes"] > 0
+        a = info["attention"]
+        assert a["latent_frames"] == 1 + (frames - 1) // 4 and a["tokens_per_frame"] == 4
+        assert a["attention_flops"] == pytest.approx(a["effective_density"] * a["attention_flops_dense"])
+        assert a["calls"] == {"sparse": 2 * 2, "dense": 0}  # 2 steps x 2 layers, all radial
+    # 3 latent frames: sink + neighbours cover everything; 5 latent frames: distance-3 pairs are dropped
+    assert out[9].info["attention"]["mask_density"] == 1.0
+    assert out[17].info["attention"]["mask_density"] < 1.0
+
+
+def test_radial_dense_lora_effects(pipe, tiny_wan_lora: Path, tmp_path: Path) -> None:
+    def run(name: str, **kw) -> np.ndarray:
+        args = {**COMMON, "steps": 1, "block_size": 4, "decay_factor": 0.5, **kw}
+        return generate(pipe, [PROMPT], num_frames=17, out_dir=tmp_path, names=[name], **args)[0].frames
+
+    lora = run("lora", pattern="radial", loras=[(tiny_wan_lora, 1.0)])
+    dense, radial = run("dense", pattern="dense"), run("radial", pattern="radial")
+    assert 20 < metrics.psnr(radial, dense) < math.inf  # sparse attention changes the video, a little
+    # the base runs came after a LoRA run: the LoRA must not stay active
+    assert metrics.psnr(lora, radial) < math.inf
+    # a block as large as the sequence keeps every block: radial must equal dense exactly
+    full = run("full", pattern="radial", block_size=1024)
+    assert np.array_equal(full, dense)
+    # scale 0 switches the LoRA off: the base model's video, bit for bit
+    assert np.array_equal(run("lora0", pattern="radial", loras=[(tiny_wan_lora, 0.0)]), radial)
+
+
+def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na blue square\n\na green ball falls\n")
+    argv = ["generate", "--model", str(tiny_wan_dir), "--prompts", str(prompts), "--frames", "9", "--height", "32",
+            "--width", "32", "--steps", "1", "--guidance", "1", "--lora", f"{tiny_wan_lora}:0.5", "--out",
+            str(tmp_path / "out"), "--seed", "7", "--skip-existing"]  # fmt: skip
+    assert main(argv) == 0
+    sidecars = sorted((tmp_path / "out").glob("*.json"))
+    assert [p.stem for p in sidecars] == ["000_a-blue-square", "001_a-green-ball-falls"]
+    infos = [json.loads(p.read_text()) for p in sidecars]
+    assert [i["settings"]["seed"] for i in infos] == [7, 8]
+    assert infos[0]["settings"]["loras"] == [[str(tiny_wan_lora), 0.5]]
+    mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()]
+    assert main(argv) == 0  # everything reused: no file rewritten
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()] == mtimes
+
+
+def test_cli_errors(tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["generate", "--model", str(tiny_wan_dir), "--frames", "9", "--out", str(tmp_path)]
+    assert main([*base, "--prompt", "x", "--lora", str(tmp_path / "missing")]) == 2
+    assert "LoRA" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "--prompt" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "--frames", "10", "--height", "32", "--width", "32"]) == 2
+    assert "4k+1" in capsys.readouterr().err
+
+
+def test_parse_lora_spec_and_prompts(tmp_path: Path) -> None:
+    assert parse_lora_spec("out/lora") == ("out/lora", 1.0)
+    assert parse_lora_spec("out/lora:0.75") == ("out/lora", 0.75)
+    assert parse_lora_spec("C:/loras/x") == ("C:/loras/x", 1.0)
+    (tmp_path / "p.json").write_text('["one", " two "]')
+    assert read_prompts(tmp_path / "p.json") == ["one", "two"]
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="list of prompt strings"):
+        read_prompts(tmp_path / "bad.json")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
