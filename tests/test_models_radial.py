@@ -26,7 +26,7 @@ from radial_lora.models.wan import RadialWanAttnProcessor
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
-TEXT, VALID = 10, 7  # Hunyuan text tokens, of which the last 3 are padding
+TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest is padding)
 BLOCK = 16
 
 
@@ -55,18 +55,19 @@ class _OracleHunyuan(HunyuanVideoAttnProcessor2_0):
 
 def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 4, FRAMES, SIDE, SIDE, generator=g)
-    timesteps = torch.tensor([700.0])
+    latents = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
+    timesteps = torch.tensor([700.0, 300.0])
     if family == "hunyuan":
-        mask = torch.zeros(1, TEXT, dtype=torch.long)
-        mask[:, :VALID] = 1
+        mask = torch.zeros(2, TEXT, dtype=torch.long)
+        for row, valid in enumerate(VALID):
+            mask[row, :valid] = 1
         text = {
-            "encoder_hidden_states": torch.randn(1, TEXT, 16, generator=g),
+            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
             "encoder_attention_mask": mask,
-            "pooled_projections": torch.randn(1, 8, generator=g),
+            "pooled_projections": torch.randn(2, 8, generator=g),
         }
     else:
-        text = {"encoder_hidden_states": torch.randn(1, TEXT, 32, generator=g)}
+        text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
     return latents, timesteps, text
 
 
