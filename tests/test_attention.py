@@ -201,3 +201,38 @@ def test_errors_name_the_problem():
         block_sparse_attention(
             q.float().requires_grad_(), k.float(), v.float(), mask, block_size=16, backend="flex"
         )
+
+
+def _mask_cli(argv: list[str]) -> int:
+    """Run the mask subcommand alone (the full CLI imports every command's heavy dependencies)."""
+    import argparse
+
+    from radial_lora.cli import mask as mask_cli
+
+    parser = argparse.ArgumentParser()
+    mask_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_mask_cli_prints_costs_and_writes_files(tmp_path, capsys):
+    import numpy as np
+
+    from radial_lora.mask import mask_density
+
+    npy, png = tmp_path / "m.npy", tmp_path / "sub" / "m.png"
+    argv = ["mask", "--frames", "81", "--height", "256", "--width", "256", "--decay", "1.0"]
+    assert _mask_cli([*argv, "--save-npy", str(npy), "--save-png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "21 latent frames" in out and "256 tokens per frame" in out  # (256/16)^2 tokens
+    expected = radial_block_mask(21, 256, decay_factor=1.0)
+    assert np.array_equal(np.load(npy), expected.numpy())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    density = mask_density(expected, 21 * 256)
+    assert f"density:       {density:.4f}" in out and f"ideal speedup: {1 / density:.2f}x" in out
+    with pytest.raises(ValueError, match="4k\\+1"):
+        _mask_cli(["mask", "--frames", "80", "--height", "256", "--width", "256"])
+    with pytest.raises(ValueError, match="missing geometry"):
+        _mask_cli(["mask", "--latent-frames", "4"])
+    with pytest.raises(ValueError, match="not both"):
+        _mask_cli(["mask", "--latent-frames", "4", "--tokens-per-frame", "8", "--frames", "81"])

@@ -1,0 +1,154 @@
+"""`radial-lora mask`: build the radial block mask for a video size and show what it saves."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DECAY = {"wan": 0.2, "hunyuan": 0.95}  # the authors' scripts (Wan2.1, HunyuanVideo)
+DEFAULT_TEXT_TOKENS = {"wan": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "mask",
+        help="build a radial attention mask: density, FLOPs, picture",
+        description="Build the radial block mask for a video geometry and print its density and the "
+        "attention FLOPs it saves. Give either --frames/--height/--width (pixels) or "
+        "--latent-frames/--tokens-per-frame.",
+    )
+    p.add_argument("--model", choices=sorted(DEFAULT_DECAY), default="wan",
+                   help="mask model type: wan (first latent frame is an attention sink) or hunyuan")  # fmt: skip
+    p.add_argument("--frames", type=int, help="video frames (4k+1, e.g. 81, 161)")
+    p.add_argument("--height", type=int, help="video height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
+    p.add_argument("--latent-frames", type=int, help="latent frames (instead of pixel geometry)")
+    p.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (instead of pixel geometry)")
+    p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, hunyuan 0.95)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument(
+        "--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)"
+    )
+    p.add_argument(
+        "--heads", type=int, default=40, help="attention heads, for FLOPs (default: Wan2.1-14B, 40)"
+    )
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension, for FLOPs (default 128)")
+    p.add_argument("--save-npy", type=Path, help="write the [nb, nb] bool mask as .npy")
+    p.add_argument("--save-png", type=Path, help="write a picture of the block pattern")
+    p.set_defaults(func=run)
+
+
+def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(latent frames, tokens per frame, description) from whichever geometry form was given."""
+    from radial_lora.geometry import latent_geometry
+
+    pixels = [args.frames, args.height, args.width]
+    latent = [args.latent_frames, args.tokens_per_frame]
+    if any(x is not None for x in pixels) and any(x is not None for x in latent):
+        raise ValueError(
+            "give either --frames/--height/--width or --latent-frames/--tokens-per-frame, not both"
+        )
+    if all(x is not None for x in pixels):
+        geo = latent_geometry(args.frames, args.height, args.width)
+        text = (
+            f"{args.frames} frames {args.height}x{args.width} -> {geo.latent_frames} latent frames x "
+            f"{geo.latent_height // 2}x{geo.latent_width // 2} patches = {geo.tokens_per_frame} tokens per frame"
+        )
+        return geo.latent_frames, geo.tokens_per_frame, text
+    if all(x is not None for x in latent):
+        for name, value in (
+            ("--latent-frames", args.latent_frames),
+            ("--tokens-per-frame", args.tokens_per_frame),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        return (
+            args.latent_frames,
+            args.tokens_per_frame,
+            f"{args.latent_frames} latent frames x {args.tokens_per_frame} tokens",
+        )
+    raise ValueError(
+        "missing geometry: give all of --frames/--height/--width (e.g. --frames 161 --height 720 --width 1280) "
+        "or both --latent-frames and --tokens-per-frame"
+    )
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the target folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(mask: np.ndarray, path: Path, title: str) -> None:
+    """Picture of the block pattern (kept blocks dark), like the paper's mask figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=150)
+    ax.imshow(mask, cmap="Greys", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    fig.tight_layout()
+    _atomic(path, lambda fh: fig.savefig(fh, format="png"))
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from radial_lora.mask import attention_cost, radial_block_mask
+
+    frames, tokens, described = _geometry(args)
+    decay = DEFAULT_DECAY[args.model] if args.decay is None else args.decay
+    text = DEFAULT_TEXT_TOKENS[args.model] if args.text_tokens is None else args.text_tokens
+    for name, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    mask = radial_block_mask(
+        frames,
+        tokens,
+        block_size=args.block_size,
+        decay_factor=decay,
+        model_type=args.model,
+        num_text_tokens=text,
+    )
+    seq = frames * tokens + text
+    cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)
+    print(f"geometry:      {described}")
+    print(f"sequence:      {frames * tokens} video + {text} text = {seq} tokens")
+    print(
+        f"mask:          {mask.shape[0]} x {mask.shape[1]} blocks of {args.block_size} ({args.model}, decay {decay})"
+    )
+    print(f"density:       {cost.density:.4f}  (sparsity {1 - cost.density:.4f})")
+    print(
+        f"attention:     {cost.dense_flops / 1e12:.2f} TFLOPs dense vs {cost.radial_flops / 1e12:.2f} TFLOPs radial "
+        f"per layer forward ({args.heads} heads x {args.head_dim})"
+    )
+    print(f"ideal speedup: {cost.ideal_speedup:.2f}x")
+    arr = mask.numpy()
+    if args.save_npy:
+        _atomic(args.save_npy, lambda fh: np.save(fh, arr))
+        print(f"wrote {args.save_npy}")
+    if args.save_png:
+        title = (
+            f"{args.model} radial mask: {frames} latent frames x {tokens} tokens + {text} text\n"
+            f"block {args.block_size}, decay {decay}, density {cost.density:.3f}"
+        )
+        save_png(arr, args.save_png, title)
+        print(f"wrote {args.save_png}")
+    return 0
