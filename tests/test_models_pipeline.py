@@ -122,6 +122,9 @@ def test_geometry_reads_the_vae_factors_and_patch_size():
     geo = get_adapter("hunyuan").geometry(hunyuan, 129, 720, 1280)
     assert (geo.latent_frames, geo.tokens_per_frame) == (33, 45 * 80)
     assert get_adapter("hunyuan").geometry(hunyuan.transformer, 129, 720, 1280) == geo
+    hunyuan.transformer = None
+    with pytest.raises(ValueError, match="no transformer"):
+        get_adapter("hunyuan").geometry(hunyuan, 129, 720, 1280)
 
 
 def test_detect_family_and_registry(tiny_wan22_dir, tiny_hunyuan_dir, tmp_path):

@@ -61,7 +61,10 @@ class ModelAdapter(ABC):
         """Latent frames and tokens per frame of a ``num_frames x height x width`` video in this model."""
         transformer = pipe_or_transformer
         if hasattr(pipe_or_transformer, "components"):
-            transformer = self.transformers(pipe_or_transformer)[0]
+            found = self.transformers(pipe_or_transformer)
+            if not found or found[0] is None:
+                raise ValueError("the pipeline has no transformer: the geometry needs its patch size")
+            transformer = found[0]
         temporal, spatial = self.vae_factors(pipe_or_transformer)
         return latent_geometry(
             num_frames, height, width,
