@@ -297,3 +297,42 @@ def test_variable_frame_rate_resamples_by_timestamp(tmp_path) -> None:
     frames, _ = load_resampled(path, 16, 16, fps=10)
     # t = 0.0 0.1 0.2 0.3 0.4 0.5 -> frames 0 1 2 3 3 4 (0.3 s is nearer 0.40 than 0.15); by index it would be 0..4
     np.testing.assert_array_equal(np.round(frames[:, 8, 8, 0] / 40), [0, 1, 2, 3, 3, 4])
+
+
+def test_input_layouts_and_their_errors(tmp_path) -> None:
+    # finetrainers' prompt.txt + videos.txt, line by line (trailing blank lines ignored)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "videos.txt").write_text("videos/a.mp4\nvideos/b.mp4\n\n")
+    (ft / "prompt.txt").write_text("a red circle\n\n")
+    with pytest.raises(ValueError, match="prompt.txt has 1 lines but videos.txt 2"):
+        collect_inputs(ft)
+    (ft / "prompt.txt").write_text("   \na red  circle\n")
+    items, skips = collect_inputs(ft)
+    assert [(i.source, i.caption) for i in items] == [("videos/b.mp4", "a red circle")]
+    assert skips[0].source == "videos/a.mp4" and "line 1 of prompt.txt is empty" in skips[0].reason
+    # folder layout: recursive, hidden folders ignored, multi-line captions joined
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for rel in ("sub/x.mp4", ".cache/y.mp4", "z.MOV"):
+        (folder / rel).write_bytes(b"")
+    (folder / "sub" / "x.txt").write_text("two\nlines\n")
+    (folder / "z.txt").write_text("upper case extension")
+    items, skips = collect_inputs(folder)
+    assert [(i.source, i.caption) for i in items] == [("sub/x.mp4", "two lines"), ("z.MOV", "upper case extension")]
+    assert not skips
+    # tables: no usable column, bad JSON, unsupported file
+    (tmp_path / "t.csv").write_text("clip,words\na.mp4,hello\n")
+    with pytest.raises(ValueError, match=r"t.csv: no video column among \['clip', 'words'\]; name one with --video-column"):
+        collect_inputs(tmp_path / "t.csv")
+    (tmp_path / "t.jsonl").write_text('{"video": "a.mp4", "caption": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"t.jsonl:2: not valid JSON"):
+        collect_inputs(tmp_path / "t.jsonl")
+    (tmp_path / "t.yaml").write_text("video: a.mp4")
+    with pytest.raises(ValueError, match="unsupported metadata file"):
+        collect_inputs(tmp_path / "t.yaml")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no videos found"):
+        collect_inputs(empty)

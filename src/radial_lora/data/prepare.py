@@ -103,7 +103,7 @@ class PrepareSummary:
         return EXIT_SKIPPED if self.skipped else EXIT_OK
 
     def format(self) -> str:
-        lines = [f"{self.sources} source videos"]
+        lines = [f"{self.sources} videos with captions"]
         for bucket in sorted(set(self.encoded) | set(self.reused)):
             lines.append(
                 f"  f{bucket}: {self.encoded[bucket] + self.reused[bucket]} clips "
@@ -185,21 +185,29 @@ def _items_from_table(path: Path, video_column: str | None, caption_column: str 
     return items, skips
 
 
+def _strip_trailing_blank(lines: list[str]) -> list[str]:
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    return lines
+
+
 def _items_from_folder(folder: Path) -> tuple[list[SourceItem], list[Skip]]:
     # finetrainers' older layout: prompt.txt and videos.txt, line by line
     prompts, videos = folder / "prompt.txt", folder / "videos.txt"
     if prompts.is_file() and videos.is_file():
-        p_lines = prompts.read_text(encoding="utf-8").splitlines()
-        v_lines = [v.strip() for v in videos.read_text(encoding="utf-8").splitlines()]
-        if len(p_lines) != len([v for v in v_lines if v]) and len(p_lines) != len(v_lines):
+        p_lines = _strip_trailing_blank(prompts.read_text(encoding="utf-8").splitlines())
+        v_lines = _strip_trailing_blank([v.strip() for v in videos.read_text(encoding="utf-8").splitlines()])
+        if len(p_lines) != len(v_lines):
             raise ValueError(f"{folder}: prompt.txt has {len(p_lines)} lines but videos.txt {len(v_lines)}")
         items, skips = [], []
-        for video, prompt in zip([v for v in v_lines if v], p_lines):
+        for number, (video, prompt) in enumerate(zip(v_lines, p_lines), start=1):
             caption = _clean_caption(prompt)
-            if caption:
-                items.append(SourceItem(video, folder / video, caption))
+            if not video:
+                skips.append(Skip(f"videos.txt:{number}", "no video path on this line"))
+            elif not caption:
+                skips.append(Skip(video, f"missing caption: line {number} of prompt.txt is empty"))
             else:
-                skips.append(Skip(video, "missing caption: empty line in prompt.txt"))
+                items.append(SourceItem(video, folder / video, caption))
         return items, skips
     items, skips = [], []
     for path in sorted(folder.rglob("*")):
