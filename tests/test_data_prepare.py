@@ -216,6 +216,8 @@ def test_usage_errors(sources, tiny_wan_dir, tmp_path, capsys) -> None:
     assert main([*base[:2], str(tmp_path / "missing"), *base[3:], "--family", "wan", "--height", "32",
                  "--width", "48"]) == 2  # fmt: skip
     assert "input not found" in capsys.readouterr().err
+    assert main([*base, "--input", str(sources), "--family", "wan", "--height", "32", "--width", "48"]) == 2
+    assert "give the input once" in capsys.readouterr().err
 
 
 def test_resampling_cropping_and_clip_plans(tmp_path) -> None:
@@ -249,7 +251,7 @@ def test_sliding_clips_and_gif_source(sources, tiny_wan_dir, tmp_path) -> None:
             "--dtype", "float32", "--clip-mode", "sliding", "--stride", "4"]  # fmt: skip
     table = tmp_path / "one.jsonl"
     table.write_text(json.dumps({"video": str(sources / "anim.gif"), "caption": "a gif"}) + "\n")
-    assert main(["data", "prepare", str(table), "--out", str(out), "--model", str(tiny_wan_dir), *args]) == 0
+    assert main(["data", "prepare", "--input", str(table), "--out", str(out), "--model", str(tiny_wan_dir), *args]) == 0
     records = PreparedDataset(out).records
     n = len(read_video(sources / "anim.gif")[0])
     assert [r.start_frame for r in records] == list(range(0, n - 9 + 1, 4))

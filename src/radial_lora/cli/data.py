@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encode clips of each length with the model's VAE and text encoder. Exit status: "
         "0 all inputs used, 3 some input skipped (listed in the log and summary), 2 usage error.",
     )
-    p.add_argument("input", type=Path, help="folder of videos with same-named .txt captions, or a CSV/JSONL/JSON")
+    p.add_argument(
+        "input", type=Path, nargs="?", help="folder of videos with same-named .txt captions, or a CSV/JSONL/JSON"
+    )
+    p.add_argument("--input", type=Path, dest="input_option", metavar="INPUT", help="the same, as an option")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write (resumed if it exists)")
     p.add_argument("--model", required=True, help="diffusers model folder or hub id")
     p.add_argument("--family", required=True, choices=["wan", "wan22", "hunyuan"], help="model family")
@@ -82,11 +85,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
     from radial_lora.data.prepare import PrepareOptions, prepare_dataset
 
+    if (args.input is None) == (args.input_option is None):
+        raise ValueError("give the input once: `data prepare INPUT ...` or `data prepare --input INPUT ...`")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     opts = PrepareOptions(
-        input=args.input, out=args.out, model=args.model, family=args.family, lengths=args.lengths,
-        height=args.height, width=args.width, fps=args.fps, clip_mode=args.clip_mode, stride=args.stride,
+        input=args.input or args.input_option, out=args.out, model=args.model, family=args.family,
+        lengths=args.lengths, height=args.height, width=args.width, fps=args.fps, clip_mode=args.clip_mode, stride=args.stride,
         max_clips=args.max_clips, batch_size=args.batch_size, device=device, dtype=dtype,
         video_column=args.video_column, caption_column=args.caption_column,
     )  # fmt: skip
