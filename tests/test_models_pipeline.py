@@ -150,3 +150,12 @@ def test_detect_family_and_registry(tiny_wan22_dir, tiny_hunyuan_dir, tmp_path):
     assert boundary == 875.0
     assert get_adapter("wan22").expert_for(loaded, 900.0) is loaded.transformer
     assert get_adapter("wan22").expert_for(loaded, 500.0) is loaded.transformer_2
+
+
+def test_per_token_timesteps_of_wan22_ti2v_count_steps():
+    """Wan2.2 TI2V-5B's pipeline passes a [B, tokens] timestep (expand_timesteps=True)."""
+    ti2v = WanPipeline(**build_tiny_pipeline("wan").components, expand_timesteps=True)
+    ti2v.set_progress_bar_config(disable=True)
+    controller = apply_radial_attention(ti2v, block_size=16, dense_timesteps=2, backend="reference")
+    _call(ti2v, steps=3, guidance_scale=1.0)
+    assert controller.step == 2 and controller.calls == {"dense": 2 * 2, "sparse": 1 * 2}
