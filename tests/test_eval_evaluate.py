@@ -1,0 +1,154 @@
+"""`radial-lora evaluate` on the tiny Wan model: report, plots, results.json numbers, held-out loss, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from radial_lora.cli import main
+from radial_lora.eval.evaluate import make_variants, parse_lengths
+from radial_lora.eval.metrics import from_jsonable
+
+LENGTHS = (9, 17)
+VARIANTS = ("base_dense", "base_radial", "lora_dense", "lora_radial")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset_32(one_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
+    """Prepared 9/17-frame buckets at 32x32 (4 tokens per latent frame), two sample videos."""
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+
+    root = tmp_path_factory.mktemp("eval_data")
+    write_sample_dataset(root / "videos", num_videos=2, num_frames=17, size=32, fps=16.0, seed=0)
+    prepare_dataset(
+        PrepareOptions(input=root / "videos", out=root / "ds", model=str(tiny_wan_dir), family="wan",
+                       lengths=LENGTHS, height=32, width=32, fps=16.0, dtype="float32")
+    )  # fmt: skip
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def grid(one_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "out"
+    argv = ["evaluate", "--model", str(tiny_wan_dir), "--prompt", "a red circle moves right", "--lengths", "9,17",
+            "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1", "--lora", str(tiny_wan_lora),
+            "--dataset", str(dataset_32), "--heldout-max-clips", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def _strict(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"results.json holds a bare {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _numbers(value, path=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(value, int | float | str) and not isinstance(value, bool):
+        yield path, value
+
+
+def test_results_json_complete_and_finite(grid: Path) -> None:
+    raw = _strict((grid / "results.json").read_text())
+    for path, value in _numbers(raw):
+        if isinstance(value, str):
+            # the only non-numbers allowed in numeric fields: "inf" for identical videos' PSNR
+            assert value != "-inf" and (value != "inf" or "psnr" in path), path
+        else:
+            assert math.isfinite(value), path
+    res = from_jsonable(raw)
+    assert res["lengths"] == list(LENGTHS) and [v["name"] for v in res["variants"]] == list(VARIANTS)
+    cells = {(c["variant"], c["length"]): c for c in res["cells"]}
+    assert set(cells) == {(v, n) for v in VARIANTS for n in LENGTHS}
+    for (variant, _), c in cells.items():
+        assert c["wall_time_s"] > 0 and c["peak_memory_bytes"] > 0
+        assert (
+            c["settings"]["block_size"] == 4 and c["settings"]["decay_factor"] == 0.5
+        )  # from the LoRA header
+        a = c["attention"]
+        assert a["attention_flops"] == pytest.approx(a["effective_density"] * a["attention_flops_dense"])
+        assert c["reference"] == variant.replace("radial", "dense")
+        assert all((grid / v).is_file() for v in c["videos"])
+        if variant.endswith("dense"):  # dense vs itself: identical
+            q = c["quality"]
+            assert q["psnr"] == math.inf and q["ssim"] == pytest.approx(1.0) and q["psnr_drop"] == 0.0
+            assert a["effective_density"] == 1.0
+    for weights in ("base", "lora"):
+        # 9 frames: the radial mask keeps every block, so radial equals dense exactly
+        assert cells[(f"{weights}_radial", 9)]["quality"]["psnr"] == math.inf
+        assert cells[(f"{weights}_radial", 9)]["attention"]["mask_density"] == 1.0
+        # 17 frames: sparser mask, close to dense but not equal
+        c17 = cells[(f"{weights}_radial", 17)]
+        assert c17["attention"]["mask_density"] < 1.0
+        assert 20 < c17["quality"]["psnr"] < math.inf and 0.5 < c17["quality"]["ssim"] < 1.0
+        assert len(c17["quality"]["drift_psnr"]) == 4
+    # held-out loss per length; with a full mask (9 frames) radial and dense agree
+    h = res["heldout"]
+    assert set(h) == set(VARIANTS) and set(h["base_radial"]["per_bucket"]) == {"9", "17"}
+    assert h["base_radial"]["per_bucket"]["9"] == pytest.approx(h["base_dense"]["per_bucket"]["9"], rel=1e-5)
+    assert h["lora_radial"]["per_bucket"]["9"] != pytest.approx(h["base_radial"]["per_bucket"]["9"], rel=1e-6)
+    assert cells[("lora_radial", 17)]["heldout_loss"] == h["lora_radial"]["per_bucket"]["17"]
+
+
+def test_report_and_pictures(grid: Path) -> None:
+    report = (grid / "report.md").read_text()
+    assert report.index("## Summary") < report.index("## 9 frames") < report.index("## 17 frames")
+    assert "held-out loss under radial attention is" in report
+    assert "| lora_radial |" in report and "## Held-out flow-matching loss" in report
+    for png in ["metrics_vs_length.png", "radial_masks.png"] + [f"strips/{v}_f{n:04d}.png" for v in VARIANTS
+                                                               for n in LENGTHS]:  # fmt: skip
+        assert f"({png})" in report
+        with Image.open(grid / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_rerun_reuses_cells(
+    grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tiny_wan_dataset: Path
+) -> None:
+    before = {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()}
+    argv = ["evaluate", "--model", str(tiny_wan_dir), "--prompt", "a red circle moves right", "--lengths", "9,17",
+            "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1", "--lora", str(tiny_wan_lora),
+            "--out", str(grid)]  # fmt: skip
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()} == before
+    res = json.loads((grid / "results.json").read_text())
+    assert all(c["reused"] for c in res["cells"]) and res["heldout"] == {}
+
+
+def test_lengths_and_variants_parsing(tmp_path: Path) -> None:
+    assert parse_lengths("33,17,17", 81) == [17, 33]
+    assert parse_lengths("1x,2x", 81) == [81, 161]
+    with pytest.raises(ValueError, match="4k\\+1"):
+        parse_lengths("20", 81)
+    with pytest.raises(ValueError, match="neither"):
+        parse_lengths("long", 81)
+    with pytest.raises(ValueError, match="needs --lora"):
+        make_variants(["lora_radial"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        make_variants(["base_sparse"])
+    assert [v.loras for v in make_variants(["base_dense", "lora2_radial"], None, ("x", 0.5))] == [
+        (),
+        (("x", 0.5),),
+    ]
