@@ -27,18 +27,11 @@ from radial_lora.data.validate import validate_dataset
 from radial_lora.data.video_io import read_video, write_video
 from radial_lora.models.adapter import get_adapter
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: OpenMP spinning, 5-40x slower
+
 H, W = 32, 48
 ARGS = ["--family", "wan", "--lengths", "9,17", "--height", str(H), "--width", str(W), "--fps", "16",
         "--device", "cpu", "--dtype", "float32", "--batch-size", "2"]  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: with 2 shared cores, 2 OpenMP threads made the tiny VAE 5-40x slower (spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
