@@ -18,7 +18,7 @@ _LABEL_HEIGHT = 14
 
 # (cell key path, axis label); PSNR points that are inf (identical to the reference) are left out.
 _PANELS = [
-    (("quality", "psnr"), "PSNR vs dense (dB)"),
+    (("quality", "psnr"), "PSNR vs dense (dB; identical not drawn)"),
     (("quality", "ssim"), "SSIM vs dense"),
     (("quality", "temporal_consistency"), "temporal consistency"),
     (("attention", "effective_density"), "attention FLOPs / dense"),
@@ -51,21 +51,27 @@ def plot_metrics_vs_length(results: dict[str, Any], path: Path) -> Path | None:
         return None
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = [v["name"] for v in results["variants"]]
     for ax, (key, label) in zip(axes.flat, panels):
-        for variant in results["variants"]:
-            pts = [(c["length"], _get(c, key)) for c in results["cells"] if c["variant"] == variant["name"]]
+        for n, name in enumerate(names):
+            pts = [(c["length"], _get(c, key)) for c in results["cells"] if c["variant"] == name]
             pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=variant["name"])
+            if pts:  # one colour per variant in every panel, even where some variants have no point
+                ax.plot(*zip(*pts), marker="o", color=colors[n % len(colors)], label=name)
         ax.set_xlabel("frames")
         ax.set_title(label, fontsize=10)
         ax.set_xticks(results["lengths"])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [
+        plt.Line2D([], [], color=colors[n % len(colors)], marker="o", label=name)
+        for n, name in enumerate(names)
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -114,7 +120,7 @@ def plot_masks(results: dict[str, Any], family: str, path: Path) -> Path | None:
             a["latent_frames"], a["tokens_per_frame"], block_size=cell["settings"]["block_size"],
             decay_factor=a["decay_factor"], model_type=adapter.mask_model_type,
         )  # fmt: skip
-        ax.imshow(mask.numpy(), cmap="gray_r", interpolation="nearest")
+        ax.imshow(mask.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{length} frames: density {a['mask_density']:.2f}", fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
