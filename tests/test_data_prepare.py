@@ -331,3 +331,19 @@ def test_input_layouts_and_their_errors(tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="no videos found"):
         collect_inputs(empty)
+
+
+def test_prepare_with_an_in_memory_pipeline(sources, tmp_path) -> None:
+    """The demo passes its own pipeline: prepare uses it as is and leaves its transformer alone."""
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan")
+    table = tmp_path / "one.jsonl"
+    table.write_text(json.dumps({"video": str(sources / "sample_0002.mp4"), "caption": "a blue square"}) + "\n")
+    opts = PrepareOptions(input=table, out=tmp_path / "ds", model="tiny-in-memory", family="wan", lengths=(9,),
+                          height=32, width=32, fps=16.0, dtype="float32")  # fmt: skip
+    summary = prepare_dataset(opts, pipe=pipe)
+    assert summary.exit_code == 0 and summary.encoded[9] == 1
+    assert pipe.transformer is not None
+    assert PreparedDataset(tmp_path / "ds").info["model"] == "tiny-in-memory"
