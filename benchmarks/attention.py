@@ -1,0 +1,335 @@
+"""Benchmark: block-sparse attention backends vs dense SDPA at real radial masks.
+
+CPU (default): latent frames x 256 tokens, 2 heads, head_dim 64, Wan mask (decay 1.0; density
+0.25 at 81 frames), float32. Times are the best of ``--repeats``, with the backends interleaved in
+one process so that load from other jobs hits them alike. Peak memory: each (length, backend,
+mode) once in a fresh subprocess, peak resident memory (VmHWM, reset through
+/proc/self/clear_refs) above the resident memory before the call.
+
+CUDA (``--device cuda``): compiled flex and the sparse kernel vs dense SDPA in bfloat16 at Wan2.1
+1.3B (480p) and 14B (720p) 2x/4x lengths; memory is ``torch.cuda.max_memory_allocated``.
+
+Writes its table between markers in ``benchmarks/RESULTS.md`` (other sections are left alone).
+
+    python benchmarks/attention.py [--quick] [--device cuda] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from radial_lora.attention import block_sparse_attention
+from radial_lora.attention.sparse import get_plan, sparse_block_attention
+from radial_lora.mask import mask_density, radial_block_mask
+
+logger = logging.getLogger("bench.attention")
+RESULTS = Path(__file__).with_name("RESULTS.md")
+CPU_BACKENDS = ("dense", "sparse", "sparse-matmul", "flex")
+CUDA_BACKENDS = ("dense", "flex", "sparse")
+# (label, latent frames, tokens per frame, heads, head_dim): Wan2.1 1.3B at 832x480, 14B at 1280x720.
+CUDA_SHAPES = [
+    ("Wan2.1-1.3B 480p 2x (161 frames)", 41, 30 * 52, 12, 128),
+    ("Wan2.1-1.3B 480p 4x (321 frames)", 81, 30 * 52, 12, 128),
+    ("Wan2.1-14B 720p 2x (161 frames)", 41, 45 * 80, 40, 128),
+    ("Wan2.1-14B 720p 4x (321 frames)", 81, 45 * 80, 40, 128),
+]
+
+
+# ---------------------------------------------------------------- RESULTS.md sections
+
+
+def update_section(path: Path, name: str, heading: str, body: str) -> None:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` (atomic write).
+
+    A missing section is appended under ``heading``; everything outside the markers is kept.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".md")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def machine_info(device: str) -> str:
+    """One line: CPU model, threads, torch version, date, load (timings on shared machines are noisy)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}; "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; 1-min load average at start {load:.1f}"
+    )
+
+
+# ---------------------------------------------------------------- one measurement
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def _attention_fn(backend: str, mask: torch.Tensor, block_size: int):
+    if backend == "dense":
+        return F.scaled_dot_product_attention
+    if backend == "sparse-matmul":
+        return lambda q, k, v: sparse_block_attention(q, k, v, mask, block_size, kernel="matmul")
+    return lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=block_size, backend=backend)
+
+
+def _run_once(fn, q, k, v, grad: bool, sync) -> None:
+    if grad:
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+    else:
+        with torch.no_grad():
+            fn(q, k, v)
+    sync()
+
+
+def _mask(cfg: dict) -> torch.Tensor:
+    return radial_block_mask(cfg["frames"], cfg["tokens"], decay_factor=cfg["decay"], block_size=cfg["block"])
+
+
+def _setup(cfg: dict, backend: str, grad: bool):
+    """Inputs and the attention callable for one cell."""
+    device = torch.device(cfg["device"])
+    dtype = getattr(torch, cfg["dtype"])
+    seq = cfg["frames"] * cfg["tokens"]
+    mask = _mask(cfg)
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (1, cfg["heads"], seq, cfg["head_dim"])
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
+    if grad:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return (q, k, v), _attention_fn(backend, mask, cfg["block"])
+
+
+def _sync(device: str):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def peak_memory(cfg: dict) -> float:
+    """Extra memory (MiB) one call needs: CUDA max_memory_allocated, CPU peak resident (VmHWM)."""
+    grad = cfg["mode"] == "fwd+bwd"
+    (q, k, v), fn = _setup(cfg, cfg["backend"], grad)
+    cuda = cfg["device"] == "cuda"
+    sync = _sync(cfg["device"])
+    if cfg["backend"] == "flex" or cuda:
+        _run_once(fn, q, k, v, grad, sync)  # compile / autotune / allocator warm-up, not measured
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _status_kib("VmRSS") * 1024
+        _reset_peak()
+    _run_once(fn, q, k, v, grad, sync)
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    return (peak - base) / 2**20
+
+
+def peak_memory_in_subprocess(cfg: dict) -> float | None:
+    """Fresh interpreter per cell so CPU peak memory is not hidden by earlier allocations."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        logger.warning(
+            "%s %s at %d frames failed:\n%s", cfg["backend"], cfg["mode"], cfg["frames"], proc.stderr[-2000:]
+        )
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def best_times(cfg: dict, cells: list[tuple[str, str]], repeats: int) -> dict[tuple[str, str], float | None]:
+    """Best-of-``repeats`` seconds per (backend, mode), interleaved so load changes hit all alike."""
+    sync = _sync(cfg["device"])
+    inputs = {grad: _setup(cfg, "dense", grad)[0] for grad in {mode == "fwd+bwd" for _, mode in cells}}
+    setups = {}
+    for backend, mode in cells:
+        grad = mode == "fwd+bwd"
+        fn = _attention_fn(backend, _mask(cfg), cfg["block"])
+        try:
+            _run_once(fn, *inputs[grad], grad, sync)  # warm-up: plans, compile, autotune
+        except torch.cuda.OutOfMemoryError:
+            logger.warning("%s %s: out of memory", backend, mode)
+            torch.cuda.empty_cache()
+            continue
+        setups[backend, mode] = (fn, grad)
+    times: dict[tuple[str, str], float | None] = {cell: None for cell in cells}
+    for _ in range(repeats):
+        for cell, (fn, grad) in setups.items():
+            t0 = time.perf_counter()
+            _run_once(fn, *inputs[grad], grad, sync)
+            elapsed = time.perf_counter() - t0
+            times[cell] = elapsed if times[cell] is None else min(times[cell], elapsed)
+        logger.info("times so far: %s", {f"{b} {m}": round(t, 3) for (b, m), t in times.items() if t})
+    return times
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _speedup(dense: float | None, other: float | None) -> str:
+    return "n/a" if dense is None or other is None else f"{dense / other:.2f}x"
+
+
+def _row(prefix: str, backend: str, t: dict, mem: dict, time_scale: float = 1.0) -> str:
+    fwd, fb = t.get((backend, "fwd")), t.get((backend, "fwd+bwd"))
+    dfwd, dfb = t.get(("dense", "fwd")), t.get(("dense", "fwd+bwd"))
+    return (
+        f"| {prefix} | {backend} | {_fmt(fwd and fwd * time_scale, '.3f')} | {_speedup(dfwd, fwd)} | "
+        f"{_fmt(mem.get((backend, 'fwd')), '.0f')} | {_fmt(fb and fb * time_scale, '.3f')} | "
+        f"{_speedup(dfb, fb)} | {_fmt(mem.get((backend, 'fwd+bwd')), '.0f')} |"
+    )
+
+
+def run_cpu(args) -> str:
+    frames_list = args.frames or ([21, 41] if args.quick else [21, 41, 81])
+    repeats = 1 if args.quick else args.repeats
+    backends = [b for b in CPU_BACKENDS if b not in args.skip]
+    cells = [(b, m) for b in backends for m in ("fwd", "fwd+bwd") if not (b == "flex" and m == "fwd+bwd")]
+    rows = []
+    for frames in frames_list:
+        seq = frames * args.tokens
+        cfg = dict(
+            device="cpu", dtype="float32", frames=frames, tokens=args.tokens, heads=args.heads,
+            head_dim=args.head_dim, decay=args.decay, block=128,
+        )  # fmt: skip
+        mask = _mask(cfg)
+        density = mask_density(mask, seq)
+        plan = get_plan(mask, seq, 128, torch.device("cpu"))
+        logger.info("%d frames: density %.3f, sparse plan efficiency %.3f", frames, density, plan.efficiency)
+        mem = {}
+        if not args.no_memory:
+            for backend, mode in cells:
+                mem[backend, mode] = peak_memory_in_subprocess(dict(cfg, backend=backend, mode=mode))
+                logger.info("%3d frames %-13s %-7s peak %s MiB", frames, backend, mode, mem[backend, mode])
+        times = best_times(cfg, cells, repeats)
+        prefix = f"{frames} x {args.tokens} = {seq} | {density:.3f} | {1 / density:.2f}x"
+        rows += [_row(prefix, b, times, mem) for b in backends]
+    header = (
+        f"CPU, float32, batch 1, {args.heads} heads, head_dim {args.head_dim}, block 128, Wan radial mask "
+        f"(decay {args.decay}, {args.tokens} tokens per latent frame). Times: best of {repeats}, backends "
+        "interleaved; peak = extra resident memory during one call, each in a fresh process (flex after its "
+        f"compile).\nMachine: {machine_info('cpu')}. Other jobs shared the cores, so times are noisy.\n\n"
+        "| tokens | density | ideal | backend | fwd s | fwd speedup | fwd peak MiB | fwd+bwd s | "
+        "fwd+bwd speedup | fwd+bwd peak MiB |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    notes = (
+        '\n\n`sparse` = `block_sparse_attention(backend="sparse")` (fused CPU flash tiles per chunk); '
+        "`sparse-matmul` = the same chunk schedule with plain matmul tiles (the kernel used off-CPU); "
+        "`flex` = compiled FlexAttention (no CPU backward). Speedups are against dense SDPA (`dense`)."
+    )
+    return header + "\n".join(rows) + notes
+
+
+def run_cuda(args) -> str | None:
+    if not torch.cuda.is_available():
+        logger.warning("--device cuda: CUDA is not available here; nothing measured")
+        return None
+    shapes = CUDA_SHAPES[:1] if args.quick else CUDA_SHAPES
+    cells = [(b, m) for b in CUDA_BACKENDS for m in ("fwd", "fwd+bwd")]
+    rows = []
+    for label, frames, tokens, heads, head_dim in shapes:
+        seq = frames * tokens
+        cfg = dict(
+            device="cuda", dtype="bfloat16", frames=frames, tokens=tokens, heads=heads, head_dim=head_dim,
+            decay=args.cuda_decay, block=128,
+        )  # fmt: skip
+        density = mask_density(_mask(cfg), seq)
+        mem = {}
+        for backend, mode in cells:
+            try:
+                mem[backend, mode] = peak_memory(dict(cfg, backend=backend, mode=mode))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+        times = best_times(cfg, cells, args.repeats)
+        prefix = f"{label} | {seq} | {density:.3f} | {1 / density:.2f}x"
+        rows += [_row(prefix, b, times, mem, time_scale=1e3) for b in CUDA_BACKENDS]
+    header = (
+        f"CUDA, bfloat16, batch 1, Wan2.1 radial mask decay {args.cuda_decay}. Best of {args.repeats}; "
+        "`sparse` runs its matmul tiles here.\n"
+        f"Machine: {machine_info('cuda')}.\n\n"
+        "| shape | tokens | density | ideal | backend | fwd ms | fwd speedup | fwd peak MiB | fwd+bwd ms | "
+        "fwd+bwd speedup | fwd+bwd peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    return header + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="CPU: 21 and 41 frames, 1 repeat; CUDA: one shape")
+    p.add_argument("--frames", type=int, nargs="+", help="latent frames (CPU; default 21 41 81)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per latent frame (CPU)")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--decay", type=float, default=1.0, help="mask decay factor (CPU)")
+    p.add_argument("--cuda-decay", type=float, default=0.2, help="mask decay factor (CUDA, Wan2.1 default)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip", nargs="*", default=[], choices=CPU_BACKENDS, help="CPU backends to leave out")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-cell memory subprocesses")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(peak_memory(json.loads(args.worker)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.device == "cuda":
+        body, name = run_cuda(args), "attention-cuda"
+    else:
+        body, name = run_cpu(args), "attention"
+    if body is None:
+        return 0
+    print(body)
+    if not args.no_write:
+        update_section(args.results, name, "## Attention", body)
+        logger.info("wrote the %s section of %s", name, args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
