@@ -63,6 +63,8 @@ class SourceItem:
 
 @dataclass(frozen=True)
 class Skip:
+    """An input left out, and why (the reason's first word groups the summary)."""
+
     source: str
     reason: str
 
@@ -87,6 +89,10 @@ class PrepareOptions:
     dtype: str = "float32"
     video_column: str | None = None
     caption_column: str | None = None
+
+    def __post_init__(self) -> None:  # callers from Python may pass str paths and lists
+        self.input, self.out = Path(self.input), Path(self.out)
+        self.lengths = tuple(int(n) for n in self.lengths)
 
 
 @dataclass
