@@ -118,3 +118,30 @@ def test_parse_lora_spec_and_prompts(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_lora_metadata_defaults_and_precedence(tmp_path: Path) -> None:
+    import torch
+
+    from radial_lora.inference.generate import lora_attention_settings, resolve_attention_settings
+    from radial_lora.lora import save_lora
+
+    state = {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2),
+    }
+    # the trainer's layout: settings under "attention" (decay spelled "decay")
+    trained = save_lora(tmp_path / "a", state, {"attention": {"pattern": "radial", "decay": 0.3, "block_size": 64,
+                                                             "dense_layers": 2}})  # fmt: skip
+    other = save_lora(tmp_path / "b", state, {"pattern": "dense", "decay_factor": 0.9})
+    plain = save_lora(tmp_path / "c", state, {"note": "no attention settings"})
+    assert lora_attention_settings(trained) == {"pattern": "radial", "decay_factor": 0.3, "block_size": 64,
+                                                "dense_layers": 2}  # fmt: skip
+    assert lora_attention_settings(plain) == {}
+    settings, source = resolve_attention_settings(
+        {"block_size": 128}, [(str(trained), 1.0), (str(other), 1.0)]
+    )
+    assert settings == {"pattern": "radial", "decay_factor": 0.3, "block_size": 128, "dense_layers": 2,
+                        "dense_timesteps": 0}  # fmt: skip
+    assert source == {"pattern": "lora", "decay_factor": "lora", "block_size": "user", "dense_layers": "lora",
+                      "dense_timesteps": "default"}  # fmt: skip
