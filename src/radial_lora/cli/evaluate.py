@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)"
     )
-    p.add_argument("--lengths", required=True,
-                   help="frame counts (17,33,65) or multiples of --base-frames (1x,2x,4x)")  # fmt: skip
+    p.add_argument("--lengths", default="1x,2x",
+                   help="frame counts (81,161) or multiples of --base-frames (1x,2x,4x); default 1x,2x")  # fmt: skip
     p.add_argument(
         "--base-frames", type=int, default=81, help="length the model was trained for (for 2x etc.)"
     )
@@ -61,8 +61,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.heldout_max_clips < 1 or args.segments < 1:
         raise ValueError("--heldout-max-clips and --segments must be >= 1")
+    base_frames = args.base_frames or _lora_base_length(lora) or 81
     opts = GridOptions(
-        model=args.model, prompts=prompts_from_args(args), lengths=parse_lengths(args.lengths, args.base_frames),
+        model=args.model, prompts=prompts_from_args(args), lengths=parse_lengths(args.lengths, base_frames),
         variants=make_variants(names, lora, lora2), out_dir=args.out, height=args.height, width=args.width,
         family=args.family, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
         decay_factor=args.decay, block_size=args.block_size, backend=args.backend, seed=args.seed,
@@ -73,3 +74,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
     return 0
+
+
+def _lora_base_length(lora: tuple[str, float] | None) -> int | None:
+    """The ``base_length`` a radial-lora LoRA records in its training metadata, if any."""
+    if lora is None:
+        return None
+    from radial_lora.lora import read_lora_metadata
+
+    try:
+        value = read_lora_metadata(lora[0]).get("base_length")
+    except (ValueError, FileNotFoundError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
