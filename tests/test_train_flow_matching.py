@@ -12,6 +12,16 @@ from radial_lora.models.tiny import build_tiny_pipeline
 from radial_lora.train import flow_matching as fm
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def test_shift_formula_and_endpoints() -> None:
     s = torch.tensor([0.0, 0.25, 0.5, 1.0])
     torch.testing.assert_close(fm.shift_sigmas(s, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))

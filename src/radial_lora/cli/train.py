@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a length-extension LoRA under radial attention",
         description="Train a LoRA so the base model generates longer videos under Radial Attention. "
-        "Multi-GPU: `accelerate launch -m radial_lora.cli train ...` (or torchrun) with the same config.",
+        "Multi-GPU: `accelerate launch $(which radial-lora) train ...` (or torchrun) with the same config.",
     )
     p.add_argument("--config", required=True, help="JSON or TOML training config (see configs/)")
     p.add_argument(

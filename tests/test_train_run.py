@@ -1,0 +1,129 @@
+"""End-to-end training on the tiny Wan model and a prepared sample dataset (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from radial_lora import lora
+from radial_lora.data.dataset import PreparedDataset
+from radial_lora.models.adapter import get_adapter
+from radial_lora.train import checkpoint as ckpt
+from radial_lora.train import trainer
+from radial_lora.train.config import load_config
+from radial_lora.train.flow_matching import heldout_loss
+
+QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def _cfg(model: Path, data: Path, out: Path, *extra: str):
+    return load_config(QUICK, [f"model.id={model}", f"data.path={data}", f"output_dir={out}", *extra])
+
+
+def _train_clips_loss(model_dir: Path, dataset: Path, lora_dir: Path | None) -> float:
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir)
+    ds = PreparedDataset(dataset)
+    return heldout_loss(get_adapter("wan"), pipe.transformer, ds.records, timesteps=(500,),
+                        dataset=ds).mean  # fmt: skip
+
+
+def test_quick_config_trains_and_loss_goes_down(tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, out, "train.steps=16", "checkpoint.every=5", "validation.every=8",
+               "validation.max_clips=2", "validation.timesteps=[500]", "optimizer.lr=5e-3")
+    result = trainer.train(cfg)
+    assert len(result.losses) == 16 and result.last_step == 16
+    assert result.heldout is not None and set(result.heldout["per_bucket"]) == {"9", "17"}
+    # The LoRA, loaded by the stock pipeline, fits the (fixed-noise) training clips better than the base model.
+    before = _train_clips_loss(tiny_wan_dir, tiny_wan_dataset, None)
+    after = _train_clips_loss(tiny_wan_dir, tiny_wan_dataset, out)
+    assert after < 0.97 * before, (before, after)
+    meta = lora.read_lora_metadata(out)
+    assert meta["family"] == "wan" and meta["trained_lengths"] == [9, 17] and meta["steps"] == 16
+    assert meta["attention"] == {"pattern": "radial", "decay": 0.2, "block_size": 16, "dense_layers": 1}
+    assert meta["rank"] == 8 and meta["base_length"] == 9
+    comfy = load_file(out / lora.COMFYUI_FILENAME)
+    assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.") for k in comfy)
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [15, 16]  # keep_last 2
+    assert "step 16/16" in (out / trainer.LOG_FILE).read_text()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "losses.json").read_text()) == result.losses
+
+
+def test_nan_stops_and_resume_reproduces_uninterrupted_run(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = ("train.steps=8", "checkpoint.every=3", "validation.every=0", "logging.tensorboard=false",
+             "lora.dropout=0.1", "schedule.warmup_steps=2")  # fmt: skip
+    reference = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "a", *extra))
+
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "b", *extra)
+    real_loss, calls = trainer.fm.flow_matching_loss, {"n": 0}
+
+    def poisoned(pred, x0, noise):
+        calls["n"] += 1
+        loss = real_loss(pred, x0, noise)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(trainer.fm, "flow_matching_loss", poisoned)
+    with pytest.raises(trainer.TrainingDiverged, match="step 7") as err:
+        trainer.train(cfg)
+    assert "step_000006" in str(err.value)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3, 6]
+    assert not (tmp_path / "b" / lora.LORA_FILENAME).exists()
+    monkeypatch.setattr(trainer.fm, "flow_matching_loss", real_loss)
+
+    resumed = trainer.train(cfg, resume="latest")
+    assert resumed.losses == reference.losses  # bit-identical curve, steps 1..8
+    a, b = load_file(tmp_path / "a" / lora.LORA_FILENAME), load_file(tmp_path / "b" / lora.LORA_FILENAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_data_parallel_matches_one_process(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
+) -> None:
+    overrides = ["train.steps=3", "schedule.warmup_steps=0", "train.batch_size=4", "train.grad_accum=2", "checkpoint.every=0",
+                 "validation.every=0", "logging.tensorboard=false", "train.consistency_weight=0.0"]  # fmt: skip
+    single = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "one", *overrides))
+    cfg_path = tmp_path / "ddp.json"
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *overrides)
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("radial-lora")
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), str(cli),
+           "train", "--config", str(cfg_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 procs x 1 micro x 2 accum" in (tmp_path / "two" / trainer.LOG_FILE).read_text()
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    a, b = load_file(tmp_path / "one" / lora.LORA_FILENAME), load_file(tmp_path / "two" / lora.LORA_FILENAME)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)  # Adam amplifies float-order noise
