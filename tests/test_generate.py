@@ -145,3 +145,16 @@ def test_lora_metadata_defaults_and_precedence(tmp_path: Path) -> None:
                         "dense_timesteps": 0}  # fmt: skip
     assert source == {"pattern": "lora", "decay_factor": "lora", "block_size": "user", "dense_layers": "lora",
                       "dense_timesteps": "default"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["hunyuan", "wan22"])
+def test_other_families(family: str, tmp_path: Path) -> None:
+    from radial_lora.models import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(family)
+    (r,) = generate(pipe, [PROMPT], num_frames=17, out_dir=tmp_path, block_size=4, **{**COMMON, "steps": 1})
+    assert r.frames.shape == (17, 32, 32, 3) and r.info["settings"]["family"] == family
+    a = r.info["attention"]
+    layers = 4 if family == "hunyuan" else 2  # HunyuanVideo: 2 double + 2 single blocks
+    assert a["self_attention_layers"] == layers and a["calls"] == {"sparse": layers, "dense": 0}
+    assert a["decay_factor"] == {"hunyuan": 0.95, "wan22": 0.8}[family] and 0 < a["mask_density"] < 1
