@@ -12,7 +12,7 @@ import pytest
 from radial_lora.cli import main
 from radial_lora.data.video_io import read_video
 from radial_lora.eval import metrics
-from radial_lora.inference.generate import generate, load_model, parse_lora_spec, read_prompts
+from radial_lora.inference.generate import generate, load_model, lora_digest, parse_lora_spec, read_prompts
 
 PROMPT = "a red circle moves right"
 COMMON = dict(height=32, width=32, steps=2, guidance=1.0, fps=8.0)
@@ -94,6 +94,26 @@ def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path,
     mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()]
     assert main(argv) == 0  # everything reused: no file rewritten
     assert [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()] == mtimes
+    assert infos[0]["settings"]["lora_sha256"] == [lora_digest(tiny_wan_lora)]
+
+
+def test_skip_existing_notices_a_changed_lora(pipe, tiny_wan_lora: Path, tmp_path: Path) -> None:
+    from radial_lora.lora import load_lora_state, save_lora
+
+    state = load_lora_state(tiny_wan_lora)
+    save_lora(tmp_path / "lora", state, {"run": 1})
+    kw = dict(num_frames=9, out_dir=tmp_path / "out", loras=[(tmp_path / "lora", 1.0)], skip_existing=True,
+              block_size=4, **{**COMMON, "steps": 1})  # fmt: skip
+    first = generate(pipe, [PROMPT], **kw)[0]
+    assert generate(pipe, [PROMPT], **kw)[0].reused
+    save_lora(
+        tmp_path / "lora", {k: 2 * v for k, v in state.items()}, {"run": 2}
+    )  # retrained at the same path
+    again = generate(pipe, [PROMPT], **kw)[0]
+    assert not again.reused and again.info["settings"]["lora_sha256"] != first.info["settings"]["lora_sha256"]
+    assert not np.array_equal(
+        again.frames, first.frames
+    )  # the new weights were loaded, not the cached adapter
 
 
 def test_cli_errors(tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ header (:func:`radial_lora.lora.read_lora_metadata`); they become the defaults u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,29 @@ def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
     return found
 
 
+def lora_digest(path: str | os.PathLike) -> str:
+    """sha256 of a LoRA's weights file: a retrained LoRA at the same path must not reuse old videos."""
+    from radial_lora.lora import LORA_FILENAME
+
+    p = Path(path)
+    p = p / LORA_FILENAME if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"LoRA file {p} not found; pass a folder with {LORA_FILENAME} or the file itself"
+        )
+    stat = p.stat()
+    return _file_digest(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def resolve_attention_settings(
     overrides: dict[str, Any], loras: Sequence[tuple[str, float]]
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -178,20 +203,26 @@ def load_model(
 
 
 def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
-    """Activate exactly these LoRAs (loading each file once per pipeline); none -> LoRA layers disabled."""
-    loaded: dict[str, str] = getattr(pipe, _LOADED_ATTR, None) or {}
+    """Activate exactly these LoRAs; none -> LoRA layers disabled.
+
+    Each file loads once per pipeline; a file that changed since (same path, new sha256, e.g. a
+    newer checkpoint) replaces its old adapter.
+    """
+    loaded: dict[str, tuple[str, str]] = getattr(pipe, _LOADED_ATTR, None) or {}
+    setattr(pipe, _LOADED_ATTR, loaded)
     names = []
     for path, _ in loras:
-        key = str(Path(path).resolve())
+        key, digest = str(Path(path).resolve()), lora_digest(path)
+        if key in loaded and loaded[key][1] != digest:
+            pipe.delete_adapters(loaded.pop(key)[0])
         if key not in loaded:
-            name = f"lora{len(loaded)}"
+            name = f"lora_{digest[:12]}"
             try:
                 pipe.load_lora_weights(str(path), adapter_name=name)
             except (OSError, ValueError, KeyError) as exc:
                 raise ValueError(f"cannot load LoRA {path} into this {type(pipe).__name__}: {exc}") from exc
-            loaded[key] = name
-            setattr(pipe, _LOADED_ATTR, loaded)
-        names.append(loaded[key])
+            loaded[key] = (name, digest)
+        names.append(loaded[key][0])
     if names:
         pipe.enable_lora()
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
@@ -424,7 +455,8 @@ def generate(
     model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
     base_settings = {
         "model": model_name, "family": family, "num_frames": num_frames, "height": height, "width": width,
-        **attn, "backend": backend, "loras": [[p, s] for p, s in lora_list], "steps": steps,
+        **attn, "backend": backend, "loras": [[p, s] for p, s in lora_list],
+        "lora_sha256": [lora_digest(p) for p, _ in lora_list], "steps": steps,
         "guidance": float(guidance), "fps": float(fps), "negative_prompt": negative_prompt,
         "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."), "device": str(exec_device),
     }  # fmt: skip
