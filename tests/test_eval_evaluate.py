@@ -152,3 +152,18 @@ def test_lengths_and_variants_parsing(tmp_path: Path) -> None:
         (),
         (("x", 0.5),),
     ]
+
+
+def test_prompt_defaults(tmp_path: Path) -> None:
+    import argparse
+
+    from radial_lora.cli.evaluate import DEFAULT_PROMPTS
+    from radial_lora.cli.generate import prompts_from_args
+
+    none = argparse.Namespace(prompt=None, prompts=None)
+    assert prompts_from_args(none, DEFAULT_PROMPTS) == DEFAULT_PROMPTS
+    with pytest.raises(ValueError, match="--prompt"):
+        prompts_from_args(none)  # generate has no default
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    given = argparse.Namespace(prompt=["zero"], prompts=tmp_path / "p.txt")
+    assert prompts_from_args(given, DEFAULT_PROMPTS) == ["zero", "one", "two"]

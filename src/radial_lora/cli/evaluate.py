@@ -8,6 +8,12 @@ from pathlib import Path
 from radial_lora.cli.generate import add_attention_arguments, prompts_from_args
 from radial_lora.inference.generate import parse_lora_spec
 
+# Used when no prompt is given: varied motion, so temporal quality differences show.
+DEFAULT_PROMPTS = [
+    "A golden retriever runs along a beach at sunset, waves rolling in, the camera tracking beside it",
+    "A red car drives up a winding snowy mountain road, snowflakes falling, aerial view",
+]
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -63,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("--heldout-max-clips and --segments must be >= 1")
     base_frames = args.base_frames or _lora_base_length(lora) or 81
     opts = GridOptions(
-        model=args.model, prompts=prompts_from_args(args), lengths=parse_lengths(args.lengths, base_frames),
+        model=args.model, prompts=prompts_from_args(args, DEFAULT_PROMPTS), lengths=parse_lengths(args.lengths, base_frames),
         variants=make_variants(names, lora, lora2), out_dir=args.out, height=args.height, width=args.width,
         family=args.family, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
         decay_factor=args.decay, block_size=args.block_size, backend=args.backend, seed=args.seed,

@@ -33,12 +33,15 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
 
 
-def prompts_from_args(args: argparse.Namespace) -> list[str]:
+def prompts_from_args(args: argparse.Namespace, default: list[str] | None = None) -> list[str]:
+    """--prompt values plus the --prompts file; ``default`` when neither is given (else an error)."""
     from radial_lora.inference.generate import read_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts is not None:
         prompts += read_prompts(args.prompts)
+    if not prompts and default:
+        return list(default)
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
