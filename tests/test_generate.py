@@ -84,7 +84,7 @@ def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path,
     prompts.write_text("# comment\na blue square\n\na green ball falls\n")
     argv = ["generate", "--model", str(tiny_wan_dir), "--prompts", str(prompts), "--frames", "9", "--height", "32",
             "--width", "32", "--steps", "1", "--guidance", "1", "--lora", f"{tiny_wan_lora}:0.5", "--out",
-            str(tmp_path / "out"), "--seed", "7", "--skip-existing"]  # fmt: skip
+            str(tmp_path / "out"), "--seed", "7", "--skip-existing", "--vae-tiling"]  # fmt: skip
     assert main(argv) == 0
     sidecars = sorted((tmp_path / "out").glob("*.json"))
     assert [p.stem for p in sidecars] == ["000_a-blue-square", "001_a-green-ball-falls"]

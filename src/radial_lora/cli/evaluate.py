@@ -75,7 +75,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         decay_factor=args.decay, block_size=args.block_size, backend=args.backend, seed=args.seed,
         steps=args.steps, guidance=args.guidance, fps=args.fps, negative_prompt=args.negative_prompt,
         device=args.device, dtype=args.dtype, dataset=args.dataset, heldout_max_clips=args.heldout_max_clips,
-        segments=args.segments,
+        segments=args.segments, offload=args.offload, vae_tiling=args.vae_tiling,
     )  # fmt: skip
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")

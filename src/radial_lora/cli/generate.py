@@ -31,6 +31,8 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
 
 def prompts_from_args(args: argparse.Namespace, default: list[str] | None = None) -> list[str]:
@@ -80,7 +82,8 @@ def _generate(args: argparse.Namespace) -> int:
         dense_timesteps=args.dense_timesteps, decay_factor=args.decay, block_size=args.block_size,
         backend=args.backend, loras=[parse_lora_spec(s) for s in args.lora], seed=args.seed, steps=args.steps,
         guidance=args.guidance, fps=args.fps, family=args.family, negative_prompt=args.negative_prompt,
-        device=args.device, dtype=args.dtype, skip_existing=args.skip_existing,
+        device=args.device, dtype=args.dtype, skip_existing=args.skip_existing, offload=args.offload,
+        vae_tiling=args.vae_tiling,
     )  # fmt: skip
     for r in results:
         a = r.info["attention"]

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,8 @@ class GridOptions:
     dataset: Path | None = None
     heldout_max_clips: int = 8
     segments: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False
+    vae_tiling: bool = False
 
 
 def _cell_name(variant: Variant, length: int, prompt_index: int) -> str:
@@ -209,7 +210,14 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     out = Path(opts.out_dir)
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
-    pipe, family = load_model(opts.model, opts.family, device=opts.device, dtype=opts.dtype)
+    pipe, family = load_model(
+        opts.model,
+        opts.family,
+        device=opts.device,
+        dtype=opts.dtype,
+        offload=opts.offload,
+        vae_tiling=opts.vae_tiling,
+    )
     model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
     # Dense references first, so every radial cell can be compared as soon as it is done.
     order = sorted(opts.variants, key=lambda v: v.pattern != "dense")

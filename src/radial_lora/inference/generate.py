@@ -178,8 +178,14 @@ def load_model(
     *,
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
+    offload: bool = False,
+    vae_tiling: bool = False,
 ) -> tuple[Any, str]:
-    """A pipeline (given, or loaded with the family adapter) and its family, on ``device``."""
+    """A pipeline (given, or loaded with the family adapter) and its family, on ``device``.
+
+    ``offload`` keeps weights on the CPU and moves each model to the GPU while it runs (diffusers'
+    ``enable_model_cpu_offload``); ``vae_tiling`` decodes long videos in tiles. Both trade speed for memory.
+    """
     from radial_lora.models import detect_family, get_adapter
 
     if not isinstance(model, str | os.PathLike):
@@ -197,7 +203,12 @@ def load_model(
             )
     logger.info("loading %s pipeline from %s (%s on %s)", family, model, dtype, device)
     pipe = get_adapter(family).load_pipeline(model, torch_dtype=dtype)
-    pipe.to(device)
+    if offload and device.startswith("cuda"):
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe, family
 
@@ -419,6 +430,8 @@ def generate(
     dtype: torch.dtype | str | None = None,
     save_frames: bool = False,
     skip_existing: bool = False,
+    offload: bool = False,
+    vae_tiling: bool = False,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -428,6 +441,7 @@ def generate(
     or steps). ``loras``: ``[(path, scale)]``. ``names``: output file stems (default ``000_prompt-slug``).
     ``save_frames`` also writes the exact uint8 frames (``NAME.npz``, lossless, for metrics);
     ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
+    ``offload``/``vae_tiling``: memory savers when ``model`` is loaded here (see :func:`load_model`).
     """
     from radial_lora.data.video_io import write_video
     from radial_lora.models import apply_radial_attention
@@ -450,7 +464,9 @@ def generate(
          "dense_timesteps": dense_timesteps},
         lora_list,
     )  # fmt: skip
-    pipe, family = load_model(model, family, device=device, dtype=dtype)
+    pipe, family = load_model(
+        model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling
+    )
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
     base_settings = {
