@@ -108,3 +108,17 @@ def test_bad_input_errors() -> None:
         metrics.ssim(np.full((1, 8, 8, 3), 2.0), np.zeros((1, 8, 8, 3)))
     with pytest.raises(ValueError, match="frames, height, width"):
         metrics.temporal_consistency(np.zeros((8, 8)))
+
+
+def test_chunking_does_not_change_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _video(3, frames=11, size=12), _video(4, frames=11, size=12)
+    whole = metrics.summarize(a, b)
+    monkeypatch.setattr(metrics, "CHUNK_FRAMES", 3)  # chunks of 3 frames, the last one partial
+    chunked = metrics.summarize(a, b)
+    assert chunked["psnr"] == pytest.approx(whole["psnr"], rel=1e-12)
+    assert chunked["ssim"] == pytest.approx(whole["ssim"], rel=1e-12)
+    assert chunked["temporal_consistency"] == pytest.approx(whole["temporal_consistency"], rel=1e-12)
+    assert chunked["drift"]["psnr"] == pytest.approx(whole["drift"]["psnr"], rel=1e-12)
+    # and the temporal consistency is the definition computed in one go
+    v = a.astype(np.float64) / 255
+    assert whole["temporal_consistency"] == pytest.approx(1 - np.abs(np.diff(v, axis=0)).mean(), rel=1e-12)

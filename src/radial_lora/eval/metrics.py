@@ -13,7 +13,7 @@ string ``"inf"`` (and ``-inf`` as ``"-inf"``; NaN, which no metric here produces
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,11 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
 
-def to_unit_video(video: Any, name: str = "video") -> torch.Tensor:
-    """``[F, H, W, C]`` / ``[F, H, W]`` uint8 or float in [0, 1] -> float64 ``[F, C, H, W]`` in [0, 1]."""
+CHUNK_FRAMES = 8  # frames converted to float64 at a time: a 720p, 161-frame video never is at once
+
+
+def _as_frames(video: Any, name: str) -> torch.Tensor:
+    """Shape/dtype-checked ``[F, H, W, C]`` view of the input, still in its own dtype (no copy)."""
     t = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video).detach().cpu()
     if t.ndim == 3:
         t = t.unsqueeze(-1)
@@ -37,9 +40,16 @@ def to_unit_video(video: Any, name: str = "video") -> torch.Tensor:
         raise ValueError(
             f"{name} must be [frames, height, width, channels] or [frames, height, width]; got {tuple(t.shape)}"
         )
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"{name} must be uint8 or floating point, got {t.dtype}")
+    return t
+
+
+def _unit(t: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 or float frames -> float64 ``[f, C, H, W]`` in [0, 1] (float input checked for range and NaN)."""
     if t.dtype == torch.uint8:
         t = t.double() / 255.0
-    elif t.is_floating_point():
+    else:
         t = t.double()
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or Inf values")
@@ -49,19 +59,29 @@ def to_unit_video(video: Any, name: str = "video") -> torch.Tensor:
                 f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] (or pass uint8)"
             )
         t = t.clamp(0.0, 1.0)
-    else:
-        raise ValueError(f"{name} must be uint8 or floating point, got {t.dtype}")
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def _pair(video: Any, reference: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = to_unit_video(video, "video"), to_unit_video(reference, "reference")
+def to_unit_video(video: Any, name: str = "video") -> torch.Tensor:
+    """``[F, H, W, C]`` / ``[F, H, W]`` uint8 or float in [0, 1] -> float64 ``[F, C, H, W]`` in [0, 1]."""
+    return _unit(_as_frames(video, name), name)
+
+
+def _pair_chunks(video: Any, reference: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching float64 ``[f, C, H, W]`` chunks of video and reference, ``CHUNK_FRAMES`` frames each."""
+    a, b = _as_frames(video, "video"), _as_frames(reference, "reference")
     if a.shape != b.shape:
         raise ValueError(
-            f"video and reference differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} ([F, C, H, W]); "
+            f"video and reference differ in shape: {tuple(a.shape)} vs {tuple(b.shape)} ([F, H, W, C]); "
             "compare videos of the same length and resolution"
         )
-    return a, b
+    for s in range(0, a.shape[0], CHUNK_FRAMES):
+        yield _unit(a[s : s + CHUNK_FRAMES], "video"), _unit(b[s : s + CHUNK_FRAMES], "reference")
+
+
+def frame_mse(video: Any, reference: Any) -> list[float]:
+    """Mean squared error of each frame on the [0, 1] scale."""
+    return [float(m) for a, b in _pair_chunks(video, reference) for m in ((a - b) ** 2).mean(dim=(1, 2, 3))]
 
 
 def _psnr_from_mse(mse: float) -> float:
@@ -70,14 +90,13 @@ def _psnr_from_mse(mse: float) -> float:
 
 def psnr(video: Any, reference: Any) -> float:
     """PSNR in dB over the whole video (one MSE over every pixel): ``10 log10(1 / MSE)``; ``inf`` if identical."""
-    a, b = _pair(video, reference)
-    return _psnr_from_mse(float(((a - b) ** 2).mean()))
+    mse = frame_mse(video, reference)
+    return _psnr_from_mse(sum(mse) / len(mse))
 
 
 def psnr_per_frame(video: Any, reference: Any) -> list[float]:
     """PSNR of each frame (``inf`` for identical frames)."""
-    a, b = _pair(video, reference)
-    return [_psnr_from_mse(float(m)) for m in ((a - b) ** 2).mean(dim=(1, 2, 3))]
+    return [_psnr_from_mse(m) for m in frame_mse(video, reference)]
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
@@ -95,13 +114,12 @@ def _window_for(height: int, width: int) -> tuple[int, float]:
     return size, SSIM_SIGMA * size / SSIM_WINDOW
 
 
-def ssim_per_frame(video: Any, reference: Any) -> list[float]:
-    """Mean SSIM of each frame (Gaussian window, 'valid' positions, averaged over channels); 1.0 if identical."""
-    a, b = _pair(video, reference)
-    frames, channels, height, width = a.shape
+def _ssim_frames(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Mean SSIM map value of each frame of two float64 ``[f, C, H, W]`` chunks."""
+    _, channels, height, width = a.shape
     size, sigma = _window_for(height, width)
     win = _gaussian_window(size, sigma)[None, None].expand(channels, 1, size, size).contiguous()
-    c1, c2 = (SSIM_K1 * 1.0) ** 2, (SSIM_K2 * 1.0) ** 2
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
 
     def blur(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, win, groups=channels)
@@ -112,8 +130,12 @@ def ssim_per_frame(video: Any, reference: Any) -> list[float]:
     cov = blur(a * b) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    ssim_map = num / den
-    return [float(v) for v in ssim_map.mean(dim=(1, 2, 3))]
+    return [float(v) for v in (num / den).mean(dim=(1, 2, 3))]
+
+
+def ssim_per_frame(video: Any, reference: Any) -> list[float]:
+    """Mean SSIM of each frame (Gaussian window, 'valid' positions, averaged over channels); 1.0 if identical."""
+    return [v for a, b in _pair_chunks(video, reference) for v in _ssim_frames(a, b)]
 
 
 def ssim(video: Any, reference: Any) -> float:
@@ -128,10 +150,15 @@ def temporal_consistency(video: Any) -> float:
     Flicker and temporal collapse in long videos show up as a lower value than the dense video's;
     a frozen video scores 1.0, so read it next to the reference's value, not alone. 1.0 for one frame.
     """
-    v = to_unit_video(video)
-    if v.shape[0] < 2:
+    raw = _as_frames(video, "video")
+    frames = raw.shape[0]
+    if frames < 2:
         return 1.0
-    return float(1.0 - (v[1:] - v[:-1]).abs().mean())
+    total = 0.0
+    for s in range(0, frames - 1, CHUNK_FRAMES):
+        x = _unit(raw[s : s + CHUNK_FRAMES + 1], "video")  # one frame of overlap with the next chunk
+        total += float((x[1:] - x[:-1]).abs().sum())
+    return float(1.0 - total / ((frames - 1) * raw[0].numel()))
 
 
 def segment_bounds(num_frames: int, segments: int) -> list[tuple[int, int]]:
@@ -149,11 +176,12 @@ def drift(video: Any, reference: Any, segments: int = 4) -> dict[str, Any]:
     Attention errors in a long video tend to grow with distance from the start; ``psnr_drop`` (first
     segment minus last, dB) and ``ssim_drop`` summarise how much quality decays towards the end.
     """
-    a, b = _pair(video, reference)
-    bounds = segment_bounds(a.shape[0], segments)
-    mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
-    ssims = ssim_per_frame(video, reference)
-    seg_psnr = [_psnr_from_mse(float(mse[s:e].mean())) for s, e in bounds]
+    return _drift_from(frame_mse(video, reference), ssim_per_frame(video, reference), segments)
+
+
+def _drift_from(mse: list[float], ssims: list[float], segments: int) -> dict[str, Any]:
+    bounds = segment_bounds(len(mse), segments)
+    seg_psnr = [_psnr_from_mse(float(np.mean(mse[s:e]))) for s, e in bounds]
     seg_ssim = [float(np.mean(ssims[s:e])) for s, e in bounds]
     return {
         "segments": [[s, e] for s, e in bounds],
@@ -174,13 +202,14 @@ def _difference(first: float, last: float) -> float:
 def summarize(video: Any, reference: Any | None = None, segments: int = 4) -> dict[str, Any]:
     """All metrics of one video: temporal consistency alone, plus PSNR/SSIM/drift when a reference is given."""
     out: dict[str, Any] = {
-        "frames": int(to_unit_video(video).shape[0]),
+        "frames": int(_as_frames(video, "video").shape[0]),
         "temporal_consistency": temporal_consistency(video),
     }
     if reference is not None:
-        out["psnr"] = psnr(video, reference)
-        out["ssim"] = ssim(video, reference)
-        out["drift"] = drift(video, reference, segments)
+        mse, ssims = frame_mse(video, reference), ssim_per_frame(video, reference)
+        out["psnr"] = _psnr_from_mse(sum(mse) / len(mse))
+        out["ssim"] = float(sum(ssims) / len(ssims))
+        out["drift"] = _drift_from(mse, ssims, segments)
         out["reference_temporal_consistency"] = temporal_consistency(reference)
     return out
 
