@@ -192,7 +192,7 @@ def _heldout(
 
 def run_grid(opts: GridOptions) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
-    from radial_lora.eval.plots import write_plots
+    from radial_lora.eval.plots import write_plots, write_strip
     from radial_lora.eval.report import write_report
     from radial_lora.inference.generate import (
         generate,
@@ -241,7 +241,11 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))], save_frames=True,
             skip_existing=True, **grid_attn,
         )  # fmt: skip
-        frames_of[(variant.name, length)] = [r.frames for r in results]
+        if any(key[1] != length for key in frames_of):
+            frames_of.clear()  # only this length's dense references stay in memory
+        frames = [r.frames for r in results]
+        if variant.pattern == "dense":
+            frames_of[(variant.name, length)] = frames
         ref = reference_for(variant, opts.variants)
         ref_frames = frames_of.get((ref.name, length)) if ref is not None else None
         first = results[0].info
@@ -258,10 +262,11 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
             "peak_memory_kind": first["peak_memory"].get("kind"),
             "attention": {k: v for k, v in first["attention"].items() if k != "calls"},
-            "quality": _quality(frames_of[(variant.name, length)], ref_frames, opts.segments),
+            "quality": _quality(frames, ref_frames, opts.segments),
             "videos": [str(r.video_path.relative_to(out)) for r in results],
             "reused": all(r.reused for r in results),
         }  # fmt: skip
+        cell["strip"] = write_strip(out, cell, frames[0])
         cells.append(cell)
         logger.info("cell %s @ %d frames: %.1fs, psnr %s", variant.name, length, cell["wall_time_s"],
                     cell["quality"].get("psnr"))  # fmt: skip
@@ -304,8 +309,6 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         },
     }
     write_json_atomic(out / "results.json", results_doc)
-    plots = write_plots(
-        out, metrics.from_jsonable(metrics.jsonable(results_doc)), frames_of, pipe=pipe, family=family
-    )
+    plots = write_plots(out, metrics.from_jsonable(metrics.jsonable(results_doc)), family)
     write_report(out, results_doc, plots)
     return results_doc

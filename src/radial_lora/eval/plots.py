@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +131,23 @@ def plot_masks(results: dict[str, Any], family: str, path: Path) -> Path | None:
     return path
 
 
-def write_plots(
-    out_dir: Path,
-    results: dict[str, Any],
-    frames_of: dict[tuple[str, int], list[np.ndarray]],
-    *,
-    pipe: Any = None,
-    family: str | None = None,
-) -> dict[str, Any]:
-    """Write every picture; returns their paths relative to ``out_dir`` (``strips`` keyed by cell)."""
+def write_strip(out_dir: Path, cell: dict[str, Any], frames: np.ndarray) -> str:
+    """The labelled frame strip of one cell (its first prompt); returns the path relative to ``out_dir``."""
+    psnr = cell["quality"].get("psnr")
+    title = f"{cell['variant']}  {cell['length']} frames  prompt 0"
+    if psnr is not None:
+        title += f"  PSNR {psnr:.1f} dB" if math.isfinite(psnr) else "  (same as reference)"
+    rel = f"strips/{cell['variant']}_f{cell['length']:04d}.png"
+    path = Path(out_dir) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    frame_strip(frames, title).save(tmp)
+    os.replace(tmp, path)
+    return rel
+
+
+def write_plots(out_dir: Path, results: dict[str, Any], family: str | None = None) -> dict[str, Any]:
+    """Metric and mask pictures; returns their paths relative to ``out_dir`` plus the cells' strips by cell."""
     out_dir = Path(out_dir)
     plots: dict[str, Any] = {"strips": {}}
     metrics_png = plot_metrics_vs_length(results, out_dir / "metrics_vs_length.png")
@@ -147,18 +156,8 @@ def write_plots(
     mask_png = plot_masks(results, family or results["family"], out_dir / "radial_masks.png")
     if mask_png is not None:
         plots["masks"] = mask_png.name
-    strips = out_dir / "strips"
-    strips.mkdir(exist_ok=True)
     for cell in results["cells"]:
-        frames = frames_of.get((cell["variant"], cell["length"]))
-        if not frames:
-            continue
-        psnr = cell["quality"].get("psnr")
-        title = f"{cell['variant']}  {cell['length']} frames  prompt 0"
-        if psnr is not None:
-            title += f"  PSNR {psnr:.1f} dB" if math.isfinite(psnr) else "  (reference)"
-        name = f"{cell['variant']}_f{cell['length']:04d}.png"
-        frame_strip(frames[0], title).save(strips / name)
-        plots["strips"][f"{cell['variant']}@{cell['length']}"] = f"strips/{name}"
+        if cell.get("strip"):
+            plots["strips"][f"{cell['variant']}@{cell['length']}"] = cell["strip"]
     logger.info("plots written to %s", out_dir)
     return plots
