@@ -276,7 +276,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(o.eps > 0, "optimizer.eps", "must be > 0")
 
     _one_of(s.name, SCHEDULES, "schedule.name")
-    _check(0 <= s.warmup_steps <= t.steps, "schedule.warmup_steps", f"{s.warmup_steps} must be in [0, train.steps]")
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"{s.warmup_steps} must be >= 0")
     _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
 
     _check(t.steps >= 1, "train.steps", "must be >= 1")

@@ -473,7 +473,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if main:
             meta = lora_metadata(cfg, family, controller, max(step, start))
             lora_path = lora_io.save_lora(out, transformer, meta)
-            lora_io.export_comfyui(lora_path, out / lora_io.COMFYUI_FILENAME, family)
+            tc = transformer.config
+            mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
+            lora_io.export_comfyui(lora_path, out / lora_io.COMFYUI_FILENAME, family, single_mlp_dim=mlp)
             (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
         acc.wait_for_everyone()
     finally:
