@@ -42,8 +42,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"{length} frames: radial attention computes {a['effective_density']:.0%} of the dense attention "
                 f"FLOPs (mask density {a['mask_density']:.0%}, ideal {a['ideal_speedup']:.2f}x); measured wall "
-                f"time {'faster' if speed > 1 else 'slower'}: {speed:.2f}x ({radial['wall_time_s']:.1f}s vs "
-                f"{dense['wall_time_s']:.1f}s per video)."
+                f"time {'faster' if speed > 1 else 'slower'}: {speed:.2f}x ({_fmt(radial['wall_time_s'])}s vs "
+                f"{_fmt(dense['wall_time_s'])}s per video)."
             )
         for weights in ("base", "lora", "lora2"):
             cell = _cell(results, f"{weights}_radial", length)
@@ -51,7 +51,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                 continue
             lines.append(
                 f"{length} frames, {weights} radial vs {cell['reference']}: PSNR {_fmt(_q(cell, 'psnr'))} dB, "
-                f"SSIM {_fmt(_q(cell, 'ssim'))}; quality drop first->last quarter {_fmt(_q(cell, 'psnr_drop'))} dB."
+                f"SSIM {_fmt(_q(cell, 'ssim'), 4)}; quality drop first->last quarter {_fmt(_q(cell, 'psnr_drop'))} dB."
             )
         base, lora = _cell(results, "base_radial", length), _cell(results, "lora_radial", length)
         if base and lora and base.get("heldout_loss") is not None and lora.get("heldout_loss") is not None:
@@ -76,7 +76,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 _COLUMNS = [
     ("variant", lambda c: c["variant"]),
     ("PSNR dB", lambda c: _fmt(_q(c, "psnr"))),
-    ("SSIM", lambda c: _fmt(_q(c, "ssim"))),
+    ("SSIM", lambda c: _fmt(_q(c, "ssim"), 4)),
     ("PSNR drop", lambda c: _fmt(_q(c, "psnr_drop"))),
     ("temporal", lambda c: _fmt(_q(c, "temporal_consistency"), 4)),
     ("attn density", lambda c: _fmt(c["attention"]["effective_density"])),
@@ -110,12 +110,13 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
         if not cells:
             continue
         a = cells[0]["attention"]
+        columns = [col for col in _COLUMNS if col[0] != "held-out loss" or results.get("heldout")]
         out += [
             f"## {length} frames ({a['latent_frames']} latent frames x {a['tokens_per_frame']} tokens)",
             "",
-            "| " + " | ".join(name for name, _ in _COLUMNS) + " |",
-            "|" + "---|" * len(_COLUMNS),
-            *["| " + " | ".join(str(get(c)) for _, get in _COLUMNS) + " |" for c in cells],
+            "| " + " | ".join(name for name, _ in columns) + " |",
+            "|" + "---|" * len(columns),
+            *["| " + " | ".join(str(get(c)) for _, get in columns) + " |" for c in cells],
             "",
         ]
     if results.get("heldout"):
