@@ -135,6 +135,7 @@ def test_rerun_reuses_cells(
     assert {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()} == before
     res = json.loads((grid / "results.json").read_text())
     assert all(c["reused"] for c in res["cells"]) and res["heldout"] == {}
+    assert "held-out" not in (grid / "report.md").read_text()  # no dataset this time: no empty column
 
 
 def test_lengths_and_variants_parsing(tmp_path: Path) -> None:
