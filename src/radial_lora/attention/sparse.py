@@ -6,7 +6,9 @@ query blocks are grouped into *chunks* of consecutive rows whose kept key blocks
 (for the radial mask: the blocks of one latent frame). Each chunk gathers the union of its key
 blocks once and runs one attention tile against it; the few dropped blocks inside the union are
 masked with an additive ``-inf`` bias. Work is ``sum(rows x union)``, which the planner keeps
-close to the number of kept blocks.
+close to the number of kept blocks. Chunks of equal tile shape (common: the radial pattern
+repeats frame after frame) are stacked into one batched call, so a whole mask takes a handful of
+large kernel calls instead of one small call per chunk.
 
 The tile math has two interchangeable kernels:
 
@@ -35,23 +37,25 @@ KERNELS = ("auto", "matmul", "flash")
 # most MAX_CHUNK_TOKENS query tokens (keeps tiles cache-sized and the padding bias small).
 MIN_EFFICIENCY = 0.8
 MAX_CHUNK_TOKENS = 1024
-# The matmul kernel splits heads so that one score tile holds at most this many elements.
+# One batched call gathers at most this many key (and value) elements, and the matmul kernel holds
+# at most this many score elements; larger groups run in slices.
 MAX_TILE_ELEMENTS = 1 << 27
-# Additive biases of all chunks are cached per dtype up to this many elements in total.
+# Additive biases of all groups are cached per dtype up to this many elements in total.
 MAX_CACHED_BIAS_ELEMENTS = 1 << 24
 
 
 @dataclass
-class _Chunk:
-    """One attention tile: a run of query tokens against the union of their kept key blocks."""
+class _Group:
+    """Chunks with the same tile shape: ``n`` runs of ``Gq`` query tokens against ``Uk`` keys each."""
 
-    q_start: int
-    q_end: int
-    k_index: torch.Tensor | None  # token indices of the union (None when it is one contiguous run)
-    k_start: int
-    k_end: int
-    allowed: torch.Tensor | None  # [q_tokens, k_tokens] bool on CPU, None when every pair is kept
+    q_index: torch.Tensor  # [n, Gq] token indices of each chunk's queries (on the plan's device)
+    k_index: torch.Tensor  # [n, Uk] token indices of each chunk's key-block union
+    allowed: torch.Tensor | None  # [n, Gq, Uk] bool on CPU; None when every pair is kept
     biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.q_index.shape[0], self.q_index.shape[1], self.k_index.shape[1])
 
 
 @dataclass
@@ -60,7 +64,8 @@ class SparsePlan:
 
     seq_len: int
     block_size: int
-    chunks: list[_Chunk]
+    num_chunks: int
+    groups: list[_Group]
     kept_pairs: int  # query-key token pairs the mask keeps
     computed_pairs: int  # pairs the tiles compute (>= kept_pairs)
 
@@ -94,25 +99,29 @@ def build_plan(block_mask: np.ndarray, seq_len: int, block_size: int, device: to
     """Chunk schedule and gather indices for a validated ``[nb, nb]`` bool block mask."""
     sizes = np.full(block_mask.shape[0], block_size, dtype=np.int64)
     sizes[-1] = seq_len - (len(sizes) - 1) * block_size
-    chunks, kept_pairs, computed = [], 0, 0
-    for start, end, union in _group_rows(block_mask, block_size):
-        q_start, q_end = start * block_size, min(end * block_size, seq_len)
+    starts = np.arange(len(sizes), dtype=np.int64) * block_size
+    by_shape: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    kept_pairs = computed = 0
+    chunks = _group_rows(block_mask, block_size)
+    for start, end, union in chunks:
+        q_idx = np.arange(start * block_size, min(end * block_size, seq_len))
+        k_idx = np.concatenate([np.arange(starts[b], starts[b] + sizes[b]) for b in union])
         rows = block_mask[start:end][:, union]
-        k_sizes = sizes[union]
-        kept_pairs += int(sizes[start:end] @ rows.astype(np.int64) @ k_sizes)
-        computed += (q_end - q_start) * int(k_sizes.sum())
-        contiguous = bool(np.all(np.diff(union) == 1))
-        k_start, k_end = int(union[0]) * block_size, min((int(union[-1]) + 1) * block_size, seq_len)
-        k_index = None
-        if not contiguous:
-            idx = np.concatenate([np.arange(b * block_size, b * block_size + sizes[b]) for b in union])
-            k_index = torch.from_numpy(idx).to(device)
-        allowed = None
-        if not rows.all():
-            tok = np.repeat(np.repeat(rows, sizes[start:end], axis=0), k_sizes, axis=1)
-            allowed = torch.from_numpy(tok)
-        chunks.append(_Chunk(q_start, q_end, k_index, k_start, k_end, allowed))
-    return SparsePlan(seq_len, block_size, chunks, kept_pairs, computed)
+        kept_pairs += int(sizes[start:end] @ rows.astype(np.int64) @ sizes[union])
+        computed += len(q_idx) * len(k_idx)
+        allowed = np.repeat(np.repeat(rows, sizes[start:end], axis=0), sizes[union], axis=1)
+        by_shape.setdefault((len(q_idx), len(k_idx)), []).append((q_idx, k_idx, allowed))
+    groups = []
+    for members in by_shape.values():
+        allowed = np.stack([m[2] for m in members])
+        groups.append(
+            _Group(
+                q_index=torch.from_numpy(np.stack([m[0] for m in members])).to(device),
+                k_index=torch.from_numpy(np.stack([m[1] for m in members])).to(device),
+                allowed=None if allowed.all() else torch.from_numpy(allowed),
+            )
+        )
+    return SparsePlan(seq_len, block_size, len(chunks), groups, kept_pairs, computed)
 
 
 _PLAN_CACHE: dict[tuple, SparsePlan] = {}
@@ -151,58 +160,74 @@ def get_plan(block_mask: torch.Tensor, seq_len: int, block_size: int, device: to
     return plan
 
 
-def _chunk_bias(
-    plan: SparsePlan, chunk: _Chunk, dtype: torch.dtype, device: torch.device
+def _group_bias(
+    plan: SparsePlan, group: _Group, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
-    """Additive ``[q_tokens, k_tokens]`` bias (0 kept, -inf dropped), cached when small enough."""
-    if chunk.allowed is None:
+    """Additive ``[n, Gq, Uk]`` bias (0 kept, -inf dropped), cached when small enough."""
+    if group.allowed is None:
         return None
-    bias = chunk.biases.get(dtype)
+    bias = group.biases.get(dtype)
     if bias is None:
-        bias = torch.zeros(chunk.allowed.shape, dtype=dtype)
-        bias.masked_fill_(~chunk.allowed, -math.inf)
+        bias = torch.zeros(group.allowed.shape, dtype=dtype)
+        bias.masked_fill_(~group.allowed, -math.inf)
         bias = bias.to(device)
-        cached = sum(c.allowed.numel() for c in plan.chunks if c.allowed is not None)
+        cached = sum(g.allowed.numel() for g in plan.groups if g.allowed is not None)
         if cached <= MAX_CACHED_BIAS_ELEMENTS:
-            chunk.biases[dtype] = bias
+            group.biases[dtype] = bias
     return bias
 
 
-def _gather(x: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
-    """Keys or values of a chunk's union: a view when the union is contiguous, else one copy."""
-    if chunk.k_index is None:
-        return x[:, :, chunk.k_start : chunk.k_end]
-    return x.index_select(2, chunk.k_index)
+def _slices(group: _Group, q: torch.Tensor, score_tiles: bool) -> list[slice]:
+    """Chunk ranges of a group whose gathers (and, for matmul, scores) fit MAX_TILE_ELEMENTS."""
+    n, gq, uk = group.shape
+    batch, heads, _, dim = q.shape
+    per_chunk = batch * heads * uk * max(dim, gq if score_tiles else 0)
+    step = max(1, min(n, MAX_TILE_ELEMENTS // max(per_chunk, 1)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _scatter_add(dst: torch.Tensor, chunk: _Chunk, src: torch.Tensor) -> None:
-    """Accumulate a chunk's key/value gradients back into the full tensor."""
-    if chunk.k_index is None:
-        dst[:, :, chunk.k_start : chunk.k_end] += src
-    else:
-        dst.index_add_(2, chunk.k_index, src)
+def _to_tiles(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` for an ``[n, L]`` index, as ``[batch * n, heads, L, ...]`` (one copy)."""
+    t = x[:, :, index]  # [B, H, n, L, ...]
+    t = t.movedim(2, 1)  # [B, n, H, L, ...]
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
-def _full_bias(
-    plan: SparsePlan, chunk: _Chunk, dtype: torch.dtype, device: torch.device, pad_bias: torch.Tensor | None
+def _from_tiles(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse layout of :func:`_to_tiles`: ``[batch * n, H, L, ...]`` -> ``[B, H, n, L, ...]``."""
+    return t.reshape(batch, -1, *t.shape[1:]).movedim(1, 2)
+
+
+def _tile_bias(
+    plan: SparsePlan,
+    group: _Group,
+    rows: slice,
+    dtype: torch.dtype,
+    batch: int,
+    pad_bias: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """Block bias plus key-padding bias, broadcastable to ``[batch, heads, q_tokens, k_tokens]``."""
-    bias = _chunk_bias(plan, chunk, dtype, device)
-    if pad_bias is None:
-        return bias
-    if chunk.k_index is None:
-        pad = pad_bias[:, chunk.k_start : chunk.k_end]
-    else:
-        pad = pad_bias.index_select(1, chunk.k_index)
-    pad = pad[:, None, None, :]  # [B, 1, 1, k_tokens]
-    return pad if bias is None else bias + pad
+    """Block bias plus key-padding bias as ``[batch * n, 1, Gq, Uk]`` (broadcast over heads)."""
+    bias = _group_bias(plan, group, dtype, pad_bias.device if pad_bias is not None else group.k_index.device)
+    if bias is not None:
+        bias = bias[rows][None]  # [1, n, Gq, Uk]
+    if pad_bias is not None:
+        pad = pad_bias[:, group.k_index[rows]][:, :, None, :]  # [B, n, 1, Uk]
+        bias = pad if bias is None else bias + pad
+    if bias is None:
+        return None
+    bias = bias.expand(batch, -1, group.shape[1], -1)
+    return bias.reshape(-1, 1, *bias.shape[2:])
 
 
-def _head_slices(q: torch.Tensor, q_tokens: int, k_tokens: int) -> list[slice]:
+def _scatter_keys(dst: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> None:
+    """Accumulate ``[B * n, H, Uk, D]`` key/value gradients into ``dst`` ``[B, H, S, D]``."""
+    grads = _from_tiles(tiles, dst.shape[0])  # [B, H, n, Uk, D]
+    dst.index_add_(2, index.reshape(-1), grads.reshape(*dst.shape[:2], -1, dst.shape[-1]))
+
+
+def _head_slices(heads: int, elements_per_head: int) -> list[slice]:
     """Head ranges that keep one matmul score tile under MAX_TILE_ELEMENTS."""
-    batch, heads = q.shape[:2]
-    per_head = max(1, batch * q_tokens * k_tokens)
-    step = max(1, min(heads, MAX_TILE_ELEMENTS // per_head))
+    step = max(1, min(heads, MAX_TILE_ELEMENTS // max(1, elements_per_head)))
     return [slice(h, min(h + step, heads)) for h in range(0, heads, step)]
 
 
@@ -212,88 +237,98 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward_matmul(q, k, v, plan, pad_bias, scale):
     """Tile forward with matmul + log-sum-exp; returns (out, lse)."""
+    batch = q.shape[0]
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=_softmax_dtype(q.dtype), device=q.device)
-    qs = q * scale
-    for chunk in plan.chunks:
-        a, b = chunk.q_start, chunk.q_end
-        ku, vu = _gather(k, chunk), _gather(v, chunk)
-        bias = _full_bias(plan, chunk, lse.dtype, q.device, pad_bias)
-        for h in _head_slices(q, b - a, ku.shape[2]):
-            s = torch.matmul(qs[:, h, a:b], ku[:, h].transpose(-1, -2)).to(lse.dtype)
-            if bias is not None:
-                s += bias
-            m = torch.logsumexp(s, dim=-1)
-            m = m.masked_fill(m == -math.inf, 0.0)  # a row with no real key: output 0, like SDPA
-            lse[:, h, a:b] = m
-            p = s.sub_(m[..., None]).exp_().to(q.dtype)
-            out[:, h, a:b] = torch.matmul(p, vu[:, h])
+    for group in plan.groups:
+        for rows in _slices(group, q, score_tiles=True):
+            qi, ki = group.q_index[rows], group.k_index[rows]
+            qt, kt, vt = _to_tiles(q, qi) * scale, _to_tiles(k, ki), _to_tiles(v, ki)
+            bias = _tile_bias(plan, group, rows, lse.dtype, batch, pad_bias)
+            ot, mt = torch.empty_like(qt), torch.empty(qt.shape[:3], dtype=lse.dtype, device=q.device)
+            for h in _head_slices(qt.shape[1], qt.shape[0] * qt.shape[2] * kt.shape[2]):
+                s = torch.matmul(qt[:, h], kt[:, h].transpose(-1, -2)).to(lse.dtype)
+                if bias is not None:
+                    s += bias
+                m = torch.logsumexp(s, dim=-1)
+                m = m.masked_fill(m == -math.inf, 0.0)  # a row with no real key: output 0, like SDPA
+                mt[:, h] = m
+                ot[:, h] = torch.matmul(s.sub_(m[..., None]).exp_().to(q.dtype), vt[:, h])
+            out[:, :, qi] = _from_tiles(ot, batch)
+            lse[:, :, qi] = _from_tiles(mt, batch)
     return out, lse
 
 
 def _backward_matmul(dout, q, k, v, out, lse, plan, pad_bias, scale):
     """Tile backward: recompute p from lse, then dV = p^T dO, dS = p (dP - delta), dQ, dK."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    qs = q * scale
+    batch = q.shape[0]
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
-    for chunk in plan.chunks:
-        a, b = chunk.q_start, chunk.q_end
-        ku, vu = _gather(k, chunk), _gather(v, chunk)
-        dku, dvu = torch.zeros_like(ku), torch.zeros_like(vu)
-        bias = _full_bias(plan, chunk, lse.dtype, q.device, pad_bias)
-        for h in _head_slices(q, b - a, ku.shape[2]):
-            s = torch.matmul(qs[:, h, a:b], ku[:, h].transpose(-1, -2)).to(lse.dtype)
-            if bias is not None:
-                s += bias
-            p = s.sub_(lse[:, h, a:b, None]).exp_()
-            do = dout[:, h, a:b]
-            dvu[:, h] = torch.matmul(p.to(q.dtype).transpose(-1, -2), do)
-            dp = torch.matmul(do, vu[:, h].transpose(-1, -2)).to(lse.dtype)
-            ds = dp.sub_(delta[:, h, a:b, None]).mul_(p).to(q.dtype)
-            dq[:, h, a:b] = torch.matmul(ds, ku[:, h]) * scale
-            dku[:, h] = torch.matmul(ds.transpose(-1, -2), qs[:, h, a:b])
-        _scatter_add(dk, chunk, dku)
-        _scatter_add(dv, chunk, dvu)
+    for group in plan.groups:
+        for rows in _slices(group, q, score_tiles=True):
+            qi, ki = group.q_index[rows], group.k_index[rows]
+            qt, kt, vt = _to_tiles(q, qi) * scale, _to_tiles(k, ki), _to_tiles(v, ki)
+            dot, mt, dt = _to_tiles(dout, qi), _to_tiles(lse, qi), _to_tiles(delta, qi)
+            bias = _tile_bias(plan, group, rows, lse.dtype, batch, pad_bias)
+            dqt, dkt, dvt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+            for h in _head_slices(qt.shape[1], qt.shape[0] * qt.shape[2] * kt.shape[2]):
+                s = torch.matmul(qt[:, h], kt[:, h].transpose(-1, -2)).to(lse.dtype)
+                if bias is not None:
+                    s += bias
+                p = s.sub_(mt[:, h, :, None]).exp_()
+                dvt[:, h] = torch.matmul(p.to(q.dtype).transpose(-1, -2), dot[:, h])
+                dp = torch.matmul(dot[:, h], vt[:, h].transpose(-1, -2)).to(lse.dtype)
+                ds = dp.sub_(dt[:, h, :, None]).mul_(p).to(q.dtype)
+                dqt[:, h] = torch.matmul(ds, kt[:, h]) * scale
+                dkt[:, h] = torch.matmul(ds.transpose(-1, -2), qt[:, h])
+            dq[:, :, qi] = _from_tiles(dqt, batch)
+            _scatter_keys(dk, ki, dkt)
+            _scatter_keys(dv, ki, dvt)
     return dq, dk, dv
 
 
 def _forward_flash(q, k, v, plan, pad_bias, scale):
     """Tile forward with torch's fused CPU flash kernel; returns (out, lse)."""
-    out = torch.empty_like(q)
-    lse = None
-    for chunk in plan.chunks:
-        a, b = chunk.q_start, chunk.q_end
-        bias = _full_bias(plan, chunk, q.dtype, q.device, pad_bias)
-        o, m = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[:, :, a:b], _gather(k, chunk), _gather(v, chunk), attn_mask=bias, scale=scale
-        )
-        if lse is None:  # the kernel picks the lse dtype (float32 for half types, else the input's)
-            lse = torch.empty(q.shape[:3], dtype=m.dtype, device=q.device)
-        out[:, :, a:b] = o
-        lse[:, :, a:b] = m
+    batch = q.shape[0]
+    out, lse = torch.empty_like(q), None
+    for group in plan.groups:
+        for rows in _slices(group, q, score_tiles=False):
+            qi, ki = group.q_index[rows], group.k_index[rows]
+            ot, mt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                _to_tiles(q, qi),
+                _to_tiles(k, ki),
+                _to_tiles(v, ki),
+                attn_mask=_tile_bias(plan, group, rows, q.dtype, batch, pad_bias),
+                scale=scale,
+            )
+            if lse is None:  # the kernel picks the lse dtype (float32 for half types, else the input's)
+                lse = torch.empty(q.shape[:3], dtype=mt.dtype, device=q.device)
+            out[:, :, qi] = _from_tiles(ot, batch)
+            lse[:, :, qi] = _from_tiles(mt, batch)
     return out, lse
 
 
 def _backward_flash(dout, q, k, v, out, lse, plan, pad_bias, scale):
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for chunk in plan.chunks:
-        a, b = chunk.q_start, chunk.q_end
-        bias = _full_bias(plan, chunk, q.dtype, q.device, pad_bias)
-        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout[:, :, a:b].contiguous(),
-            q[:, :, a:b],
-            _gather(k, chunk),
-            _gather(v, chunk),
-            out[:, :, a:b],
-            lse[:, :, a:b],
-            0.0,
-            False,
-            attn_mask=bias,
-            scale=scale,
-        )
-        dq[:, :, a:b] = gq
-        _scatter_add(dk, chunk, gk)
-        _scatter_add(dv, chunk, gv)
+    batch = q.shape[0]
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for group in plan.groups:
+        for rows in _slices(group, q, score_tiles=False):
+            qi, ki = group.q_index[rows], group.k_index[rows]
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _to_tiles(dout, qi),
+                _to_tiles(q, qi),
+                _to_tiles(k, ki),
+                _to_tiles(v, ki),
+                _to_tiles(out, qi),
+                _to_tiles(lse, qi),
+                0.0,
+                False,
+                attn_mask=_tile_bias(plan, group, rows, q.dtype, batch, pad_bias),
+                scale=scale,
+            )
+            dq[:, :, qi] = _from_tiles(gq, batch)
+            _scatter_keys(dk, ki, gk)
+            _scatter_keys(dv, ki, gv)
     return dq, dk, dv
 
 
