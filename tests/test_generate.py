@@ -178,3 +178,13 @@ def test_other_families(family: str, tmp_path: Path) -> None:
     layers = 4 if family == "hunyuan" else 2  # HunyuanVideo: 2 double + 2 single blocks
     assert a["self_attention_layers"] == layers and a["calls"] == {"sparse": layers, "dense": 0}
     assert a["decay_factor"] == {"hunyuan": 0.95, "wan22": 0.8}[family] and 0 < a["mask_density"] < 1
+
+
+def test_dense_layers_and_timesteps_accounting(pipe, tmp_path: Path) -> None:
+    (r,) = generate(pipe, [PROMPT], num_frames=17, out_dir=tmp_path, block_size=4, decay_factor=0.5, dense_layers=1,
+                    dense_timesteps=1, **{**COMMON, "steps": 3})  # fmt: skip
+    a = r.info["attention"]
+    # 3 steps x 2 layers: step 0 dense everywhere, then layer 0 dense and layer 1 radial
+    assert a["calls"] == {"dense": 2 + 2, "sparse": 2}
+    expected = (4 + 2 * a["mask_density"]) / 6  # four dense layer-steps, two radial
+    assert a["effective_density"] == pytest.approx(expected)
