@@ -85,6 +85,23 @@ def test_sparse_matches_reference_fwd_bwd_float64(case, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["flash", "matmul"])
+def test_sparse_memory_budgets_split_work_without_changing_results(kernel, monkeypatch):
+    """Tiny budgets force groups into one-chunk slices and matmul tiles into one head at a time."""
+    from radial_lora.attention import sparse
+
+    monkeypatch.setattr(sparse, "MIN_GATHER_ELEMENTS", 1)
+    monkeypatch.setattr(sparse, "MAX_TILE_ELEMENTS", 1)
+    mask, seq, bs, _ = CASES["radial+text+padding"]
+    q, k, v = _inputs(2, 3, seq, 8)
+    kpm = _padding(2, seq)
+    dout = torch.randn_like(q)
+    ref = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs, kpm), q, k, v, dout)
+    got = _grads(lambda a, b, c: sparse_block_attention(a, b, c, mask, bs, kpm, kernel=kernel), q, k, v, dout)
+    for r, x in zip(ref, got):
+        assert torch.allclose(x, r, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "matmul"])
 def test_sparse_accepts_processor_layout(kernel):
     """Attention processors hand over ``[B, S, H, D]``-transposed views: non-contiguous inputs."""
     mask, seq, bs, _ = CASES["random+padding"]

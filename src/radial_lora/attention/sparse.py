@@ -37,9 +37,11 @@ KERNELS = ("auto", "matmul", "flash")
 # most MAX_CHUNK_TOKENS query tokens (keeps tiles cache-sized and the padding bias small).
 MIN_EFFICIENCY = 0.8
 MAX_CHUNK_TOKENS = 1024
-# One batched call gathers at most this many key (and value) elements, and the matmul kernel holds
-# at most this many score elements; larger groups run in slices.
-MAX_TILE_ELEMENTS = 1 << 27
+# One batched call gathers at most max(MIN_GATHER_ELEMENTS, q.numel()) key (and value) elements,
+# so the extra memory stays of the order of the inputs; the matmul kernel also holds at most
+# MAX_TILE_ELEMENTS scores at once. Larger groups run in slices, larger chunks head by head.
+MIN_GATHER_ELEMENTS = 1 << 22
+MAX_TILE_ELEMENTS = 1 << 25
 # Additive biases of all groups are cached per dtype up to this many elements in total.
 MAX_CACHED_BIAS_ELEMENTS = 1 << 24
 
@@ -178,11 +180,13 @@ def _group_bias(
 
 
 def _slices(group: _Group, q: torch.Tensor, score_tiles: bool) -> list[slice]:
-    """Chunk ranges of a group whose gathers (and, for matmul, scores) fit MAX_TILE_ELEMENTS."""
+    """Chunk ranges of a group whose gathers (and, for matmul, scores) fit the budgets above."""
     n, gq, uk = group.shape
     batch, heads, _, dim = q.shape
-    per_chunk = batch * heads * uk * max(dim, gq if score_tiles else 0)
-    step = max(1, min(n, MAX_TILE_ELEMENTS // max(per_chunk, 1)))
+    step = max(1, max(MIN_GATHER_ELEMENTS, q.numel()) // (batch * heads * uk * dim))
+    if score_tiles:
+        step = min(step, max(1, MAX_TILE_ELEMENTS // (batch * heads * gq * uk)))
+    step = min(n, step)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
