@@ -137,3 +137,29 @@ def test_gradient_checkpointing_and_dense_pattern_run(tiny_wan_dir: Path, tiny_w
     dense = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "c", *common, "radial.pattern=dense"))
     assert dense.losses[0] != plain.losses[0]  # the radial mask really changes the 17-frame attention
     assert lora.read_lora_metadata(tmp_path / "c")["attention"]["pattern"] == "dense"
+
+
+def test_consistency_reference_is_the_frozen_dense_base_model() -> None:
+    """Inside the trainer's base-model context: LoRA off, dense attention, no graph - the stock model."""
+    from radial_lora.models.radial import apply_radial_attention
+    from radial_lora.models.tiny import build_tiny_pipeline
+
+    stock = build_tiny_pipeline("wan").transformer
+    tr = build_tiny_pipeline("wan").transformer
+    params = lora.add_lora(tr, rank=4)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.2)
+    ctrl = apply_radial_attention(tr, dense_layers=0, block_size=4)
+    gen = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 4, 5, 8, 8, generator=gen), torch.randn(1, 6, 32, generator=gen)
+    t = torch.tensor([400.0])
+    with torch.no_grad():
+        want = stock(x, t, e, return_dict=False)[0]
+    with trainer._base_model(tr, ctrl), ctrl.training_mode():
+        base = tr(x, t, e, return_dict=False)[0]
+        assert not base.requires_grad
+    torch.testing.assert_close(base, want, rtol=1e-5, atol=1e-6)
+    with ctrl.training_mode():
+        adapted = tr(x, t, e, return_dict=False)[0]
+    assert adapted.requires_grad and (adapted - want).abs().max() > 1e-3
