@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,8 +42,6 @@ MAX_CHUNK_TOKENS = 1024
 # MAX_TILE_ELEMENTS scores at once. Larger groups run in slices, larger chunks head by head.
 MIN_GATHER_ELEMENTS = 1 << 22
 MAX_TILE_ELEMENTS = 1 << 25
-# Additive biases of all groups are cached per dtype up to this many elements in total.
-MAX_CACHED_BIAS_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -52,8 +50,8 @@ class _Group:
 
     q_index: torch.Tensor  # [n, Gq] token indices of each chunk's queries (on the plan's device)
     k_index: torch.Tensor  # [n, Uk] token indices of each chunk's key-block union
-    allowed: torch.Tensor | None  # [n, Gq, Uk] bool on CPU; None when every pair is kept
-    biases: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    allowed: torch.Tensor | None  # [n, G, U] kept blocks within the union; None when all are kept
+    block_size: int
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -111,8 +109,8 @@ def build_plan(block_mask: np.ndarray, seq_len: int, block_size: int, device: to
         rows = block_mask[start:end][:, union]
         kept_pairs += int(sizes[start:end] @ rows.astype(np.int64) @ sizes[union])
         computed += len(q_idx) * len(k_idx)
-        allowed = np.repeat(np.repeat(rows, sizes[start:end], axis=0), sizes[union], axis=1)
-        by_shape.setdefault((len(q_idx), len(k_idx)), []).append((q_idx, k_idx, allowed))
+        # Equal token counts imply equal block counts (only the last block can be partial).
+        by_shape.setdefault((len(q_idx), len(k_idx)), []).append((q_idx, k_idx, rows))
     groups = []
     for members in by_shape.values():
         allowed = np.stack([m[2] for m in members])
@@ -120,7 +118,8 @@ def build_plan(block_mask: np.ndarray, seq_len: int, block_size: int, device: to
             _Group(
                 q_index=torch.from_numpy(np.stack([m[0] for m in members])).to(device),
                 k_index=torch.from_numpy(np.stack([m[1] for m in members])).to(device),
-                allowed=None if allowed.all() else torch.from_numpy(allowed),
+                allowed=None if allowed.all() else torch.from_numpy(allowed).to(device),
+                block_size=block_size,
             )
         )
     return SparsePlan(seq_len, block_size, len(chunks), groups, kept_pairs, computed)
@@ -162,30 +161,28 @@ def get_plan(block_mask: torch.Tensor, seq_len: int, block_size: int, device: to
     return plan
 
 
-def _group_bias(
-    plan: SparsePlan, group: _Group, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor | None:
-    """Additive ``[n, Gq, Uk]`` bias (0 kept, -inf dropped), cached when small enough."""
+def _group_bias(group: _Group, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive ``[n, Gq, Uk]`` bias (0 kept, -inf dropped) for a slice of a group's chunks."""
     if group.allowed is None:
         return None
-    bias = group.biases.get(dtype)
-    if bias is None:
-        bias = torch.zeros(group.allowed.shape, dtype=dtype)
-        bias.masked_fill_(~group.allowed, -math.inf)
-        bias = bias.to(device)
-        cached = sum(g.allowed.numel() for g in plan.groups if g.allowed is not None)
-        if cached <= MAX_CACHED_BIAS_ELEMENTS:
-            group.biases[dtype] = bias
-    return bias
+    blocks = torch.zeros(group.allowed[rows].shape, dtype=dtype, device=group.allowed.device)
+    blocks.masked_fill_(~group.allowed[rows], -math.inf)
+    _, gq, uk = group.shape
+    device = blocks.device
+    qb = torch.arange(gq, device=device) // group.block_size  # chunks start on block edges
+    kb = torch.arange(uk, device=device) // group.block_size  # only the union's last block can be partial
+    return blocks[:, qb][:, :, kb]
 
 
-def _slices(group: _Group, q: torch.Tensor, score_tiles: bool) -> list[slice]:
-    """Chunk ranges of a group whose gathers (and, for matmul, scores) fit the budgets above."""
+def _slices(group: _Group, q: torch.Tensor, score_tiles: bool, padded: bool) -> list[slice]:
+    """Chunk ranges of a group whose gathers, biases (and matmul scores) fit the budgets above."""
     n, gq, uk = group.shape
     batch, heads, _, dim = q.shape
     step = max(1, max(MIN_GATHER_ELEMENTS, q.numel()) // (batch * heads * uk * dim))
     if score_tiles:
         step = min(step, max(1, MAX_TILE_ELEMENTS // (batch * heads * gq * uk)))
+    if padded or group.allowed is not None:
+        step = min(step, max(1, MAX_TILE_ELEMENTS // (batch * gq * uk)))
     step = min(n, step)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -203,17 +200,12 @@ def _from_tiles(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _tile_bias(
-    plan: SparsePlan,
-    group: _Group,
-    rows: slice,
-    dtype: torch.dtype,
-    batch: int,
-    pad_bias: torch.Tensor | None,
+    group: _Group, rows: slice, dtype: torch.dtype, batch: int, pad_bias: torch.Tensor | None
 ) -> torch.Tensor | None:
     """Block bias plus key-padding bias as ``[batch * n, 1, Gq, Uk]`` (broadcast over heads)."""
-    bias = _group_bias(plan, group, dtype, pad_bias.device if pad_bias is not None else group.k_index.device)
+    bias = _group_bias(group, rows, dtype)
     if bias is not None:
-        bias = bias[rows][None]  # [1, n, Gq, Uk]
+        bias = bias[None]  # [1, n, Gq, Uk]
     if pad_bias is not None:
         pad = pad_bias[:, group.k_index[rows]][:, :, None, :]  # [B, n, 1, Uk]
         bias = pad if bias is None else bias + pad
@@ -245,10 +237,10 @@ def _forward_matmul(q, k, v, plan, pad_bias, scale):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=_softmax_dtype(q.dtype), device=q.device)
     for group in plan.groups:
-        for rows in _slices(group, q, score_tiles=True):
+        for rows in _slices(group, q, score_tiles=True, padded=pad_bias is not None):
             qi, ki = group.q_index[rows], group.k_index[rows]
             qt, kt, vt = _to_tiles(q, qi) * scale, _to_tiles(k, ki), _to_tiles(v, ki)
-            bias = _tile_bias(plan, group, rows, lse.dtype, batch, pad_bias)
+            bias = _tile_bias(group, rows, lse.dtype, batch, pad_bias)
             ot, mt = torch.empty_like(qt), torch.empty(qt.shape[:3], dtype=lse.dtype, device=q.device)
             for h in _head_slices(qt.shape[1], qt.shape[0] * qt.shape[2] * kt.shape[2]):
                 s = torch.matmul(qt[:, h], kt[:, h].transpose(-1, -2)).to(lse.dtype)
@@ -269,11 +261,11 @@ def _backward_matmul(dout, q, k, v, out, lse, plan, pad_bias, scale):
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
     for group in plan.groups:
-        for rows in _slices(group, q, score_tiles=True):
+        for rows in _slices(group, q, score_tiles=True, padded=pad_bias is not None):
             qi, ki = group.q_index[rows], group.k_index[rows]
             qt, kt, vt = _to_tiles(q, qi) * scale, _to_tiles(k, ki), _to_tiles(v, ki)
             dot, mt, dt = _to_tiles(dout, qi), _to_tiles(lse, qi), _to_tiles(delta, qi)
-            bias = _tile_bias(plan, group, rows, lse.dtype, batch, pad_bias)
+            bias = _tile_bias(group, rows, lse.dtype, batch, pad_bias)
             dqt, dkt, dvt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
             for h in _head_slices(qt.shape[1], qt.shape[0] * qt.shape[2] * kt.shape[2]):
                 s = torch.matmul(qt[:, h], kt[:, h].transpose(-1, -2)).to(lse.dtype)
@@ -296,13 +288,13 @@ def _forward_flash(q, k, v, plan, pad_bias, scale):
     batch = q.shape[0]
     out, lse = torch.empty_like(q), None
     for group in plan.groups:
-        for rows in _slices(group, q, score_tiles=False):
+        for rows in _slices(group, q, score_tiles=False, padded=pad_bias is not None):
             qi, ki = group.q_index[rows], group.k_index[rows]
             ot, mt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 _to_tiles(q, qi),
                 _to_tiles(k, ki),
                 _to_tiles(v, ki),
-                attn_mask=_tile_bias(plan, group, rows, q.dtype, batch, pad_bias),
+                attn_mask=_tile_bias(group, rows, q.dtype, batch, pad_bias),
                 scale=scale,
             )
             if lse is None:  # the kernel picks the lse dtype (float32 for half types, else the input's)
@@ -316,7 +308,7 @@ def _backward_flash(dout, q, k, v, out, lse, plan, pad_bias, scale):
     batch = q.shape[0]
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for group in plan.groups:
-        for rows in _slices(group, q, score_tiles=False):
+        for rows in _slices(group, q, score_tiles=False, padded=pad_bias is not None):
             qi, ki = group.q_index[rows], group.k_index[rows]
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 _to_tiles(dout, qi),
@@ -327,7 +319,7 @@ def _backward_flash(dout, q, k, v, out, lse, plan, pad_bias, scale):
                 _to_tiles(lse, qi),
                 0.0,
                 False,
-                attn_mask=_tile_bias(plan, group, rows, q.dtype, batch, pad_bias),
+                attn_mask=_tile_bias(group, rows, q.dtype, batch, pad_bias),
                 scale=scale,
             )
             dq[:, :, qi] = _from_tiles(gq, batch)
