@@ -299,6 +299,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             f"data.lengths {missing} have no training clips in {cfg.data.path} (it has {sorted(by_bucket)}); "
             "prepare those lengths or change data.lengths"
         )
+    if cfg.validation.every and not holdout_records:
+        logger.warning("validation.every=%d but the holdout split is empty (data.holdout=%g): no validation",
+                       cfg.validation.every, cfg.data.holdout)  # fmt: skip
     weights = dict(zip(lengths, cfg.data.weights or [1.0] * len(lengths)))
     sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, t.seed)
 
