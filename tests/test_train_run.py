@@ -163,3 +163,27 @@ def test_consistency_reference_is_the_frozen_dense_base_model() -> None:
     with ctrl.training_mode():
         adapted = tr(x, t, e, return_dict=False)[0]
     assert adapted.requires_grad and (adapted - want).abs().max() > 1e-3
+
+
+def test_hunyuan_trains_and_exports(tiny_hunyuan_dir: Path, tmp_path: Path) -> None:
+    """The HunyuanVideo path: joint text+video radial attention, stock LoRA loading, fused ComfyUI export."""
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+
+    write_sample_dataset(tmp_path / "videos", num_videos=3, num_frames=20, size=(64, 64), fps=16, seed=1)
+    prepare_dataset(PrepareOptions(input=tmp_path / "videos", out=tmp_path / "ds", model=str(tiny_hunyuan_dir),
+                                   family="hunyuan", lengths=(9, 17), height=64, width=64, fps=16, dtype="float32"))
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_hunyuan_dir, tmp_path / "ds", out, "model.family=hunyuan", "train.steps=3", "data.holdout=0.0",
+               "checkpoint.every=0", "validation.every=0", "logging.tensorboard=false")  # fmt: skip
+    result = trainer.train(cfg)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    meta = lora.read_lora_metadata(out)
+    assert meta["family"] == "hunyuan" and meta["attention"]["decay"] == 0.95
+    pipe = DiffusionPipeline.from_pretrained(tiny_hunyuan_dir)
+    keys_before = {n for n, _ in pipe.transformer.named_parameters()}
+    pipe.load_lora_weights(out)
+    assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters() if n not in keys_before)
+    comfy = load_file(out / lora.COMFYUI_FILENAME)
+    hidden, mlp = 32, 64  # tiny: 2 heads x 16, mlp_ratio 2
+    assert comfy["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape[0] == 3 * hidden + mlp
