@@ -205,9 +205,30 @@ def test_plan_skips_masked_blocks_and_is_cached():
 
 
 def test_auto_rule():
-    assert resolve_backend("auto", torch.device("cuda")) == "flex"
-    assert resolve_backend("auto", torch.device("cpu")) == "sparse"
-    assert resolve_backend("dense", torch.device("cpu")) == "dense"
+    cpu, big = torch.device("cpu"), 1 << 14
+    assert resolve_backend("auto", torch.device("cuda"), needs_grad=True) == "flex"
+    assert resolve_backend("auto", cpu, needs_grad=True, seq_len=big) == "sparse"  # no CPU flex backward
+    assert resolve_backend("auto", cpu, seq_len=big) == "flex"
+    assert resolve_backend("auto", cpu, seq_len=100) == "sparse"  # compile would cost more than it saves
+    assert resolve_backend("auto", cpu, seq_len=big, dtype=torch.float64) == "sparse"
+    assert resolve_backend("dense", cpu) == "dense"
+
+
+def test_auto_falls_back_to_sparse_when_compiled_flex_fails(monkeypatch):
+    import radial_lora.attention as attn
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(attn, "AUTO_FLEX_MIN_SEQ_CPU", 1)
+    monkeypatch.setattr(attn, "_flex_cpu_failed", False)
+    monkeypatch.setattr(attn, "flex_block_attention", broken)
+    mask, seq, bs, _ = CASES["random"]
+    q, k, v = _inputs(1, 2, seq, 8, dtype=torch.float32)
+    assert resolve_backend("auto", q.device, seq_len=seq) == "flex"
+    out = block_sparse_attention(q, k, v, mask, block_size=bs)
+    assert torch.allclose(out, reference_attention(q, k, v, mask, bs), atol=1e-5, rtol=0)
+    assert attn._flex_cpu_failed and resolve_backend("auto", q.device, seq_len=seq) == "sparse"
 
 
 def test_errors_name_the_problem():

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from radial_lora.attention.flex import flex_block_attention
@@ -13,21 +15,43 @@ from radial_lora.attention.reference import dense_attention, reference_attention
 from radial_lora.attention.sparse import mask_digest, sparse_block_attention
 
 BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
+logger = logging.getLogger(__name__)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``auto`` means on ``device``.
+# auto on CPU takes compiled flex for forward-only calls from this many tokens on: below it the
+# one-off compile (10-50 s per sequence length here) outweighs the gain, e.g. in tiny-model tests.
+AUTO_FLEX_MIN_SEQ_CPU = 8192
+_FLEX_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_flex_cpu_failed = False  # set once compiled flex has failed on this machine (no compiler, ...)
 
-    CUDA: ``flex`` (compiled FlexAttention, forward and backward). Everywhere else: ``sparse``,
-    with or without gradients: compiled flex on CPU is forward-only, recompiles for every new
-    sequence length, and measured about 2x slower than ``sparse``'s forward on the 2-core
-    development machine at 81x256 tokens, density 0.25 (see ``benchmarks/RESULTS.md``).
+
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    *,
+    needs_grad: bool = False,
+    seq_len: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """The concrete backend that ``backend`` means for a call on ``device``.
+
+    ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward). CPU with gradients ->
+    ``sparse`` (FlexAttention has no CPU backward). CPU forward-only -> compiled ``flex`` when
+    ``seq_len >= AUTO_FLEX_MIN_SEQ_CPU``, the dtype is one CPU flex supports and compiled flex has
+    not failed here before (the first failure is remembered and falls back); otherwise ``sparse``.
+    Measured on the 2-core machine (``benchmarks/RESULTS.md``): compiled flex forward was the faster
+    CPU forward at 21-81 x 256 tokens under load. Other devices -> ``sparse``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "flex" if device.type == "cuda" else "sparse"
+    if device.type == "cuda":
+        return "flex"
+    flex_ok = device.type == "cpu" and dtype in _FLEX_CPU_DTYPES and not _flex_cpu_failed
+    if flex_ok and not needs_grad and seq_len >= AUTO_FLEX_MIN_SEQ_CPU:
+        return "flex"
+    return "sparse"
 
 
 def _validate(q, k, v, block_mask, block_size, key_padding_mask) -> None:
@@ -91,14 +115,26 @@ def block_sparse_attention(
     left with no real key gets a zero output, as SDPA gives). Backends: ``reference`` (SDPA with
     the expanded token mask), ``dense`` (SDPA, block mask ignored), ``flex`` (compiled
     FlexAttention; forward-only on CPU), ``sparse`` (trainable chunked kernel, CPU and GPU), and
-    ``auto``: ``flex`` on CUDA, ``sparse`` elsewhere (see :func:`resolve_backend`).
+    ``auto``: ``flex`` on CUDA; on CPU ``sparse`` for training and small inputs, compiled ``flex`` for
+    large forward-only calls (rule and numbers: :func:`resolve_backend`).
     """
-    name = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    global _flex_cpu_failed
+    if backend not in BACKENDS:
+        resolve_backend(backend, torch.device("cpu"))  # raises the error listing valid backends
     _validate(q, k, v, block_mask, block_size, key_padding_mask)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    name = resolve_backend(backend, q.device, needs_grad=needs_grad, seq_len=q.shape[2], dtype=q.dtype)
     if name == "dense":
         return dense_attention(q, k, v, key_padding_mask)
     if name == "reference":
         return reference_attention(q, k, v, block_mask, block_size, key_padding_mask)
+    if name == "flex" and backend == "auto" and q.device.type == "cpu":
+        try:
+            return flex_block_attention(q, k, v, block_mask, block_size, key_padding_mask)
+        except Exception as exc:  # compile toolchain missing or broken: remember, use sparse from now on
+            _flex_cpu_failed = True
+            logger.warning("compiled flex attention failed on CPU (%s); auto uses 'sparse' from now on", exc)
+            name = "sparse"
     if name == "flex":
         return flex_block_attention(q, k, v, block_mask, block_size, key_padding_mask)
     return sparse_block_attention(q, k, v, block_mask, block_size, key_padding_mask)
