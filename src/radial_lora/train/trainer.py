@@ -180,6 +180,17 @@ def _base_model(transformer: torch.nn.Module, controller: Any) -> Iterator[None]
         transformer.enable_adapters()
 
 
+def _round_robin(records: list[Any]) -> list[Any]:
+    """Records interleaved across buckets, so the first N validation clips cover every length."""
+    groups: dict[int, list[Any]] = {}
+    for rec in records:
+        groups.setdefault(rec.bucket, []).append(rec)
+    out = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[i] for _, g in sorted(groups.items()) if i < len(g)]
+    return out
+
+
 def _file_logger(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
@@ -381,7 +392,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             return None
         res = None
         if main:
-            clips = holdout_records[: cfg.validation.max_clips]
+            clips = _round_robin(holdout_records)[: cfg.validation.max_clips]
             with controller.training_mode(), acc.autocast():
                 res = fm.heldout_loss(adapter, transformer, clips, cfg.validation.timesteps,
                                       cfg.validation.seed, dataset=dataset)  # fmt: skip
