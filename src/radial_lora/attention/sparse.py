@@ -177,7 +177,7 @@ def _group_bias(group: _Group, rows: slice, dtype: torch.dtype) -> torch.Tensor 
 def _slices(group: _Group, q: torch.Tensor, score_tiles: bool, padded: bool) -> list[slice]:
     """Chunk ranges of a group whose gathers, biases (and matmul scores) fit the budgets above."""
     n, gq, uk = group.shape
-    batch, heads, _, dim = q.shape
+    batch, _, heads, dim = q.shape  # token-major
     step = max(1, max(MIN_GATHER_ELEMENTS, q.numel()) // (batch * heads * uk * dim))
     if score_tiles:
         step = min(step, max(1, MAX_TILE_ELEMENTS // (batch * heads * gq * uk)))
@@ -188,15 +188,19 @@ def _slices(group: _Group, q: torch.Tensor, score_tiles: bool, padded: bool) -> 
 
 
 def _to_tiles(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[:, :, index]`` for an ``[n, L]`` index, as ``[batch * n, heads, L, ...]`` (one copy)."""
-    t = x[:, :, index]  # [B, H, n, L, ...]
-    t = t.movedim(2, 1)  # [B, n, H, L, ...]
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+    """Rows ``index`` (``[n, L]``) of a token-major ``[B, S, H, ...]`` tensor as ``[B * n, H, L, ...]``.
+
+    One ``index_select`` copy of whole token rows, laid out ``[B * n, L, H, ...]``: the CPU flash
+    kernel's own layout, so the kernel reads the tiles without another copy.
+    """
+    t = x.index_select(1, index.reshape(-1))  # [B, n * L, H, ...]
+    return t.reshape(t.shape[0] * index.shape[0], index.shape[1], *t.shape[2:]).transpose(1, 2)
 
 
-def _from_tiles(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Inverse layout of :func:`_to_tiles`: ``[batch * n, H, L, ...]`` -> ``[B, H, n, L, ...]``."""
-    return t.reshape(batch, -1, *t.shape[1:]).movedim(1, 2)
+def _put_tiles(dst: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> None:
+    """Inverse of :func:`_to_tiles` into a token-major ``dst`` (a chunk's query rows are its own)."""
+    src = tiles.transpose(1, 2)  # [B * n, L, H, ...]
+    dst.index_copy_(1, index.reshape(-1), src.reshape(dst.shape[0], -1, *src.shape[2:]))
 
 
 def _tile_bias(
@@ -215,10 +219,10 @@ def _tile_bias(
     return bias.reshape(-1, 1, *bias.shape[2:])
 
 
-def _scatter_keys(dst: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> None:
-    """Accumulate ``[B * n, H, Uk, D]`` key/value gradients into ``dst`` ``[B, H, S, D]``."""
-    grads = _from_tiles(tiles, dst.shape[0])  # [B, H, n, Uk, D]
-    dst.index_add_(2, index.reshape(-1), grads.reshape(*dst.shape[:2], -1, dst.shape[-1]))
+def _scatter_keys(acc: torch.Tensor, index: torch.Tensor, tiles: torch.Tensor) -> None:
+    """Accumulate ``[B * n, H, Uk, D]`` key/value gradient tiles into token-major ``acc``."""
+    src = tiles.transpose(1, 2)  # [B * n, Uk, H, D]
+    acc.index_add_(1, index.reshape(-1), src.reshape(acc.shape[0], -1, *src.shape[2:]))
 
 
 def _head_slices(heads: int, elements_per_head: int) -> list[slice]:
@@ -250,8 +254,8 @@ def _forward_matmul(q, k, v, plan, pad_bias, scale):
                 m = m.masked_fill(m == -math.inf, 0.0)  # a row with no real key: output 0, like SDPA
                 mt[:, h] = m
                 ot[:, h] = torch.matmul(s.sub_(m[..., None]).exp_().to(q.dtype), vt[:, h])
-            out[:, :, qi] = _from_tiles(ot, batch)
-            lse[:, :, qi] = _from_tiles(mt, batch)
+            _put_tiles(out, qi, ot)
+            _put_tiles(lse, qi, mt)
     return out, lse
 
 
@@ -277,7 +281,7 @@ def _backward_matmul(dout, q, k, v, out, lse, plan, pad_bias, scale):
                 ds = dp.sub_(dt[:, h, :, None]).mul_(p).to(q.dtype)
                 dqt[:, h] = torch.matmul(ds, kt[:, h]) * scale
                 dkt[:, h] = torch.matmul(ds.transpose(-1, -2), qt[:, h])
-            dq[:, :, qi] = _from_tiles(dqt, batch)
+            _put_tiles(dq, qi, dqt)
             _scatter_keys(dk, ki, dkt)
             _scatter_keys(dv, ki, dvt)
     return dq, dk, dv
@@ -299,8 +303,8 @@ def _forward_flash(q, k, v, plan, pad_bias, scale):
             )
             if lse is None:  # the kernel picks the lse dtype (float32 for half types, else the input's)
                 lse = torch.empty(q.shape[:3], dtype=mt.dtype, device=q.device)
-            out[:, :, qi] = _from_tiles(ot, batch)
-            lse[:, :, qi] = _from_tiles(mt, batch)
+            _put_tiles(out, qi, ot)
+            _put_tiles(lse, qi, mt)
     return out, lse
 
 
@@ -316,16 +320,21 @@ def _backward_flash(dout, q, k, v, out, lse, plan, pad_bias, scale):
                 _to_tiles(k, ki),
                 _to_tiles(v, ki),
                 _to_tiles(out, qi),
-                _to_tiles(lse, qi),
+                _to_tiles(lse, qi).contiguous(),
                 0.0,
                 False,
                 attn_mask=_tile_bias(group, rows, q.dtype, batch, pad_bias),
                 scale=scale,
             )
-            dq[:, :, qi] = _from_tiles(gq, batch)
+            _put_tiles(dq, qi, gq)
             _scatter_keys(dk, ki, gk)
             _scatter_keys(dv, ki, gv)
     return dq, dk, dv
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, ...]`` -> contiguous ``[B, S, H, ...]`` (free for processor-layout inputs)."""
+    return x.transpose(1, 2).contiguous()
 
 
 _KERNEL_FNS = {"matmul": (_forward_matmul, _backward_matmul), "flash": (_forward_flash, _backward_flash)}
@@ -336,17 +345,21 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, pad_bias, kernel):
+        # The kernels work token-major ([B, S, H, D]): gathers then copy whole contiguous token rows.
+        q, k, v = (_token_major(x) for x in (q, k, v))
         scale = 1.0 / math.sqrt(q.shape[-1])
         out, lse = _KERNEL_FNS[kernel][0](q, k, v, plan, pad_bias, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.pad_bias, ctx.kernel, ctx.scale = plan, pad_bias, kernel, scale
-        return out
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _KERNEL_FNS[ctx.kernel][1](dout, q, k, v, out, lse, ctx.plan, ctx.pad_bias, ctx.scale)
-        return dq, dk, dv, None, None, None
+        grads = _KERNEL_FNS[ctx.kernel][1](
+            _token_major(dout), q, k, v, out, lse, ctx.plan, ctx.pad_bias, ctx.scale
+        )
+        return (*(g.transpose(1, 2) for g in grads), None, None, None)
 
 
 def _flash_available(device: torch.device, dtype: torch.dtype) -> bool:
