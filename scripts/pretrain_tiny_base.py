@@ -50,7 +50,7 @@ log = logging.getLogger("pretrain_tiny_base")
 SIZE = 32  # pixels; 8x VAE -> 4x4 latents; patch 1 -> 16 tokens per latent frame
 FPS = 16.0
 BASE_FRAMES = 17  # the only length the base ever sees (5 latent frames)
-Z_DIM = 8
+Z_DIM = 16  # latent channels, as in Wan2.1
 FLOW_SHIFT = 2.0
 VAE_CFG = dict(base_dim=16, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                temperal_downsample=[False, True, True])  # fmt: skip
@@ -117,18 +117,23 @@ def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dic
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
         log.info("vae: resumed at step %d", state["step"])
-    if state["step"] >= args.vae_steps:
+    total = args.vae_steps + args.vae_long_steps
+    if state["step"] >= total:
         return state["history"][-1] if state["history"] else {}
     specs = sample_specs(4096, seed=args.seed + 100)
     vae.train()
-    bar = tqdm(range(state["step"], args.vae_steps), desc="vae", initial=state["step"], total=args.vae_steps)
+    bar = tqdm(range(state["step"], total), desc="vae", initial=state["step"], total=total)
     ema = None
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, warmup=20)
+        lr = cosine_lr(step, args.vae_steps, args.vae_lr, warmup=20)
         rng = np.random.default_rng((args.seed, step))  # per-step stream: resuming changes nothing
-        # Curriculum: cheap 1+4-frame clips first (spatial code), then 1+4+4 (steady-state causal cache).
+        # Curriculum: cheap 1+4-frame clips first (spatial code), then 1+4+4 (causal cache), then whole
+        # 17-frame clips (without them the later chunks drift in colour: seen here).
         frames, batch = (5, 8) if step < args.vae_short_steps else (args.vae_frames, args.vae_batch)
+        if step >= args.vae_steps:
+            frames, batch, lr = BASE_FRAMES, 3, 0.3 * args.vae_lr
+        for g in opt.param_groups:
+            g["lr"] = lr
         picks = rng.integers(len(specs), size=batch)
         # A random window of a longer render: the VAE sees mid-motion and bounce frames too.
         clips, fg = [], []
@@ -151,7 +156,7 @@ def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dic
         l1 = ((rec - x).abs() * w).mean()
         mse = (((rec - x) ** 2) * w).mean()
         kl = posterior.kl().mean() / x[0].numel()
-        loss = l1 + mse + args.vae_kl * kl
+        loss = 0.5 * l1 + 2.0 * mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -159,7 +164,7 @@ def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dic
         ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1)
         bar.set_postfix(l1=f"{ema:.4f}", mse=f"{float(mse):.4f}")
         state["step"] = step + 1
-        if (step + 1) % 25 == 0 or step + 1 == args.vae_steps:
+        if (step + 1) % 25 == 0 or step + 1 in (args.vae_steps, total):
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "kl": float(kl)})
             log.info("vae step %d: l1(ema) %.4f mse %.4f kl/elem %.4f", step + 1, ema, float(mse), float(kl))
             atomic_torch_save(
@@ -334,16 +339,17 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("src/radial_lora/assets/tiny-wan-base"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on shared cores
-    p.add_argument("--vae-steps", type=int, default=450)
+    p.add_argument("--vae-steps", type=int, default=650)
     p.add_argument("--vae-batch", type=int, default=6)
     p.add_argument("--vae-frames", type=int, default=9)
-    p.add_argument("--vae-short-steps", type=int, default=100, help="first VAE steps on 5-frame clips, batch 8")
-    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-long-steps", type=int, default=60, help="last VAE steps on 17-frame clips, batch 3")
+    p.add_argument("--vae-short-steps", type=int, default=150, help="first VAE steps on 5-frame clips, batch 8")
+    p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--vae-fg-weight", type=float, default=10.0, help="loss weight of shape pixels")
+    p.add_argument("--vae-fg-weight", type=float, default=5.0, help="loss weight of shape pixels")
     p.add_argument("--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training")
-    p.add_argument("--pool", type=int, default=1024)
-    p.add_argument("--dit-steps", type=int, default=1600)
+    p.add_argument("--pool", type=int, default=512)
+    p.add_argument("--dit-steps", type=int, default=2000)
     p.add_argument("--dit-batch", type=int, default=16)
     p.add_argument("--dit-lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the sample strips")
