@@ -39,8 +39,9 @@ def resolve_backend(
     ``sparse`` (FlexAttention has no CPU backward). CPU forward-only -> compiled ``flex`` when
     ``seq_len >= AUTO_FLEX_MIN_SEQ_CPU``, the dtype is one CPU flex supports and compiled flex has
     not failed here before (the first failure is remembered and falls back); otherwise ``sparse``.
-    Measured on the 2-core machine (``benchmarks/RESULTS.md``): compiled flex forward was the faster
-    CPU forward at 21-81 x 256 tokens under load. Other devices -> ``sparse``.
+    Measured on the 2-core machine (``benchmarks/RESULTS.md``, 21/41/81 x 256 tokens): compiled flex
+    forward ran 1.1x/1.6x/2.6x faster than dense SDPA, ``sparse`` 1.0x/1.5x/2.6x, so flex is the
+    forward to take once its compile is paid. Other devices -> ``sparse``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

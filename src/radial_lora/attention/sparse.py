@@ -1,4 +1,4 @@
-"""Trainable block-sparse attention in plain torch: compute and memory follow the mask density.
+"""Trainable block-sparse attention in plain torch: compute follows the mask density.
 
 Why this exists: nothing installable gives a trainable arbitrary block-sparse attention on CPU,
 and per-block gathers are slower than dense SDPA (``shared/spec/attention-backends.md``). So the
@@ -18,7 +18,10 @@ The tile math has two interchangeable kernels:
   what it costs dense. CPU only.
 
 Both run inside one ``autograd.Function`` whose backward recomputes each tile from the saved
-log-sum-exp (FlashAttention-style): it saves only ``q, k, v, out, lse``, never the scores.
+log-sum-exp (FlashAttention-style): it saves only ``q, k, v, out, lse``, never the scores. Inside,
+tensors are token-major (``[B, S, H, D]``) so gathers copy whole contiguous token rows. Extra
+memory is the gathered tiles of one batched call, bounded to the order of the inputs (see the
+budgets below), never ``seq^2``.
 """
 
 from __future__ import annotations
