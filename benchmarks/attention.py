@@ -58,7 +58,7 @@ def update_section(path: Path, name: str, heading: str, body: str) -> None:
     A missing section is appended under ``heading``; everything outside the markers is kept.
     """
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
@@ -66,7 +66,7 @@ def update_section(path: Path, name: str, heading: str, body: str) -> None:
     else:
         text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
 

@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))  # sibling module with the RESULTS.md helpers
+
+from attention import update_section  # noqa: E402
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "train"
 # Context for CPU readers, from this machine (2 shared cores), November 2026.
@@ -126,21 +130,6 @@ def _run_worker(pattern: str, device: str, quick: bool) -> dict[str, Any]:
         return json.loads(Path(f.name).read_text())
 
 
-def write_section(path: Path, body: str, heading: str = "## Training step") -> None:
-    """Replace our marked section of RESULTS.md (append it when missing); atomic write."""
-    begin, end = f"<!-- {SECTION}:begin -->", f"<!-- {SECTION}:end -->"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -190,7 +179,7 @@ def main() -> None:
     ])  # fmt: skip
     print(body)
     if not args.no_write:
-        write_section(RESULTS, body)
+        update_section(RESULTS, SECTION, "## Training step", body)
 
 
 if __name__ == "__main__":
