@@ -18,17 +18,7 @@ VARIANTS = ("base_dense", "base_radial", "lora_dense", "lora_radial")
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dataset_32(one_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
+def dataset_32(one_torch_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
     """Prepared 9/17-frame buckets at 32x32 (4 tokens per latent frame), two sample videos."""
     from radial_lora.data.prepare import PrepareOptions, prepare_dataset
     from radial_lora.data.sample import write_sample_dataset
@@ -43,7 +33,9 @@ def dataset_32(one_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grid(one_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory) -> Path:
+def grid(
+    one_torch_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory
+) -> Path:
     out = tmp_path_factory.mktemp("eval") / "out"
     argv = ["evaluate", "--model", str(tiny_wan_dir), "--prompt", "a red circle moves right", "--lengths", "9,17",
             "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1", "--lora", str(tiny_wan_lora),

@@ -18,15 +18,7 @@ PROMPT = "a red circle moves right"
 COMMON = dict(height=32, width=32, steps=2, guidance=1.0, fps=8.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one torch thread each is faster than oversubscribing."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,7 @@ from safetensors.torch import load_file
 from radial_lora import lora
 from radial_lora.models.tiny import build_tiny_pipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise(params: list[torch.nn.Parameter], seed: int = 0) -> None:

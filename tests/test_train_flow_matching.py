@@ -11,15 +11,7 @@ from radial_lora.models.adapter import get_adapter
 from radial_lora.models.tiny import build_tiny_pipeline
 from radial_lora.train import flow_matching as fm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shift_formula_and_endpoints() -> None:

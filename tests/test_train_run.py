@@ -23,15 +23,7 @@ from radial_lora.train.config import load_config
 from radial_lora.train.flow_matching import heldout_loss
 
 QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
