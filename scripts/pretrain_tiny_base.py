@@ -349,7 +349,7 @@ def main() -> None:
     p.add_argument("--vae-fg-weight", type=float, default=5.0, help="loss weight of shape pixels")
     p.add_argument("--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training")
     p.add_argument("--pool", type=int, default=512)
-    p.add_argument("--dit-steps", type=int, default=2000)
+    p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=16)
     p.add_argument("--dit-lr", type=float, default=1e-3)
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the sample strips")
@@ -365,16 +365,18 @@ def main() -> None:
     comp = build_components(args.seed)
     pipe = WanPipeline(**comp)
     pipe.set_progress_bar_config(disable=True)
-    phase_t = time.time()
-    vae_final = train_vae(comp, args.work, args)
-    times["vae_s"] = times.get("vae_s", 0) + time.time() - phase_t
-    phase_t = time.time()
-    pool = build_pool(comp, pipe, args.work, args)
-    times["pool_s"] = times.get("pool_s", 0) + time.time() - phase_t
-    phase_t = time.time()
-    dit_final = train_transformer(comp, pool, args.work, args)
-    times["transformer_s"] = times.get("transformer_s", 0) + time.time() - phase_t
-    (args.work / "times.json").write_text(json.dumps(times, indent=1))
+
+    def timed(name: str, fn: Any) -> Any:
+        # Wall seconds per phase, summed over resumed runs (an interrupted phase loses its own time).
+        t = time.time()
+        result = fn()
+        times[name] = times.get(name, 0.0) + time.time() - t
+        (args.work / "times.json").write_text(json.dumps(times, indent=1))
+        return result
+
+    vae_final = timed("vae_s", lambda: train_vae(comp, args.work, args))
+    pool = timed("pool_s", lambda: build_pool(comp, pipe, args.work, args))
+    dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
     prompts = samples(pipe, args.work, args.seed, args.sample_steps)
     summary = {"vae": vae_final, "transformer": dit_final, "times_s": times, "sample_prompts": prompts,
                "latents_mean": comp["vae"].config.latents_mean, "latents_std": comp["vae"].config.latents_std,
