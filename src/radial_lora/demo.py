@@ -317,7 +317,8 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
         "",
         "## Generated 4x videos (same prompts, same seeds)",
         "",
-        f"{plan.eval_steps} sampling steps, guidance {plan.guidance}, seed {opts.seed}.",
+        f"{plan.eval_steps} sampling steps, guidance {plan.guidance}, seed {opts.seed}. The tiny base draws "
+        "blurry blobs, not crisp shapes (its model card, `assets/tiny-wan-base/README.md`, says what it can do).",
         "",
     ]
     for i, prompt in enumerate(info["prompts"]):
