@@ -59,6 +59,13 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert strip.width > strip.height
         assert info["videos"][variant][0] in report and info["strips"][variant][0] in report
 
+    # A rerun resumes: finished steps are skipped (the LoRA is not trained again), the report is rewritten.
+    lora_mtime = (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    assert run_demo(DemoOptions(out=out, quick=True)) == out / "REPORT.md"
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == lora_mtime
+    again = json.loads((out / "demo.json").read_text())
+    assert again["heldout"] == info["heldout"] and again["timing"] == info["timing"]
+
 
 def _info(base4: float, lora4: float) -> dict:
     heldout = {v: {BASE: 1.0, DOUBLE: 1.1, QUAD: base4} for v in ("base_dense", "base_radial")}
