@@ -62,6 +62,9 @@ def test_toml_and_overrides(tmp_path: Path) -> None:
         ({"validation": {"timesteps": [0]}}, "validation.timesteps"),
         ({"model": {"id": ""}}, "model.id"),
         ({"model": {"id": "m", "family": "sora"}}, "model.family"),
+        ({"model": {"id": "m", "family": "wan22", "expert": "medium"}}, "model.expert"),
+        ({"model": {"id": "m", "family": "wan", "expert": "low"}}, "model.expert"),
+        ({"model": {"id": "m", "family": "hunyuan", "expert": "high"}}, "model.expert"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -73,6 +76,16 @@ def test_bad_values_name_the_key(patch: dict, key: str) -> None:
         else:
             data[section] = value
     with pytest.raises(ConfigError, match=key):
+        config_from_dict(data)
+
+
+def test_expert_is_for_wan22_only() -> None:
+    data = json.loads(json.dumps(MINIMAL))
+    for family, expert in (("wan22", "low"), ("wan22", "high"), (None, "low"), ("wan", None)):
+        data["model"] = {"id": "m", "family": family, "expert": expert}
+        assert config_from_dict(data).model.expert == expert  # no family yet: checked once it is detected
+    data["model"] = {"id": "m", "family": "wan", "expert": "low"}
+    with pytest.raises(ConfigError, match="model.expert: 'low' is only for model.family 'wan22'"):
         config_from_dict(data)
 
 

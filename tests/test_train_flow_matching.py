@@ -119,3 +119,20 @@ def test_heldout_loss_bad_input() -> None:
         fm.heldout_loss(adapter, tr, [])
     with pytest.raises(ValueError, match="Records"):
         fm.heldout_loss(adapter, tr, ["nope"])
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal"])
+def test_sampling_in_a_range_is_the_truncated_distribution(scheme: str) -> None:
+    """A Wan2.2 expert's noise levels: the full distribution conditioned on its range, one draw per sample."""
+    kw = dict(scheme=scheme, shift=3.0, logit_mean=0.5, logit_std=0.8)
+    full = fm.sample_sigmas(40000, generator=torch.Generator().manual_seed(0), **kw)
+    for lo, hi in ((0.0, 0.875), (0.875, 1.0)):
+        got = fm.sample_sigmas(8000, generator=torch.Generator().manual_seed(1), sigma_range=(lo, hi), **kw)
+        again = fm.sample_sigmas(8000, generator=torch.Generator().manual_seed(1), sigma_range=(lo, hi), **kw)
+        assert torch.equal(got, again) and got.dtype == torch.float32
+        assert got.min() >= lo and got.max() <= hi
+        want = full[(full >= lo) & (full < hi)]
+        for q in (0.1, 0.5, 0.9):
+            assert abs(got.quantile(q).item() - want.quantile(q).item()) < 0.01, (lo, hi, q)
+    with pytest.raises(ValueError, match="empty"):
+        fm.sample_sigmas(2, sigma_range=(0.5, 0.5))

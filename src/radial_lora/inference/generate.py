@@ -110,6 +110,22 @@ def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
     return found
 
 
+def lora_expert(path: str | os.PathLike) -> str | None:
+    """The Wan2.2 A14B expert a radial-lora LoRA was trained for ("high", "low"), or None.
+
+    Both experts share the module names, so the file's keys cannot tell; the trainer records it.
+    """
+    from radial_lora.lora import read_lora_metadata
+
+    try:
+        expert = read_lora_metadata(path).get("expert")
+    except ValueError:
+        return None
+    if expert not in (None, "high", "low"):
+        raise ValueError(f"LoRA {path} names an unknown Wan2.2 expert {expert!r} in its metadata (high or low)")
+    return expert
+
+
 def lora_digest(path: str | os.PathLike) -> str:
     """sha256 of a LoRA's weights file: a retrained LoRA at the same path must not reuse old videos."""
     from radial_lora.lora import LORA_FILENAME
@@ -216,6 +232,9 @@ def load_model(
 def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
     """Activate exactly these LoRAs; none -> LoRA layers disabled.
 
+    A LoRA whose metadata says ``"expert": "low"`` (Wan2.2 A14B) loads into ``transformer_2``;
+    every other LoRA into ``transformer``.
+
     Each file loads once per pipeline; a file that changed since (same path, new sha256, e.g. a
     newer checkpoint) replaces its old adapter.
     """
@@ -228,8 +247,16 @@ def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
             pipe.delete_adapters(loaded.pop(key)[0])
         if key not in loaded:
             name = f"lora_{digest[:12]}"
+            kwargs = {}
+            if lora_expert(path) == "low":  # the low-noise expert of Wan2.2 A14B lives in transformer_2
+                if getattr(pipe, "transformer_2", None) is None:
+                    raise ValueError(
+                        f"LoRA {path} was trained for Wan2.2 A14B's low-noise expert (transformer_2), "
+                        f"but this {type(pipe).__name__} has no transformer_2"
+                    )
+                kwargs["load_into_transformer_2"] = True
             try:
-                pipe.load_lora_weights(str(path), adapter_name=name)
+                pipe.load_lora_weights(str(path), adapter_name=name, **kwargs)
             except (OSError, ValueError, KeyError) as exc:
                 raise ValueError(f"cannot load LoRA {path} into this {type(pipe).__name__}: {exc}") from exc
             loaded[key] = (name, digest)

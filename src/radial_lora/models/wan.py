@@ -16,6 +16,9 @@ from torch import nn
 
 from radial_lora.models.adapter import ModelAdapter, _check_videos, register_adapter
 
+# Wan2.2 A14B experts: "high" = ``transformer`` (t >= boundary), "low" = ``transformer_2``.
+EXPERTS = ("high", "low")
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -170,6 +173,29 @@ class Wan22Adapter(WanAdapter):
         if boundary is None or pipe.transformer_2 is None or timestep >= boundary:
             return pipe.transformer
         return pipe.transformer_2
+
+    def expert_transformer(self, pipe: DiffusionPipeline, expert: str) -> nn.Module:
+        """``transformer`` for "high", ``transformer_2`` for "low": the module a LoRA for that expert goes in."""
+        if expert not in EXPERTS:
+            raise ValueError(f"unknown Wan2.2 expert {expert!r}; expected one of {EXPERTS}")
+        if expert == "high":
+            return pipe.transformer
+        if getattr(pipe, "transformer_2", None) is None or self.boundary_timestep(pipe) is None:
+            raise ValueError("the low-noise expert needs a pipeline with transformer_2 and boundary_ratio (Wan2.2 A14B)")
+        return pipe.transformer_2
+
+    def expert_sigma_range(self, pipe: DiffusionPipeline, expert: str, margin: float = 1e-6) -> tuple[float, float]:
+        """Noise levels ``s`` (timestep ``1000 s``) that ``WanPipeline`` sends to ``expert``.
+
+        "high": ``[boundary, 1)``, "low": ``[0, boundary)``; ``margin`` keeps float32 rounding of
+        ``1000 s`` on the expert's side of the boundary. No boundary: the high expert does everything.
+        """
+        self.expert_transformer(pipe, expert)  # validates the name and that the expert exists
+        boundary = self.boundary_timestep(pipe)
+        if boundary is None:
+            return (0.0, 1.0)
+        b = boundary / pipe.scheduler.config.num_train_timesteps
+        return (b + margin, 1.0) if expert == "high" else (0.0, b - margin)
 
 
 register_adapter(WanAdapter())

@@ -28,6 +28,8 @@ BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "constant")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+# Wan2.2 A14B experts (radial_lora.models.wan.EXPERTS; repeated so the config check needs no diffusers import).
+EXPERTS = ("high", "low")
 # Pixels per latent token side: VAE spatial factor 8 x patch 2 for Wan2.1/2.2 and HunyuanVideo.
 SPATIAL_FACTOR = 16
 
@@ -40,6 +42,7 @@ class ModelSection:
     family: str | None = None
     dtype: str = "auto"  # weights: auto = bfloat16 on GPU, float32 on CPU
     flow_shift: float | None = None  # None: the pipeline scheduler's shift
+    expert: str | None = None  # wan22 only: "high" (transformer, default) or "low" (transformer_2)
 
 
 @dataclass
@@ -222,6 +225,13 @@ def _one_of(value: Any, allowed: tuple, key: str) -> None:
     _check(value in allowed, key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def check_expert_family(expert: str | None, family: str) -> None:
+    """``model.expert`` picks one of Wan2.2 A14B's two experts; other families have one transformer."""
+    _check(expert is None or family == "wan22", "model.expert",
+           f"{expert!r} is only for model.family 'wan22' (Wan2.2 A14B's high/low-noise experts); "
+           f"the {family!r} model has one transformer - remove model.expert")  # fmt: skip
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise :class:`ConfigError` naming the first impossible value; returns ``cfg``."""
     m, d, r, lo, ra = cfg.model, cfg.data, cfg.resolution, cfg.lora, cfg.radial
@@ -231,6 +241,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _one_of(m.family, FAMILIES, "model.family")
     _one_of(m.dtype, DTYPES, "model.dtype")
     _check(m.flow_shift is None or m.flow_shift > 0, "model.flow_shift", "must be > 0")
+    if m.expert is not None:
+        _one_of(m.expert, EXPERTS, "model.expert")
+        if m.family is not None:
+            check_expert_family(m.expert, m.family)
 
     _check(bool(d.path), "data.path", "required: a folder written by `radial-lora data prepare`")
     for i, n in enumerate(d.lengths):

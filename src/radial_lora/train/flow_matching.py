@@ -35,6 +35,13 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 
+def unshift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Inverse of :func:`shift_sigmas`: ``s' / (shift - (shift-1) s')``."""
+    if shift <= 0:
+        raise ValueError(f"flow shift must be > 0, got {shift}")
+    return sigmas / (shift - (shift - 1.0) * sigmas)
+
+
 def sample_sigmas(
     batch_size: int,
     *,
@@ -43,19 +50,42 @@ def sample_sigmas(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     generator: torch.Generator | None = None,
+    sigma_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """``[batch_size]`` float32 noise levels in (0, 1) on CPU (move them yourself): same generator, same draws.
 
     "uniform": s ~ U(0, 1); "logit_normal": s = sigmoid(N(mean, std)) (SD3's choice). Then the flow shift.
+    ``sigma_range=(lo, hi)``: the same distribution conditioned on ``lo <= s < hi`` (a Wan2.2 expert only
+    sees its share of the trajectory), drawn by inverse CDF so every sample costs exactly one draw.
     """
+    if scheme not in TIMESTEP_SCHEMES:
+        raise ValueError(f"unknown timestep sampling scheme {scheme!r}; expected one of {TIMESTEP_SCHEMES}")
+    if sigma_range is not None:
+        return _sample_sigmas_in_range(batch_size, scheme, shift, logit_mean, logit_std, generator, sigma_range)
     if scheme == "uniform":
         s = torch.rand(batch_size, generator=generator)
-    elif scheme == "logit_normal":
-        s = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
     else:
-        raise ValueError(f"unknown timestep sampling scheme {scheme!r}; expected one of {TIMESTEP_SCHEMES}")
+        s = torch.sigmoid(torch.randn(batch_size, generator=generator) * logit_std + logit_mean)
     # Keep away from the exact end points: s = 0 gives a zero-information target for nothing.
     return shift_sigmas(s, shift).clamp(1e-5, 1.0 - 1e-5)
+
+
+def _sample_sigmas_in_range(
+    batch_size: int, scheme: str, shift: float, logit_mean: float, logit_std: float,
+    generator: torch.Generator | None, sigma_range: tuple[float, float],
+) -> torch.Tensor:  # fmt: skip
+    """Truncated sampling: map the range back through the shift (and the logit-normal CDF), draw inside it."""
+    lo, hi = (max(1e-5, float(sigma_range[0])), min(1.0 - 1e-5, float(sigma_range[1])))
+    if not lo < hi:
+        raise ValueError(f"empty noise-level range [{sigma_range[0]}, {sigma_range[1]})")
+    bounds = unshift_sigmas(torch.tensor([lo, hi], dtype=torch.float64), shift)
+    if scheme == "logit_normal":
+        bounds = torch.special.ndtr((torch.logit(bounds) - logit_mean) / logit_std)
+    u = bounds[0] + (bounds[1] - bounds[0]) * torch.rand(batch_size, generator=generator).double()
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.special.ndtri(u) * logit_std + logit_mean)
+    # float64 until here: the result is in [lo, hi] up to float32 rounding (callers keep a margin).
+    return shift_sigmas(u, shift).clamp(lo, hi).float()
 
 
 def sigma_to_timestep(sigmas: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Read top to bottom: load the base pipeline through its family adapter, keep only the transformer,
 attach LoRA, install radial attention, then for every step draw a length bucket, a global batch of
-that bucket, noise it (flow matching) and take an AdamW step on the LoRA weights only.
+that bucket, noise it (flow matching) and take an AdamW step on the LoRA weights only. Wan2.2 A14B
+has two experts; ``model.expert`` picks one and its noise levels are drawn only from that expert's range.
 
 Reproducibility is by construction: the bucket and clips of step ``k`` come from a sampler whose whole
 state is saved, and the noise and noise level of sample ``i`` of step ``k`` come from a generator seeded
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from radial_lora import lora as lora_io
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
-from radial_lora.train.config import TrainConfig
+from radial_lora.train.config import ConfigError, TrainConfig, check_expert_family
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +230,15 @@ class _Loggers:
             self.wandb.finish()
 
 
-def lora_metadata(cfg: TrainConfig, family: str, controller: Any, step: int) -> dict[str, Any]:
-    """What a LoRA file says about how it was trained (and must be used)."""
-    return {
+def lora_metadata(
+    cfg: TrainConfig, family: str, controller: Any, step: int, expert: tuple[str, list[float]] | None = None
+) -> dict[str, Any]:
+    """What a LoRA file says about how it was trained (and must be used).
+
+    ``expert``: (name, [lowest, highest] timestep) for a Wan2.2 expert LoRA; generation reads the name
+    to load the file into ``transformer_2`` for "low".
+    """
+    meta = {
         "format": "radial-lora/1",
         "base_model": cfg.model.id,
         "family": family,
@@ -253,6 +260,9 @@ def lora_metadata(cfg: TrainConfig, family: str, controller: Any, step: int) -> 
         "lr": cfg.optimizer.lr,
         "consistency_weight": cfg.train.consistency_weight,
     }
+    if expert is not None:
+        meta["expert"], meta["expert_timesteps"] = expert[0], expert[1]
+    return meta
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -318,16 +328,38 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
 
     # Model: transformer only (latents and text embeddings are pre-computed), LoRA, radial attention.
     family = cfg.model.family or (detect_family(pipe) if pipe is not None else detect_family(cfg.model.id))
+    check_expert_family(cfg.model.expert, family)  # the family may only be known now (auto-detected)
     if info.get("family") not in (None, family):
         raise ValueError(f"dataset {cfg.data.path} was prepared for family {info.get('family')!r}, model is {family!r}")
     adapter = get_adapter(family)
     if pipe is None:
         pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=weight_dtype)
-    transformer = adapter.transformers(pipe)[0]
+    # Wan2.2 A14B: one LoRA per expert, trained only at the noise levels WanPipeline sends that expert to.
+    expert = (cfg.model.expert or "high") if family == "wan22" else None
+    sigma_range: tuple[float, float] | None = None
+    expert_meta = None
+    if expert is None:
+        transformer = adapter.transformers(pipe)[0]
+    else:
+        try:
+            transformer = adapter.expert_transformer(pipe, expert)
+        except ValueError as exc:
+            raise ConfigError(f"model.expert: {exc}") from None
+        sigma_range = adapter.expert_sigma_range(pipe, expert)
+        t_range = [round(x * fm.NUM_TRAIN_TIMESTEPS, 3) for x in sigma_range]
+        expert_meta = (expert, t_range)
+        logger.info("Wan2.2 A14B: training the %s-noise expert, timesteps in [%.1f, %.1f]", expert, *t_range)
+        if sigma_range == (0.0, 1.0):
+            sigma_range = None  # no boundary: the high expert sees every noise level
+    val_timesteps = [x for x in cfg.validation.timesteps
+                     if sigma_range is None or sigma_range[0] <= x / fm.NUM_TRAIN_TIMESTEPS <= sigma_range[1]]  # fmt: skip
+    if cfg.validation.every and holdout_records and not val_timesteps:
+        raise ConfigError(
+            f"validation.timesteps {cfg.validation.timesteps}: none is in the {expert} expert's range "
+            f"{expert_meta[1] if expert_meta else ''}; give timesteps the expert denoises"
+        )
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
-    if family == "wan22":
-        logger.warning("Wan2.2 A14B: training the high-noise expert (pipe.transformer) only")
     del pipe
     transformer.to(device=device, dtype=weight_dtype)
     params = lora_io.add_lora(
@@ -381,7 +413,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if main:
             ckpt.save_checkpoint(
                 out, step, lora_state=lora_io.lora_state_dict(transformer), lora_config=lora_cfg,
-                metadata=lora_metadata(cfg, family, controller, step), optimizer_state=optimizer.state_dict(),
+                metadata=lora_metadata(cfg, family, controller, step, expert_meta), optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(), rng_states=rng_states,
                 trainer_state={"sampler": sampler.state_dict(), "losses": losses}, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
@@ -394,7 +426,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if main:
             clips = _round_robin(holdout_records)[: cfg.validation.max_clips]
             with controller.training_mode(), acc.autocast():
-                res = fm.heldout_loss(adapter, transformer, clips, cfg.validation.timesteps,
+                res = fm.heldout_loss(adapter, transformer, clips, val_timesteps,
                                       cfg.validation.seed, dataset=dataset)  # fmt: skip
             logger.info("step %d held-out loss %.6f per bucket %s", step, res.mean, res.per_bucket)
             loggers.scalars({"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}}, step)
@@ -424,7 +456,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                     gens = [sample_generator(t.seed, step, first + j) for j in range(micro)]
                     sigmas = torch.cat([
                         fm.sample_sigmas(1, scheme=t.timestep_sampling, shift=shift, logit_mean=t.logit_mean,
-                                         logit_std=t.logit_std, generator=g) for g in gens
+                                         logit_std=t.logit_std, generator=g, sigma_range=sigma_range) for g in gens
                     ])  # fmt: skip
                     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
                     x0, noise = latents.to(device), noise.to(device)
@@ -485,7 +517,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             save(t.steps)
         lora_path = None
         if main:
-            meta = lora_metadata(cfg, family, controller, max(step, start))
+            meta = lora_metadata(cfg, family, controller, max(step, start), expert_meta)
             lora_path = lora_io.save_lora(out, transformer, meta)
             tc = transformer.config
             mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
