@@ -120,9 +120,9 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
 
 
 def _ensure_registered() -> None:
-    if not _REGISTRY:
-        import radial_lora.models.hunyuan  # noqa: F401  (registers on import)
-        import radial_lora.models.wan  # noqa: F401
+    """Import every family module (each registers on import), even when one was imported directly before."""
+    import radial_lora.models.hunyuan  # noqa: F401  (registers on import)
+    import radial_lora.models.wan  # noqa: F401
 
 
 def families() -> list[str]:
