@@ -57,6 +57,7 @@ def test_toml_and_overrides(tmp_path: Path) -> None:
         ({"optimizer": {"betas": [0.9]}}, "optimizer.betas"),
         ({"train": {"batch_size": 6, "grad_accum": 4}}, "train.batch_size"),
         ({"train": {"precision": "fp8"}}, "train.precision"),
+        ({"train": {"distributed": "zero3"}}, "train.distributed"),
         ({"lora": {"rank": 0}}, "lora.rank"),
         ({"schedule": {"warmup_steps": -1}}, "schedule.warmup_steps"),
         ({"validation": {"timesteps": [0]}}, "validation.timesteps"),

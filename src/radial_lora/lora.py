@@ -77,9 +77,15 @@ def add_lora(
 
 
 def lora_state_dict(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights with diffusers keys ``transformer.<module>.lora_A.weight`` (contiguous, CPU)."""
+    """The adapter's weights with diffusers keys ``transformer.<module>.lora_A.weight`` (contiguous, CPU).
+
+    Under FSDP the weights are sharded DTensors: they are gathered, so every process must call this.
+    """
+    from torch.distributed.tensor import DTensor
+
     sd = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
-    return {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sd.items()}
+    return {PREFIX + k: v.detach().to("cpu").contiguous() for k, v in full.items()}
 
 
 def adapter_config(transformer: torch.nn.Module, adapter_name: str = "default") -> dict[str, Any]:

@@ -28,6 +28,7 @@ BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "constant")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+DISTRIBUTED = ("ddp", "fsdp")
 # Wan2.2 A14B experts (radial_lora.models.wan.EXPERTS; repeated so the config check needs no diffusers import).
 EXPERTS = ("high", "low")
 # Pixels per latent token side: VAE spatial factor 8 x patch 2 for Wan2.1/2.2 and HunyuanVideo.
@@ -110,6 +111,7 @@ class TrainSection:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     consistency_weight: float = 0.0  # 0 = off
+    distributed: str = "ddp"  # "ddp": full base per process; "fsdp": base (and LoRA) sharded over processes
 
 
 @dataclass
@@ -303,6 +305,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(t.timestep_sampling, TIMESTEP_SAMPLING, "train.timestep_sampling")
     _check(t.logit_std > 0, "train.logit_std", "must be > 0")
     _check(t.consistency_weight >= 0, "train.consistency_weight", "must be >= 0 (0 = off)")
+    _one_of(t.distributed, DISTRIBUTED, "train.distributed")
+    _check(t.distributed != "fsdp" or o.name == "adamw", "train.distributed",
+           "'fsdp' needs optimizer.name 'adamw' (bitsandbytes' 8-bit AdamW does not take sharded parameters)")  # fmt: skip
 
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")

@@ -14,7 +14,9 @@ Data parallelism: each process holds the (frozen) base model and computes its sh
 batch; the LoRA gradients are averaged with one all-reduce per optimizer step (``accelerate`` sets up
 the process group: ``accelerate launch`` / ``torchrun``, gloo on CPU, NCCL on GPU). Only LoRA
 parameters are synchronised, so no DDP wrapper is needed and the adapter's ``predict`` sees the plain
-model. FSDP (sharding the frozen base) is not implemented.
+model. ``train.distributed="fsdp"`` instead shards the base and the LoRA with torch's FSDP2
+``fully_shard`` (called directly: accelerate 1.15 ignores its FSDP plugin on CPU and wraps in DDP, so
+this is the one path that also runs, and is tested, with gloo); FSDP averages the LoRA gradients itself.
 """
 
 from __future__ import annotations
@@ -150,6 +152,47 @@ def collate(items: list[dict[str, torch.Tensor]], where: str) -> tuple[torch.Ten
 
 
 # --- setup helpers -------------------------------------------------------------------------------
+
+
+def shard_model(transformer: torch.nn.Module) -> None:
+    """FSDP2 (``fully_shard``): one unit per transformer block, then the root, over all processes.
+
+    The frozen base and the LoRA are both sharded; each block's weights are gathered only while it
+    runs, so a 14B base no longer has to fit on every GPU. Tested with gloo on CPU; not yet on NCCL/GPUs.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for child in transformer.children():
+        if isinstance(child, torch.nn.ModuleList):  # Wan: blocks; HunyuanVideo: (single_)transformer_blocks
+            for block in child:
+                fully_shard(block)
+    fully_shard(transformer)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with sharded tensors gathered (collective), so a checkpoint is the same
+    file under DDP and FSDP and resumes on any number of processes."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    sd["state"] = {
+        i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()} for i, st in sd["state"].items()
+    }
+    return sd
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of full tensors: shard each per-parameter tensor like its parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def _resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype]:
@@ -365,25 +408,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     params = lora_io.add_lora(
         transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.targets
     )
-    for p in params:
-        p.data = p.data.float()  # trainable weights in fp32 even when the base is bf16
-    controller = apply_radial_attention(
-        transformer, pattern=cfg.radial.pattern, dense_layers=cfg.radial.dense_layers,
-        decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size, backend=cfg.radial.backend,
-    )  # fmt: skip
-    if t.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    optimizer = build_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total=t.steps, warmup=cfg.schedule.warmup_steps, name=cfg.schedule.name,
-                            min_ratio=cfg.schedule.min_lr_ratio),
-    )  # fmt: skip
-    lora_cfg = lora_io.adapter_config(transformer)
-
-    # Resume.
-    start, losses = 0, []
+    # Resume, part 1: the LoRA weights go in before any sharding (plain tensors, every process alike).
+    state = None
     if resume:
         path = ckpt.resolve_resume(out, resume)
         state = ckpt.load_checkpoint(path)
@@ -393,9 +419,38 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         result = set_peft_model_state_dict(transformer, sd)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"checkpoint {path} does not match this LoRA config: unexpected {result.unexpected_keys[:3]}")
-        for p in params:
-            p.data = p.data.float()
+    for p in params:
+        p.data = p.data.float()  # trainable weights in fp32 even when the base is bf16
+    controller = apply_radial_attention(
+        transformer, pattern=cfg.radial.pattern, dense_layers=cfg.radial.dense_layers,
+        decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size, backend=cfg.radial.backend,
+    )  # fmt: skip
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    lora_cfg = lora_io.adapter_config(transformer)
+    fsdp = t.distributed == "fsdp" and world > 1
+    if fsdp:
+        shard_model(transformer)
+        params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded DTensors
+        here = sum(p.to_local().numel() for p in transformer.parameters())
+        logger.info("FSDP: transformer sharded over %d processes, %d of %d parameters held per process",
+                    world, here, sum(p.numel() for p in transformer.parameters()))  # fmt: skip
+    elif t.distributed == "fsdp":
+        logger.info("train.distributed='fsdp' with one process: nothing to shard")
+    optimizer = build_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total=t.steps, warmup=cfg.schedule.warmup_steps, name=cfg.schedule.name,
+                            min_ratio=cfg.schedule.min_lr_ratio),
+    )  # fmt: skip
+
+    # Resume, part 2: optimizer (full tensors in the file, re-sharded under FSDP), schedule, sampler, RNG.
+    start, losses = 0, []
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            shard_optimizer_state(optimizer)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["state"]["sampler"])
         rngs = state["rng"]
@@ -410,10 +465,13 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
 
     def save(step: int) -> None:
         rng_states = gather_object([ckpt.capture_rng_state()]) if world > 1 else [ckpt.capture_rng_state()]
+        # Under FSDP gathering the LoRA and optimizer state is collective: every process takes part.
+        lora_state = lora_io.lora_state_dict(transformer) if main or fsdp else None
+        optimizer_state = full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
         if main:
             ckpt.save_checkpoint(
-                out, step, lora_state=lora_io.lora_state_dict(transformer), lora_config=lora_cfg,
-                metadata=lora_metadata(cfg, family, controller, step, expert_meta), optimizer_state=optimizer.state_dict(),
+                out, step, lora_state=lora_state, lora_config=lora_cfg,
+                metadata=lora_metadata(cfg, family, controller, step, expert_meta), optimizer_state=optimizer_state,
                 scheduler_state=scheduler.state_dict(), rng_states=rng_states,
                 trainer_state={"sampler": sampler.state_dict(), "losses": losses}, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
@@ -423,11 +481,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if not holdout_records:
             return None
         res = None
-        if main:
+        if main or fsdp:  # a sharded model's forward needs every process
             clips = _round_robin(holdout_records)[: cfg.validation.max_clips]
             with controller.training_mode(), acc.autocast():
                 res = fm.heldout_loss(adapter, transformer, clips, val_timesteps,
                                       cfg.validation.seed, dataset=dataset)  # fmt: skip
+        if main:
             logger.info("step %d held-out loss %.6f per bucket %s", step, res.mean, res.per_bucket)
             loggers.scalars({"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}}, step)
         acc.wait_for_everyone()
@@ -475,13 +534,14 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                         cons_loss += cons.detach() / t.grad_accum
                     acc.backward(total / t.grad_accum)
                     step_loss += loss.detach() / t.grad_accum
-            if world > 1:
+            if world > 1 and not fsdp:  # FSDP has already averaged (reduce-scattered) the gradients
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
                 offset = 0
                 for p, g in zip(params, grads):
                     p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
                     offset += g.numel()
+            if world > 1:
                 step_loss = acc.reduce(step_loss, reduction="mean")
                 cons_loss = acc.reduce(cons_loss, reduction="mean")
             loss_value = float(step_loss)
@@ -516,9 +576,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if start < t.steps:
             save(t.steps)
         lora_path = None
+        final_state = lora_io.lora_state_dict(transformer) if main or fsdp else None  # collective under FSDP
         if main:
             meta = lora_metadata(cfg, family, controller, max(step, start), expert_meta)
-            lora_path = lora_io.save_lora(out, transformer, meta)
+            lora_path = lora_io.save_lora(out, final_state, meta, lora_config=lora_cfg)
             tc = transformer.config
             mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
             lora_io.export_comfyui(lora_path, out / lora_io.COMFYUI_FILENAME, family, single_mlp_dim=mlp)
