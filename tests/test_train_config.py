@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from radial_lora.cli import main
+from radial_lora.demo import DEFAULT_CONFIG as DEMO_CONFIG
 from radial_lora.train.config import ConfigError, TrainConfig, config_from_dict, load_config, parse_override
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.json"))
+CONFIGS = [*sorted((Path(__file__).parents[1] / "configs").glob("*.json")), DEMO_CONFIG]  # the demo's is package data
 MINIMAL = {"model": {"id": "m"}, "data": {"path": "d", "lengths": [161], "base_length": 81}}
 
 
 def test_every_shipped_config_validates() -> None:
     names = {p.name for p in CONFIGS}
     assert {"lora_length_extension.json", "lora_quick_test.json", "lora_production.json",
-            "lora_hunyuan_4x.json"} <= names  # fmt: skip
+            "lora_hunyuan_4x.json", "demo_tiny_4x.json"} <= names  # fmt: skip
     for path in CONFIGS:
         cfg = load_config(path)
         assert isinstance(cfg, TrainConfig)

@@ -5,7 +5,7 @@ tiny base (``assets/tiny-wan-base``, see its README) was trained at 17 frames on
 
 1. writes synthetic moving-shape videos (training and held-out sets, different seeds),
 2. prepares them with the tiny base (``data prepare``): 17- and 65-frame clips, held-out 17/33/65,
-3. trains a radial-attention LoRA at 4x (``train`` with ``configs/demo_tiny_4x.json``),
+3. trains a radial-attention LoRA at 4x (``train`` with the packaged ``assets/demo_tiny_4x.json``),
 4. times training steps at 4x under dense and radial attention side by side (and counts the FLOPs),
 5. evaluates base vs LoRA at 1x/2x/4x (``evaluate``: held-out flow-matching loss, generated videos),
 6. writes ``REPORT.md`` with every number from this run.
@@ -33,7 +33,8 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny-wan-base"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_tiny_4x.json"
+# Package data (not the repo's configs/ folder), so the demo also runs from an installed wheel.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "demo_tiny_4x.json"
 FAMILY = "wan"
 SIZE = 32
 FPS = 16.0
@@ -149,7 +150,7 @@ def train_config(opts: DemoOptions, plan: DemoPlan) -> Any:
     from radial_lora.train.config import load_config
 
     if not opts.config.is_file():
-        raise FileNotFoundError(f"demo config {opts.config} not found; pass --config configs/demo_tiny_4x.json")
+        raise FileNotFoundError(f"demo config {opts.config} not found; pass --config with a training config (the default is {DEFAULT_CONFIG})")
     overrides = {
         "model.id": str(opts.model), "data.path": str(opts.out / "data" / "train"),
         "output_dir": str(opts.out / "lora"), "train.steps": plan.train_steps,
