@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -428,6 +428,76 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "radial_lora": __version__}
 
 
+@dataclass
+class Rendered:
+    """What :func:`render_video` made: uint8 ``[F, H, W, 3]`` frames (None when not decoded), the wall time of
+    the pipeline call, its peak memory (empty when not measured) and the controller's attention call counts."""
+
+    frames: np.ndarray | None
+    wall_time_s: float
+    peak_memory: dict[str, Any]
+    calls: dict[str, int]
+
+
+def frames_to_uint8(video: Any) -> np.ndarray:
+    """A pipeline's ``output_type="np"`` video (floats in [0, 1]) as uint8 frames."""
+    video = np.asarray(video, dtype=np.float32)
+    return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def render_video(
+    pipe: Any,
+    controller: Any,
+    video_path: Path | None,
+    *,
+    prompt: str,
+    num_frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    fps: float,
+    negative_prompt: str | None = None,
+    device: torch.device | None = None,
+    measure_memory: bool = True,
+) -> Rendered:
+    """One stock ``pipe(...)`` call with a CPU generator seeded ``seed``, written to ``video_path`` as mp4.
+
+    ``controller`` (the pipeline's :class:`~radial_lora.models.radial.RadialController`, or None) starts a
+    new denoising run, so ``dense_timesteps`` counts from this call's first step. ``video_path=None``
+    runs the denoising only (``output_type="latent"``: no decode, nothing written; a process that must
+    take part in a sharded forward but writes nothing). ``generate`` and the trainer's validation
+    samples both go through here.
+    """
+    from radial_lora.data.video_io import write_video
+
+    exec_device = device or torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    if controller is not None:
+        controller.reset_stats()
+        controller.new_run()
+    generator = torch.Generator("cpu").manual_seed(seed)
+    call: dict[str, Any] = dict(
+        prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+        guidance_scale=guidance, generator=generator, output_type="np" if video_path is not None else "latent",
+    )  # fmt: skip
+    if negative_prompt is not None:
+        call["negative_prompt"] = negative_prompt
+    mem: dict[str, Any] = {}
+    with peak_memory(exec_device) if measure_memory else nullcontext(mem) as mem:
+        start = time.perf_counter()
+        output = pipe(**call)
+        if exec_device.type == "cuda":
+            torch.cuda.synchronize(exec_device)
+        wall = time.perf_counter() - start
+    frames = None
+    if video_path is not None:
+        frames = frames_to_uint8(output.frames[0])
+        write_video(video_path, frames, fps)
+    calls = dict(controller.calls) if controller is not None else {}
+    return Rendered(frames, wall, mem, calls)
+
+
 # -- the entry point -----------------------------------------------------------------------------
 
 
@@ -470,7 +540,6 @@ def generate(
     ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
     ``offload``/``vae_tiling``: memory savers when ``model`` is loaded here (see :func:`load_model`).
     """
-    from radial_lora.data.video_io import write_video
     from radial_lora.models import apply_radial_attention
 
     prompts = list(prompts)
@@ -532,26 +601,13 @@ def generate(
                 block_size=attn["block_size"], backend=backend,
             )  # fmt: skip
             prepared = True
-        controller.reset_stats()
-        controller.new_run()
-        generator = torch.Generator("cpu").manual_seed(seed + i)
-        call: dict[str, Any] = dict(
-            prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-            guidance_scale=guidance, generator=generator, output_type="np",
-        )  # fmt: skip
-        if negative_prompt is not None:
-            call["negative_prompt"] = negative_prompt
         logger.info("generating %s: %d frames %dx%d, %d steps, pattern=%s", stem, num_frames, width, height, steps,
                     attn["pattern"])  # fmt: skip
-        with peak_memory(exec_device) as mem:
-            start = time.perf_counter()
-            output = pipe(**call)
-            if exec_device.type == "cuda":
-                torch.cuda.synchronize(exec_device)
-            wall = time.perf_counter() - start
-        video = np.asarray(output.frames[0], dtype=np.float32)
-        frames = (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        write_video(video_path, frames, fps)
+        rendered = render_video(
+            pipe, controller, video_path, prompt=prompt, num_frames=num_frames, height=height, width=width,
+            steps=steps, guidance=guidance, seed=seed + i, fps=fps, negative_prompt=negative_prompt, device=exec_device,
+        )  # fmt: skip
+        frames, wall, mem = rendered.frames, rendered.wall_time_s, rendered.peak_memory
         if frames_file is not None:
             _save_frames(frames_file, frames)
         info = {
@@ -564,7 +620,7 @@ def generate(
             "settings_source": source,
             "wall_time_s": wall,
             "peak_memory": mem,
-            "attention": {**budget, "calls": dict(controller.calls)},
+            "attention": {**budget, "calls": rendered.calls},
             "versions": _versions(),
         }
         write_json_atomic(sidecar, info)
