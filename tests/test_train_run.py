@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from radial_lora import lora
 from radial_lora.data.dataset import PreparedDataset
+from radial_lora.data.video_io import read_video
 from radial_lora.models.adapter import get_adapter
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
@@ -24,6 +25,7 @@ from radial_lora.train.config import load_config
 from radial_lora.train.flow_matching import heldout_loss
 
 QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
+SAMPLING = ('validation.sample_prompts=["a red fox in snow"]', "validation.sample_steps=2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -105,7 +107,7 @@ def test_two_process_data_parallel_matches_one_process(
                  "validation.every=0", "logging.tensorboard=false", "train.consistency_weight=0.0"]  # fmt: skip
     single = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "one", *overrides))
     cfg_path = tmp_path / "ddp.json"
-    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *overrides)
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *overrides, *SAMPLING)  # main samples, others wait
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     torchrun = Path(sys.executable).with_name("torchrun")
     cli = Path(sys.executable).with_name("radial-lora")
@@ -115,6 +117,8 @@ def test_two_process_data_parallel_matches_one_process(
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 procs x 1 micro x 2 accum" in (tmp_path / "two" / trainer.LOG_FILE).read_text()
+    assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["step_000003"]  # the last step only
+    assert len(list((tmp_path / "two" / "samples" / "step_000003").glob("f17_000_*.mp4"))) == 1
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(two), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
     a, b = load_file(tmp_path / "one" / lora.LORA_FILENAME), load_file(tmp_path / "two" / lora.LORA_FILENAME)
@@ -192,7 +196,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
                  "logging.tensorboard=false", "train.consistency_weight=0.1"]  # fmt: skip
     single = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "one", *overrides))
     cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *overrides, "train.distributed=fsdp",
-               "train.gradient_checkpointing=true")  # fmt: skip
+               "train.gradient_checkpointing=true", *SAMPLING)  # fmt: skip
     cfg_path = tmp_path / "fsdp.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -211,6 +215,10 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     here, total = map(int, re.search(r"FSDP: transformer sharded over 2 processes, (\d+) of (\d+)", log).groups())
     assert here <= total // 2 + 1000, (here, total)  # each process holds about half of the base
     heldout = float(re.search(r"step 2 held-out loss ([\d.]+)", log).group(1))
+    # Samples: every process ran the sharded forward, the main one wrote; training was not disturbed.
+    for step in (2, 3):
+        (video,) = (tmp_path / "two" / "samples" / f"step_{step:06d}").glob("f17_000_*.mp4")
+        assert read_video(video)[0].shape == (17, 64, 64, 3)
     assert abs(heldout - single.heldout["mean"]) < 1e-5
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(two), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)

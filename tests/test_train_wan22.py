@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,9 @@ def test_low_expert_lora_trains_transformer_2_and_loads_there(
     high_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     calls = _spy_predict(monkeypatch)
     out = tmp_path / "low"
-    result = trainer.train(_cfg(tiny_wan22_dir, wan22_dataset, out, "model.family=wan22", "model.expert=low"), pipe=pipe)
+    sampling = ('validation.sample_prompts=["a red square moving"]', "validation.sample_steps=4")
+    result = trainer.train(_cfg(tiny_wan22_dir, wan22_dataset, out, "model.family=wan22", "model.expert=low", *sampling),
+                           pipe=pipe)  # fmt: skip
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     # Only the low-noise expert ran, and only at the timesteps WanPipeline gives it.
     assert calls and all(tr is pipe.transformer_2 for tr, _ in calls)
@@ -87,6 +90,11 @@ def test_low_expert_lora_trains_transformer_2_and_loads_there(
     assert trained and all(p.abs().max() > 0 for p in trained.values())
     meta = lora.read_lora_metadata(out)
     assert meta["family"] == "wan22" and meta["expert"] == "low"
+    # The last-step sample ran the whole two-expert pipeline: the base high expert, then the trained low one.
+    (sidecar,) = (out / "samples" / "step_000003").glob("f17_000_*.json")
+    info = json.loads(sidecar.read_text())
+    assert info["settings"]["expert"] == "low" and info["attention"]["calls"]["sparse"] > 0
+    assert sidecar.with_suffix(".mp4").is_file()
     assert meta["expert_timesteps"][0] == 0.0 and meta["expert_timesteps"][1] < boundary
 
     # generate's loader puts it into the stock pipeline's transformer_2, and the video changes.

@@ -126,6 +126,16 @@ class ValidationSection:
     timesteps: list[float] = field(default_factory=lambda: [100.0, 300.0, 500.0, 700.0, 900.0])
     max_clips: int = 8
     seed: int = 0
+    # Sample videos with the stock pipeline and the LoRA as trained (radial attention); no prompts = off.
+    # Written every sample_every steps (0: at every validation step) and at the last step; prompt i
+    # uses seed sample_seed + i (as `radial-lora generate`); lengths [] = the longest training length.
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_lengths: list[int] = field(default_factory=list)  # frame counts, 4k+1
+    sample_every: int = 0
+    sample_steps: int = 20  # denoising steps per sample
+    sample_guidance: float = 5.0  # classifier-free guidance scale (the pipeline's guidance_scale)
+    sample_seed: int = 0
+    sample_dense_timesteps: int | None = None  # None: round(0.04 x sample_steps), the paper's 2 of 50
 
 
 @dataclass
@@ -315,12 +325,38 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(bool(v.timesteps) and all(0 < x <= 1000 for x in v.timesteps), "validation.timesteps",
            "must be a non-empty list of values in (0, 1000]")  # fmt: skip
     _check(v.max_clips >= 1, "validation.max_clips", "must be >= 1")
+    for i, prompt in enumerate(v.sample_prompts):
+        _check(bool(prompt.strip()), f"validation.sample_prompts[{i}]", "is empty; write a prompt or drop it")
+    for i, n in enumerate(v.sample_lengths):
+        _check(n >= 1 and (n - 1) % 4 == 0, f"validation.sample_lengths[{i}]",
+               f"{n} frames is not 4k+1 (e.g. 81, 161, 321)")  # fmt: skip
+    _check(len(set(v.sample_lengths)) == len(v.sample_lengths), "validation.sample_lengths", "has duplicates")
+    _check(v.sample_every >= 0, "validation.sample_every", "must be >= 0 (0 = at every validation step)")
+    _check(v.sample_steps >= 1, "validation.sample_steps", f"{v.sample_steps} must be >= 1")
+    _check(v.sample_guidance >= 0, "validation.sample_guidance", f"{v.sample_guidance} must be >= 0")
+    if v.sample_dense_timesteps is not None:
+        _check(0 <= v.sample_dense_timesteps <= v.sample_steps, "validation.sample_dense_timesteps",
+               f"{v.sample_dense_timesteps} must be in [0, validation.sample_steps={v.sample_steps}] "
+               "(or null for the paper's rule)")  # fmt: skip
     _check(lg.every >= 1, "logging.every", "must be >= 1")
     if lg.wandb:
         _check(importlib.util.find_spec("wandb") is not None, "logging.wandb",
                "wandb is not installed (pip install wandb) - or set it to false")  # fmt: skip
     _check(bool(cfg.output_dir), "output_dir", "required")
     return cfg
+
+
+def sample_dense_timesteps(v: ValidationSection) -> int:
+    """Dense denoising steps of a validation sample: the configured number, else the paper's rule for an
+    extended length with its LoRA (2 of 50 steps) scaled to ``sample_steps``."""
+    if v.sample_dense_timesteps is not None:
+        return v.sample_dense_timesteps
+    return round(0.04 * v.sample_steps)
+
+
+def sample_every(v: ValidationSection) -> int:
+    """Steps between validation samples (0: only at the last step); sampling is off without prompts."""
+    return v.sample_every or v.every
 
 
 # --- files and overrides ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Read top to bottom: load the base pipeline through its family adapter, keep only
 attach LoRA, install radial attention, then for every step draw a length bucket, a global batch of
 that bucket, noise it (flow matching) and take an AdamW step on the LoRA weights only. Wan2.2 A14B
 has two experts; ``model.expert`` picks one and its noise levels are drawn only from that expert's range.
+With ``validation.sample_prompts`` the whole pipeline is kept and sample videos are rendered with the
+LoRA as trained (:mod:`radial_lora.train.samples`), without touching the training RNG streams.
 
 Reproducibility is by construction: the bucket and clips of step ``k`` come from a sampler whose whole
 state is saved, and the noise and noise level of sample ``i`` of step ``k`` come from a generator seeded
@@ -28,7 +30,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from radial_lora import lora as lora_io
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
-from radial_lora.train.config import ConfigError, TrainConfig, check_expert_family
+from radial_lora.train.config import (
+    ConfigError,
+    TrainConfig,
+    check_expert_family,
+    sample_dense_timesteps,
+    sample_every,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +275,11 @@ class _Loggers:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A uint8 ``[H, W, 3]`` image (TensorBoard only)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -403,6 +417,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         )
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
+    # Validation samples need the whole pipeline (its transformer is the one trained below).
+    sample_pipe = pipe if cfg.validation.sample_prompts else None
     del pipe
     transformer.to(device=device, dtype=weight_dtype)
     params = lora_io.add_lora(
@@ -461,6 +477,23 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             logger.info("checkpoint step %d >= train.steps %d: nothing to train", start, t.steps)
 
     loggers = _Loggers(cfg, out, main)
+    samples_every = sample_every(cfg.validation)
+    samples = None
+    if sample_pipe is not None:
+        from radial_lora.train.samples import ValidationSampler
+
+        v = cfg.validation
+        samples = ValidationSampler(
+            sample_pipe, transformer, controller, out, prompts=list(v.sample_prompts),
+            lengths=list(v.sample_lengths) or [max(lengths)], height=cfg.resolution.height,
+            width=cfg.resolution.width, steps=v.sample_steps, guidance=v.sample_guidance, seed=v.sample_seed,
+            dense_timesteps=sample_dense_timesteps(v), fps=float(info.get("fps") or 16.0), device=device,
+            settings={"model": cfg.model.id, "family": family, "expert": expert, "pattern": cfg.radial.pattern,
+                      "decay_factor": controller.decay_factor, "block_size": cfg.radial.block_size,
+                      "dense_layers": cfg.radial.dense_layers, "backend": cfg.radial.backend,
+                      "dtype": str(weight_dtype).removeprefix("torch."), "device": str(device)},
+            write=main,
+        )  # fmt: skip
     n_base = 1 + (cfg.data.base_length - 1) // 4  # latent frames of the base length
 
     def save(step: int) -> None:
@@ -492,6 +525,13 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         acc.wait_for_everyone()
         return None if res is None else res.to_dict()
 
+    def write_samples(step: int) -> None:
+        # DDP: the main process renders, the others wait. FSDP: the sharded forward needs every process;
+        # only the main one decodes and writes. The global RNG states are restored afterwards.
+        if main or fsdp:
+            samples(step, image_logger=loggers.image if main else None)
+        acc.wait_for_everyone()
+
     logger.info(
         "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
         "pattern %s, precision %s on %s", family, t.steps, t.batch_size, world, micro, t.grad_accum, lengths,
@@ -500,6 +540,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     bar = tqdm(total=t.steps, initial=start, disable=not main, desc="train", dynamic_ncols=True)
     heldout = None
     step = start
+    console = ExitStack()
+    if main:
+        console.enter_context(logging_redirect_tqdm())  # console log lines go above the progress bar
     try:
         for step in range(start + 1, t.steps + 1):
             t0 = time.perf_counter()
@@ -571,6 +614,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             bar.update(1)
             if cfg.validation.every and step % cfg.validation.every == 0:
                 heldout = validate(step)
+            if samples is not None and ((samples_every and step % samples_every == 0) or step == t.steps):
+                write_samples(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
                 save(step)
         if start < t.steps:
@@ -587,6 +632,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         acc.wait_for_everyone()
     finally:
         bar.close()
+        console.close()
         loggers.close()
         if handler is not None:
             logging.getLogger("radial_lora").removeHandler(handler)
