@@ -28,6 +28,10 @@ def test_every_shipped_config_validates() -> None:
     assert (paper.radial.decay, paper.train.steps, paper.train.batch_size) == (0.2, 2500, 8)
     hy = load_config(Path(__file__).parents[1] / "configs" / "lora_hunyuan_4x.json")
     assert (hy.data.lengths, hy.train.steps, hy.radial.decay, hy.model.family) == ([509], 1200, 0.95, "hunyuan")
+    for path in CONFIGS:  # real models render validation samples at their target length; the CPU ones stay fast
+        v, lengths = load_config(path).validation, load_config(path).data.lengths
+        fast = path.name in ("lora_quick_test.json", "demo_tiny_4x.json")
+        assert (v.sample_prompts == []) if fast else (len(v.sample_prompts) == 2 and v.sample_lengths == [max(lengths)])
 
 
 def test_toml_and_overrides(tmp_path: Path) -> None:

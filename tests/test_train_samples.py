@@ -57,6 +57,11 @@ def test_samples_are_written_and_leave_training_bit_identical(
         assert (s["steps"], s["dense_timesteps"], s["pattern"], s["block_size"], s["dense_layers"]) == (
             2, 1, "radial", 16, 1)  # fmt: skip
         assert info["attention"]["calls"]["sparse"] > 0  # step 2 of 2 is radial, as trained
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()  # first, middle and last frame side by side, per sampling step
+    assert [(e.step, e.width, e.height) for e in events.Images("samples/f17_000")] == [(2, 192, 64), (4, 192, 64)]
     log = (out / trainer.LOG_FILE).read_text()
     assert "step 4: 1 sample video(s)" in log and "f17_000_a-red-fox" in log
 
