@@ -14,9 +14,18 @@ Phases (each checkpointed in ``--work``; rerunning the command resumes where it 
    embeddings of every caption (frozen random UMT5: its outputs still tell the captions apart).
 3. ``transformer``: flow matching (x_t = (1 - s) x0 + s eps, target eps - x0, shifted s) with caption
    dropout (so classifier-free guidance works), AdamW + cosine schedule.
-4. ``export``: a ``WanPipeline`` ``save_pretrained`` to ``--out`` (temp dir, then rename), sample strips.
+4. ``decoder`` (refine): the VAE again, from its weights, on whole 17-frame clips with a sharper loss (shape
+   pixels 10x, L1 of finite differences); ``--dec-freeze-encoder`` trains only the decoder.
+5. ``refine`` (refine): more transformer steps from its weights at a lower lr on a 4x bigger pool encoded
+   with the refined VAE (latent stats re-measured), exporting an EMA of the weights.
+6. ``export``: a ``WanPipeline`` ``save_pretrained`` to ``--out`` (temp dir, then rename), sample strips.
+
+``--eval`` scores a saved pipeline instead (``evaluate``: colour, motion direction, speed and shape of
+generated samples and of VAE reconstructions, against the rendered truth of each caption).
 
 Usage: ``python scripts/pretrain_tiny_base.py --work runs/pretrain --out src/radial_lora/assets/tiny-wan-base``
+(all phases); ``--init-from DIR`` runs only the refine phases on an existing pipeline;
+``--eval [--eval-model DIR]`` scores one.
 """
 
 from __future__ import annotations
@@ -99,9 +108,14 @@ def build_components(seed: int) -> dict[str, Any]:
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(**TRANSFORMER_CFG)
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=FLOW_SHIFT,
     )
-    return dict(vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
+    return dict(
+        vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
+    )
 
 
 # ---- phase 1: VAE ------------------------------------------------------------------------------------
@@ -161,14 +175,19 @@ def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dic
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1)
+        ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1.detach())
         bar.set_postfix(l1=f"{ema:.4f}", mse=f"{float(mse):.4f}")
         state["step"] = step + 1
         if (step + 1) % 25 == 0 or step + 1 in (args.vae_steps, total):
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "kl": float(kl)})
             log.info("vae step %d: l1(ema) %.4f mse %.4f kl/elem %.4f", step + 1, ema, float(mse), float(kl))
             atomic_torch_save(
-                {"model": vae.state_dict(), "opt": opt.state_dict(), "state": state, "rng": torch.get_rng_state()},
+                {
+                    "model": vae.state_dict(),
+                    "opt": opt.state_dict(),
+                    "state": state,
+                    "rng": torch.get_rng_state(),
+                },
                 ckpt,
             )
     vae.eval()
@@ -194,20 +213,31 @@ def set_latent_stats(vae: AutoencoderKLWan, raw: torch.Tensor) -> tuple[list[flo
 
 
 # ---- phase 2: latent pool ----------------------------------------------------------------------------
-def build_pool(comp: dict[str, Any], pipe: WanPipeline, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    path = work / "pool.pt"
+def build_pool(
+    comp: dict[str, Any],
+    pipe: WanPipeline,
+    path: Path,
+    n: int,
+    args: argparse.Namespace,
+    keep_stats: bool = False,
+) -> dict[str, Any]:
+    """``n`` encoded 17-frame clips + caption embeddings; ``keep_stats`` normalises with the VAE config's
+    ``latents_mean``/``latents_std`` (a refine stage) instead of measuring them (phase 2)."""
     if path.exists():
         pool = torch.load(path, weights_only=False)
         comp["vae"].register_to_config(latents_mean=pool["latents_mean"], latents_std=pool["latents_std"])
         log.info("pool: loaded %d clips from %s", len(pool["latents"]), path)
         return pool
-    specs = sample_specs(args.pool, seed=args.seed + 200)
+    specs = sample_specs(n, seed=args.seed + 200)
     clips = [render_clip(s, BASE_FRAMES, SIZE, FPS) for s in specs]
     raw = []
     for i in tqdm(range(0, len(clips), 16), desc="encode pool"):
         raw.append(encode_raw(comp["vae"], clips[i : i + 16], 16))
     raw_t = torch.cat(raw)
-    mean, std = set_latent_stats(comp["vae"], raw_t)
+    if keep_stats:
+        mean, std = list(comp["vae"].config.latents_mean), list(comp["vae"].config.latents_std)
+    else:
+        mean, std = set_latent_stats(comp["vae"], raw_t)
     m = torch.tensor(mean).view(1, -1, 1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1, 1)
     latents = (raw_t - m) / s
@@ -231,7 +261,9 @@ def build_pool(comp: dict[str, Any], pipe: WanPipeline, work: Path, args: argpar
 
 
 # ---- phase 3: transformer ----------------------------------------------------------------------------
-def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace) -> dict:
+def train_transformer(
+    comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace
+) -> dict:
     model: WanTransformer3DModel = comp["transformer"]
     ckpt = work / "transformer.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -251,7 +283,9 @@ def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, ar
     gen = torch.Generator().manual_seed(args.seed + 2000 + state["step"])
     model.train()
     ema = None
-    bar = tqdm(range(state["step"], args.dit_steps), desc="transformer", initial=state["step"], total=args.dit_steps)
+    bar = tqdm(
+        range(state["step"], args.dit_steps), desc="transformer", initial=state["step"], total=args.dit_steps
+    )
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, args.dit_steps, args.dit_lr, warmup=50)
@@ -265,7 +299,9 @@ def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, ar
         noise = torch.randn(x0.shape, generator=gen)
         sigmas = sample_sigmas(len(idx), shift=FLOW_SHIFT, generator=gen)
         xt = add_noise(x0, noise, sigmas)
-        pred = model(hidden_states=xt, timestep=sigmas * 1000, encoder_hidden_states=text, return_dict=False)[0]
+        pred = model(hidden_states=xt, timestep=sigmas * 1000, encoder_hidden_states=text, return_dict=False)[
+            0
+        ]
         loss = flow_matching_loss(pred, x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -278,9 +314,157 @@ def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, ar
             state["history"].append({"step": step + 1, "loss_ema": ema})
             log.info("transformer step %d: flow-matching loss (ema) %.4f", step + 1, ema)
             atomic_torch_save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "rng": torch.get_rng_state()},
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "state": state,
+                    "rng": torch.get_rng_state(),
+                },
                 ckpt,
             )
+    model.eval()
+    return state["history"][-1]
+
+
+# ---- phase 5 (refine): the VAE again, sharper loss ------------------------------------------------------
+def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Fine-tune the VAE from its weights on whole 17-frame clips with a sharper loss.
+
+    Loss: 0.5 L1 + 2 MSE with shape pixels weighted ``--dec-fg-weight`` (vs 5 in phase 1) plus
+    ``--dec-edge`` x L1 of the spatial and temporal finite differences (edges, motion), + the phase-1 KL.
+    With ``--dec-freeze-encoder`` only the decoder (+ ``post_quant_conv``) trains: the latent space, its
+    stats and the transformer stay valid (measured: it gains less, see the model card).
+    """
+    vae: AutoencoderKLWan = comp["vae"]
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    if args.dec_train_encoder:  # the whole VAE: the latent space moves, the pool re-measures its stats
+        params = list(vae.parameters())
+    ckpt = work / "decoder.pt"
+    opt = torch.optim.AdamW(params, lr=args.dec_lr, weight_decay=0.0)
+    state = {"step": 0, "history": []}
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        log.info("decoder: resumed at step %d", state["step"])
+    if state["step"] >= args.dec_steps:
+        return state["history"][-1] if state["history"] else {}
+    specs = sample_specs(4096, seed=args.seed + 100)
+    vae.eval()  # no dropout/norm statistics in the Wan VAE; eval just makes the frozen encoder explicit
+    for p_ in vae.parameters():
+        p_.requires_grad_(False)
+    for p_ in params:
+        p_.requires_grad_(True)
+    bar = tqdm(
+        range(state["step"], args.dec_steps), desc="decoder", initial=state["step"], total=args.dec_steps
+    )
+    ema = None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.dec_steps, args.dec_lr, warmup=20)
+        rng = np.random.default_rng((args.seed, 5000 + step))
+        clips, fg = [], []
+        for i in rng.integers(len(specs), size=args.dec_batch):
+            start = int(rng.integers(0, 12))
+            clip = render_clip(specs[i], start + BASE_FRAMES, SIZE, FPS)[start:]
+            clips.append(clip)
+            fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
+        x = to_video_tensor(clips)
+        w = 1.0 + (args.dec_fg_weight - 1.0) * torch.from_numpy(np.stack(fg)).float().unsqueeze(1)
+        w = w / w.mean()
+        with torch.set_grad_enabled(args.dec_train_encoder):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mode()
+            z = z + args.vae_noise * z.detach().std() * torch.randn_like(z)
+        rec = vae.decode(z).sample
+        l1 = ((rec - x).abs() * w).mean()
+        mse = (((rec - x) ** 2) * w).mean()
+        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in (2, 3, 4))
+        loss = 0.5 * l1 + 2.0 * mse + args.dec_edge * edge
+        if args.dec_train_encoder:
+            loss = loss + args.vae_kl * posterior.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1.detach())
+        bar.set_postfix(l1=f"{ema:.4f}", edge=f"{float(edge):.4f}")
+        state["step"] = step + 1
+        if (step + 1) % 25 == 0 or step + 1 == args.dec_steps:
+            state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
+            log.info(
+                "decoder step %d: l1(ema) %.4f mse %.4f edge %.4f", step + 1, ema, float(mse), float(edge)
+            )
+            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+    for p_ in vae.parameters():
+        p_.requires_grad_(True)
+    return state["history"][-1]
+
+
+# ---- phase 6 (refine): more transformer steps from its weights, lower lr, bigger pool, weight EMA -------
+def refine_transformer(comp: dict[str, Any], pipe: WanPipeline, work: Path, args: argparse.Namespace) -> dict:
+    """Continue flow matching from the trained weights on a larger pool (``--refine-pool`` clips, encoded
+    with the same encoder and normalised with the VAE config's stats), lower lr, EMA of the weights."""
+    if args.refine_steps <= 0:
+        return {}
+    model: WanTransformer3DModel = comp["transformer"]
+    keep = not args.dec_train_encoder  # a frozen encoder keeps the latent space and its stats
+    pool = build_pool(comp, pipe, work / "pool_refine.pt", args.refine_pool, args, keep_stats=keep)
+    ckpt = work / "refine.pt"
+    opt = torch.optim.AdamW(model.parameters(), lr=args.refine_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {"step": 0, "history": []}
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        ema_model = saved["ema"]
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"])
+        log.info("refine: resumed at step %d", state["step"])
+    latents, embeds = pool["latents"], pool["embeds"]
+    n = len(latents)
+    rng = np.random.default_rng(args.seed + 3000 + state["step"])
+    gen = torch.Generator().manual_seed(args.seed + 4000 + state["step"])
+    model.train()
+    ema = None
+    bar = tqdm(
+        range(state["step"], args.refine_steps), desc="refine", initial=state["step"], total=args.refine_steps
+    )
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.refine_steps, args.refine_lr, warmup=50)
+        idx = rng.integers(n, size=args.dit_batch)
+        texts = []
+        for i in idx:
+            u = rng.random()
+            texts.append("" if u < 0.1 else pool["short"][i] if u < 0.4 else pool["captions"][i])
+        text = torch.stack([embeds[t] for t in texts])
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        sigmas = sample_sigmas(len(idx), shift=FLOW_SHIFT, generator=gen)
+        pred = model(hidden_states=add_noise(x0, noise, sigmas), timestep=sigmas * 1000, encoder_hidden_states=text,
+                     return_dict=False)[0]  # fmt: skip
+        loss = flow_matching_loss(pred, x0, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.refine_ema, (1 + step) / (10 + step))
+            for k, v in model.state_dict().items():
+                ema_model[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        bar.set_postfix(loss=f"{ema:.4f}")
+        state["step"] = step + 1
+        if (step + 1) % 100 == 0 or step + 1 == args.refine_steps:
+            state["history"].append({"step": step + 1, "loss_ema": ema})
+            log.info("refine step %d: flow-matching loss (ema) %.4f", step + 1, ema)
+            atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema_model,
+                               "state": state, "rng": torch.get_rng_state()}, ckpt)  # fmt: skip
+    if args.refine_ema > 0:
+        model.load_state_dict(ema_model)  # the exported weights are the EMA
     model.eval()
     return state["history"][-1]
 
@@ -299,9 +483,13 @@ def export(pipe: WanPipeline, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp)
-        card = out / "README.md"
-        if card.exists():
-            shutil.copy2(card, tmp / "README.md")
+        for cfg in tmp.rglob("*.json"):  # no local paths (--init-from) in the shipped configs
+            data = json.loads(cfg.read_text())
+            if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+                cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        for extra in [out / "README.md", *sorted(out.glob("*.png"))]:  # the card and its figure
+            if extra.exists():
+                shutil.copy2(extra, tmp / extra.name)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)
@@ -329,8 +517,165 @@ def samples(pipe: WanPipeline, work: Path, seed: int, steps: int) -> list[str]:
         real = render_clip(spec, BASE_FRAMES, SIZE, FPS)
         save_strip(np.concatenate([real, gen], axis=1), work / f"sample_{i}.png")
         prompts.append(prompt)
-        log.info("sample %d (%s): %s (top: rendered truth, bottom: generated)", i, prompt, work / f"sample_{i}.png")
+        log.info(
+            "sample %d (%s): %s (top: rendered truth, bottom: generated)", i, prompt, work / f"sample_{i}.png"
+        )
     return prompts
+
+
+# ---- eval: do generated samples show the captioned shape, colour and motion? ---------------------------
+EVAL_SEED_OFFSET = 300  # eval captions: sample_specs(n, seed + 300); VAE clips use +100, the pool +200
+FG_MIN = 30.0  # RGB distance (0-255) below which nothing counts as foreground
+TRI_DY = 1.0 / 3.0  # a triangle's centroid sits r/3 below the centre of its bounding box (apex up)
+AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 2.0}  # shape area / r^2 (see ``render_clip``)
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> np.ndarray:
+    """``[H,W]`` bool: the ``render_clip`` shape of radius ``r`` whose centroid is at ``(cx, cy)``."""
+    yy = np.arange(size, dtype=np.float32)[:, None] + 0.5
+    xx = np.arange(size, dtype=np.float32)[None, :] + 0.5
+    dx = xx - cx
+    dy = yy - (cy - TRI_DY * r if shape == "triangle" else cy)
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
+    return (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
+
+
+def score_clip(video: np.ndarray, spec: Any) -> dict[str, Any]:
+    """Score a ``uint8 [F,H,W,3]`` clip against its caption's spec (only what the caption says).
+
+    Foreground: pixels farther (RGB) from the frame's median colour (the background) than half the video's
+    99.5th-percentile distance (and than ``FG_MIN``). Colour: the mean foreground colour's nearest palette
+    colour. Motion: the foreground centroid per frame; the axis with the longer path, the sign of the first
+    run of same-sign steps that covers 1.5 px (a bounce after it is fine); "static" under 3 px of range.
+    Speed: mean |step| along that axis, quick above 0.8 px/frame (slowly ~0.5, quickly ~1.2 here).
+    Shape: per frame a circle, square and triangle of the mask's area at its centroid; the summed IoU
+    picks the shape.
+    """
+    from radial_lora.data.sample import PALETTE
+
+    v = video.astype(np.float32)
+    f = v.shape[0]
+    bg = np.median(v.reshape(f, -1, 3), axis=1)
+    dist = np.linalg.norm(v - bg[:, None, None, :], axis=-1)
+    thr = max(FG_MIN, 0.5 * float(np.percentile(dist, 99.5)))
+    mask = dist > thr
+    out: dict[str, Any] = {"colour": False, "direction": False, "speed": False, "shape": False}
+    if mask.sum() == 0:
+        out.update(colour_pred=None, direction_pred="none", shape_pred=None, shape_iou=0.0, colour_err=None)
+        return out
+    mean_rgb = v[mask].mean(axis=0)
+    names = list(PALETTE)
+    errs = [float(np.linalg.norm(mean_rgb - np.asarray(PALETTE[c], np.float32))) for c in names]
+    out["colour_pred"] = names[int(np.argmin(errs))]
+    out["colour"] = out["colour_pred"] == spec.colour
+    out["colour_err"] = errs[names.index(spec.colour)]
+    # centroids of frames with a visible shape
+    cents, ious = [], {s: [] for s in AREA}
+    for t in range(f):
+        m = mask[t]
+        area = int(m.sum())
+        if area < 3:
+            cents.append(None)
+            continue
+        ys, xs = np.nonzero(m)
+        cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+        cents.append((cx, cy))
+        for s, k in AREA.items():
+            tmpl = shape_mask(s, cx, cy, math.sqrt(area / k), m.shape[0])
+            ious[s].append(float((m & tmpl).sum() / max(1, (m | tmpl).sum())))
+    valid = [c for c in cents if c is not None]
+    if len(valid) >= f // 2:
+        xy = np.asarray(valid)
+        path = np.abs(np.diff(xy, axis=0)).sum(axis=0)
+        axis = int(np.argmax(path))
+        pos = xy[:, axis]
+        pred = "static"
+        if pos.max() - pos.min() >= 3.0:
+            run_sign, run_len = 0.0, 0.0
+            for d in np.diff(pos):
+                sgn = float(np.sign(d)) if abs(d) > 0.1 else run_sign
+                if sgn != run_sign:
+                    run_sign, run_len = sgn, 0.0
+                run_len += abs(d)
+                if run_sign != 0 and run_len >= 1.5:
+                    break
+            names_ax = (("left", "right"), ("up", "down"))[axis]
+            pred = names_ax[int(run_sign > 0)] if run_sign != 0 else "static"
+        out["direction_pred"] = pred
+        out["direction"] = pred == spec.direction
+        px_per_frame = float(path[axis] / max(1, len(valid) - 1))
+        out["speed_px"] = px_per_frame
+        out["speed"] = out["direction"] and ((px_per_frame > 0.8) == (spec.speed >= 0.65))
+    else:
+        out["direction_pred"] = "none"
+    tot = {s: float(np.sum(v_)) for s, v_ in ious.items()}
+    out["shape_pred"] = max(tot, key=tot.get) if valid else None
+    out["shape"] = out["shape_pred"] == spec.shape
+    out["shape_iou"] = float(np.mean(ious[spec.shape])) if ious[spec.shape] else 0.0
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
+    n = len(rows)
+    keys = ("colour", "direction", "speed", "shape")
+    s = {k: sum(bool(r[k]) for r in rows) / n for k in keys}
+    s["all"] = sum(all(r[k] for k in ("colour", "direction", "shape")) for r in rows) / n
+    s["shape_iou"] = float(np.mean([r["shape_iou"] for r in rows]))
+    errs = [r["colour_err"] for r in rows if r.get("colour_err") is not None]
+    s["colour_err"] = float(np.mean(errs)) if errs else float("nan")
+    return s
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """Generate ``--eval-n`` captions (fixed seeds) and score them and the VAE reconstructions of the truth."""
+    specs = sample_specs(args.eval_n, seed=args.seed + EVAL_SEED_OFFSET)
+    truths = [render_clip(s, BASE_FRAMES, SIZE, FPS) for s in specs]
+    t0 = time.time()
+    recons = []
+    for i in range(0, len(truths), 8):
+        x = to_video_tensor(truths[i : i + 8])
+        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        recons += list(to_uint8((rec.clamp(-1, 1).permute(0, 2, 3, 4, 1).numpy() + 1) / 2))
+    result: dict[str, Any] = {"tag": tag, "n": len(specs), "seed": args.seed + EVAL_SEED_OFFSET,
+                              "steps": args.eval_steps, "generated": {}}  # fmt: skip
+    result["truth"] = summarise([score_clip(c, s) for c, s in zip(truths, specs)])
+    result["vae_recon"] = summarise([score_clip(c, s) for c, s in zip(recons, specs)])
+    gens: dict[float, list[np.ndarray]] = {}
+    for g in args.eval_guidance:
+        gens[g] = []
+        rows = []
+        for i, spec in enumerate(tqdm(specs, desc=f"eval {tag} g={g}")):
+            video = pipe(prompt=caption_for(spec, BASE_FRAMES, FPS), negative_prompt="", height=SIZE, width=SIZE,
+                         num_frames=BASE_FRAMES, num_inference_steps=args.eval_steps, guidance_scale=g,
+                         output_type="np", generator=torch.Generator().manual_seed(args.seed + i)).frames[0]  # fmt: skip
+            gens[g].append(to_uint8(video))
+            rows.append(score_clip(gens[g][-1], spec) | {"caption": caption_for(spec, BASE_FRAMES, FPS)})
+        result["generated"][str(g)] = summarise(rows)
+        result.setdefault("per_clip", {})[str(g)] = rows
+    result["wall_s"] = time.time() - t0
+    k = min(6, len(specs))
+    strip_rows = []
+    for i in range(k):
+        strip_rows += [truths[i], recons[i], gens[args.eval_guidance[0]][i]]
+    save_strip(np.concatenate(strip_rows, axis=1), work / f"eval_{tag}.png", scale=2)
+    np.savez_compressed(work / f"eval_{tag}_videos.npz", truth=np.stack(truths), recon=np.stack(recons),
+                        **{f"gen_{g}": np.stack(v) for g, v in gens.items()})  # fmt: skip
+    (work / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
+    head = ["truth", "vae_recon"] + [f"gen g={g}" for g in args.eval_guidance]
+    table = [result["truth"], result["vae_recon"]] + [result["generated"][str(g)] for g in args.eval_guidance]
+    for name, s in zip(head, table):
+        log.info("eval %s %-12s colour %.2f direction %.2f speed %.2f shape %.2f all %.2f | shape IoU %.3f "
+                 "colour err %.1f", tag, name, s["colour"], s["direction"], s["speed"], s["shape"], s["all"],
+                 s["shape_iou"], s["colour_err"])  # fmt: skip
+    return result
 
 
 def main() -> None:
@@ -343,42 +688,101 @@ def main() -> None:
     p.add_argument("--vae-batch", type=int, default=6)
     p.add_argument("--vae-frames", type=int, default=9)
     p.add_argument("--vae-long-steps", type=int, default=60, help="last VAE steps on 17-frame clips, batch 3")
-    p.add_argument("--vae-short-steps", type=int, default=150, help="first VAE steps on 5-frame clips, batch 8")
+    p.add_argument(
+        "--vae-short-steps", type=int, default=150, help="first VAE steps on 5-frame clips, batch 8"
+    )
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--vae-fg-weight", type=float, default=5.0, help="loss weight of shape pixels")
-    p.add_argument("--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training")
+    p.add_argument(
+        "--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training"
+    )
     p.add_argument("--pool", type=int, default=512)
     p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=16)
     p.add_argument("--dit-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start the refine phases from this pipeline (skips phases 1-3: vae, pool, transformer)",
+    )
+    p.add_argument("--dec-steps", type=int, default=700, help="refine: VAE steps (17-frame clips, batch 4)")
+    p.add_argument("--dec-batch", type=int, default=4)
+    p.add_argument("--dec-lr", type=float, default=5e-4)
+    p.add_argument("--dec-fg-weight", type=float, default=10.0, help="refine: loss weight of shape pixels")
+    p.add_argument("--dec-edge", type=float, default=1.0, help="refine: weight of the finite-difference L1")
+    p.add_argument(
+        "--dec-freeze-encoder",
+        action="store_true",
+        help="refine only the decoder (latent space, stats and transformer stay valid; measured: less gain)",
+    )
+    p.add_argument("--refine-steps", type=int, default=2000, help="refine: more transformer steps")
+    p.add_argument("--refine-lr", type=float, default=3e-4)
+    p.add_argument("--refine-pool", type=int, default=2048, help="refine: clips in the (bigger) latent pool")
+    p.add_argument(
+        "--refine-ema", type=float, default=0.999, help="refine: EMA decay of the exported weights"
+    )
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the sample strips")
     p.add_argument("--no-export", action="store_true")
+    p.add_argument(
+        "--eval", action="store_true", help="only score the pipeline at --eval-model (see evaluate)"
+    )
+    p.add_argument("--eval-model", type=Path, default=None, help="pipeline to score (default: --out)")
+    p.add_argument(
+        "--eval-tag", default=None, help="name of the eval files in --work (default: the model's name)"
+    )
+    p.add_argument("--eval-n", type=int, default=48, help="eval captions (sample_specs, seed + 300)")
+    p.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the eval (the demo's 20)")
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[4.0], help="guidance scales (demo: 4)")
     args = p.parse_args()
+    args.dec_train_encoder = not args.dec_freeze_encoder
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     seed_all(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.eval:
+        model = args.eval_model or args.out
+        pipe = WanPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        evaluate(pipe, args.work, args, args.eval_tag or model.name)
+        return
     t0 = time.time()
     times = json.loads((args.work / "times.json").read_text()) if (args.work / "times.json").exists() else {}
 
-    comp = build_components(args.seed)
-    pipe = WanPipeline(**comp)
+    if args.init_from:
+        init = WanPipeline.from_pretrained(args.init_from)
+        comp = build_components(
+            args.seed
+        )  # the fresh tokenizer and scheduler; trained parts from --init-from
+        comp.update({k: getattr(init, k) for k in ("vae", "text_encoder", "transformer")})
+        pipe = WanPipeline(**comp)
+    else:
+        comp = build_components(args.seed)
+        pipe = WanPipeline(**comp)
     pipe.set_progress_bar_config(disable=True)
 
     def timed(name: str, fn: Any) -> Any:
         # Wall seconds per phase, summed over resumed runs (an interrupted phase loses its own time).
         t = time.time()
         result = fn()
+        path = args.work / "times.json"  # re-read: two runs may share a work folder (decoder || refine)
+        times.update(json.loads(path.read_text()) if path.exists() else {})
         times[name] = times.get(name, 0.0) + time.time() - t
-        (args.work / "times.json").write_text(json.dumps(times, indent=1))
+        path.write_text(json.dumps(times, indent=1))
         return result
 
-    vae_final = timed("vae_s", lambda: train_vae(comp, args.work, args))
-    pool = timed("pool_s", lambda: build_pool(comp, pipe, args.work, args))
-    dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
+    vae_final = dit_final = {}
+    if not args.init_from:
+        vae_final = timed("vae_s", lambda: train_vae(comp, args.work, args))
+        pool = timed("pool_s", lambda: build_pool(comp, pipe, args.work / "pool.pt", args.pool, args))
+        dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
+    # Refine (from the weights above or --init-from): independent of each other (the encoder is frozen).
+    dec_final = timed("decoder_s", lambda: train_decoder(comp, args.work, args))
+    refine_final = timed("refine_s", lambda: refine_transformer(comp, pipe, args.work, args))
     prompts = samples(pipe, args.work, args.seed, args.sample_steps)
-    summary = {"vae": vae_final, "transformer": dit_final, "times_s": times, "sample_prompts": prompts,
+    summary = {"vae": vae_final, "transformer": dit_final, "decoder": dec_final, "refine": refine_final,
+               "times_s": times, "sample_prompts": prompts,
                "latents_mean": comp["vae"].config.latents_mean, "latents_std": comp["vae"].config.latents_std,
                "args": {k: str(v) for k, v in vars(args).items()}, "wall_this_run_s": time.time() - t0}  # fmt: skip
     (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
