@@ -717,7 +717,7 @@ def main() -> None:
         action="store_true",
         help="refine only the decoder (latent space, stats and transformer stay valid; measured: less gain)",
     )
-    p.add_argument("--refine-steps", type=int, default=2000, help="refine: more transformer steps")
+    p.add_argument("--refine-steps", type=int, default=4000, help="refine: more transformer steps")
     p.add_argument("--refine-lr", type=float, default=3e-4)
     p.add_argument("--refine-pool", type=int, default=2048, help="refine: clips in the (bigger) latent pool")
     p.add_argument(
