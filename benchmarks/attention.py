@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -264,7 +265,8 @@ def run_cpu(args) -> str:
     return header + "\n".join(rows) + notes
 
 
-def run_cuda(args) -> str | None:
+def run_cuda(args, on_shape: Callable[[str], None] | None = None) -> str | None:
+    """The CUDA table; ``on_shape`` gets the partial table after each shape (a killed run keeps what it measured)."""
     if not torch.cuda.is_available():
         logger.warning("--device cuda: CUDA is not available here; nothing measured")
         return None
@@ -287,6 +289,13 @@ def run_cuda(args) -> str | None:
         times = best_times(cfg, cells, args.repeats)
         prefix = f"{label} | {seq} | {density:.3f} | {1 / density:.2f}x"
         rows += [_row(prefix, b, times, mem, time_scale=1e3) for b in CUDA_BACKENDS]
+        if on_shape is not None and len(rows) < len(shapes) * len(CUDA_BACKENDS):
+            done = len(rows) // len(CUDA_BACKENDS)
+            on_shape(_cuda_table(args, rows) + f"\n\n(partial: {done} of {len(shapes)} shapes measured so far)")
+    return _cuda_table(args, rows)
+
+
+def _cuda_table(args, rows: list[str]) -> str:
     header = (
         f"CUDA, bfloat16, batch 1, Wan2.1 radial mask decay {args.cuda_decay}. Best of {args.repeats}; "
         "`sparse` runs its matmul tiles here.\n"
@@ -319,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.device == "cuda":
-        body, name = run_cuda(args), "attention-cuda"
+        partial = None if args.no_write else (lambda b: update_section(args.results, "attention-cuda", "## Attention", b))
+        body, name = run_cuda(args, partial), "attention-cuda"
     else:
         body, name = run_cpu(args), "attention"
     if body is None:

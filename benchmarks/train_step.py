@@ -12,7 +12,8 @@ Each pattern runs in its own subprocess (a fresh peak-memory counter) and the pa
 so load from other jobs hits both alike; the step time is the best of ``--repeats`` after a warm-up.
 Peak memory: CPU = peak resident set (VmHWM) above the resident set before the first step; CUDA =
 ``torch.cuda.max_memory_allocated``. Writes the "Training step" section of ``benchmarks/RESULTS.md``
-(between ``<!-- train:begin -->`` and ``<!-- train:end -->``; other sections are left alone).
+(between ``<!-- train:begin -->`` and ``<!-- train:end -->``; CUDA: ``train-cuda``; other sections are
+left alone).
 
     python benchmarks/train_step.py [--quick] [--device cuda] [--no-write]
 """
@@ -141,6 +142,11 @@ def main() -> None:
     p.add_argument("--worker", choices=["radial", "dense"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit(f"--device cuda: CUDA is not available here (torch {torch.__version__}); nothing measured")
     s = _setup(args.device, args.quick)
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args.device, s)))
@@ -181,7 +187,7 @@ def main() -> None:
     ])  # fmt: skip
     print(body)
     if not args.no_write:
-        update_section(RESULTS, SECTION, "## Training step", body)
+        update_section(RESULTS, SECTION + ("-cuda" if args.device == "cuda" else ""), "## Training step", body)
 
 
 if __name__ == "__main__":

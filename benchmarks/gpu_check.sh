@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (about 9 minutes on an H100/H200): the CUDA tests (compiled FlexAttention
+# forward+backward, the sparse kernel, bf16, a tiny training run), then the CUDA training-step and
+# attention benchmarks, which write their sections of benchmarks/RESULTS.md with the card's name.
+#
+# Where Python packages cannot be installed from the network (a lent GPU machine), first fetch the
+# wheels here with `benchmarks/gpu_check.sh --fetch-wheels` (into .whl/, gitignored) and carry `.whl`
+# along; the check installs them into /tmp/site. Logs and RESULTS.md go to $OUT (default runs/gpu_check).
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+    # Pure-Python pins plus PyAV for CPython 3.12 on x86-64 (the GPU image's Python); ~56 MB.
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.23.0 av==18.1.0
+fi
+
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, diffusers, peft, transformers; print('torch', torch.__version__, 'cuda',
+torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers',
+transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+
+status=0
+stage() {  # stage NAME SECONDS COMMAND...: one bounded step; a failure or timeout is recorded, the rest still runs
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+stage train_step 150 python3 benchmarks/train_step.py --device cuda
+stage attention 210 python3 benchmarks/attention.py --device cuda
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+exit $status

@@ -1,0 +1,116 @@
+"""CUDA paths: compiled FlexAttention forward+backward, the sparse kernel on the GPU, bf16, a training run.
+
+Skipped without a GPU (CI has none); `benchmarks/gpu_check.sh` runs them on a lent GPU machine together
+with the CUDA benchmarks. The CPU suite covers the same code paths in float64 where they run there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from radial_lora.attention import block_sparse_attention, resolve_backend
+from radial_lora.attention.reference import reference_attention
+from radial_lora.mask import radial_block_mask
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def _case(text_tokens: int = 0):
+    """21 latent frames x 100 tokens (+ text), block 128: a partial last block, density well below 1."""
+    mask = radial_block_mask(21, 100, block_size=128, decay_factor=0.2, num_text_tokens=text_tokens)
+    return mask, 21 * 100 + text_tokens
+
+
+def _inputs(seq: int, dtype: torch.dtype, batch: int = 2, heads: int = 4, dim: int = 64):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(batch, heads, seq, dim, generator=g, device=CUDA, dtype=dtype) for _ in range(4)]
+
+
+def _fwd_bwd(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return [t.float() for t in (out.detach(), q.grad, k.grad, v.grad)]
+
+
+def _max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    return max(((g - r).abs().max() / r.abs().max().clamp_min(1e-6)).item() for g, r in zip(got, ref))
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", ["flex", "sparse", "auto"])
+@pytest.mark.parametrize("text", [0, 77])
+def test_cuda_backends_match_reference_fwd_bwd_float32(backend: str, text: int) -> None:
+    mask, seq = _case(text)
+    q, k, v, dout = _inputs(seq, torch.float32)
+    kpm = None
+    if text:
+        kpm = torch.ones(2, seq, dtype=torch.bool, device=CUDA)
+        kpm[1, -20:] = False  # padded text tokens of the second sample, as HunyuanVideo has them
+    ref = _fwd_bwd(lambda a, b, c: reference_attention(a, b, c, mask, 128, kpm), q, k, v, dout)
+    got = _fwd_bwd(
+        lambda a, b, c: block_sparse_attention(a, b, c, mask, block_size=128, backend=backend, key_padding_mask=kpm),
+        q, k, v, dout,
+    )  # fmt: skip
+    assert _max_rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["flex", "sparse"])
+def test_cuda_bfloat16_close_to_float32_reference(backend: str) -> None:
+    mask, seq = _case()
+    q, k, v, dout = _inputs(seq, torch.float32)
+    ref = _fwd_bwd(lambda a, b, c: reference_attention(a, b, c, mask, 128), q, k, v, dout)
+    bf = [t.bfloat16() for t in (q, k, v, dout)]
+    got = _fwd_bwd(lambda a, b, c: block_sparse_attention(a, b, c, mask, block_size=128, backend=backend), *bf)
+    assert _max_rel_err(got, ref) < 3e-2
+
+
+def test_auto_picks_flex_on_cuda_for_training_and_inference() -> None:
+    assert resolve_backend("auto", CUDA, needs_grad=True) == "flex"
+    assert resolve_backend("auto", CUDA, needs_grad=False) == "flex"
+
+
+def test_radial_tiny_wan_on_cuda_bf16_matches_reference_backend() -> None:
+    from radial_lora import apply_radial_attention
+    from radial_lora.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("wan").to(CUDA, torch.bfloat16)
+    outs = {}
+    for backend in ("reference", "flex"):
+        apply_radial_attention(pipe, num_frames=33, height=64, width=64, block_size=16, decay_factor=0.5,
+                               dense_layers=1, backend=backend)  # fmt: skip
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        outs[backend] = pipe(
+            "a red circle moves right", num_frames=33, height=64, width=64, num_inference_steps=3,
+            guidance_scale=1.0, generator=gen, output_type="latent",
+        ).frames.float()  # fmt: skip
+    assert torch.isfinite(outs["flex"]).all()
+    err = (outs["flex"] - outs["reference"]).abs().max() / outs["reference"].abs().max()
+    assert err < 5e-2, err
+
+
+def test_quick_config_trains_on_cuda_in_bf16(tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path) -> None:
+    from radial_lora import lora
+    from radial_lora.train import trainer
+    from radial_lora.train.config import load_config
+
+    config = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
+    cfg = load_config(config, [f"model.id={tiny_wan_dir}", f"data.path={tiny_wan_dataset}", f"output_dir={tmp_path}",
+                               "train.steps=12", "train.precision=bf16", "model.dtype=bfloat16",
+                               "checkpoint.every=6", "validation.every=6", "validation.max_clips=2",
+                               "optimizer.lr=5e-3"])  # fmt: skip
+    result = trainer.train(cfg)
+    assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
+    meta = lora.read_lora_metadata(tmp_path)
+    assert meta["steps"] == 12 and meta["attention"]["pattern"] == "radial"
