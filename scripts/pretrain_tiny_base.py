@@ -29,6 +29,12 @@ Usage: ``python scripts/pretrain_tiny_base.py --work runs/pretrain --out src/rad
 ``--vae-spatial 4 --patch 2`` builds from scratch with a 4x-spatial VAE (8x8 latents) and a 2x2-patch transformer
 (still 16 tokens per latent frame). Tried once ("v4", not shipped): after ~23 min of VAE training (phase 1 +
 two whole-VAE refines) its reconstructions scored shape 0.38 on the eval (the 8x VAE's: 0.29, chance).
+``--dec-image-steps N`` starts phase ``decoder`` with N steps on single frames (the spatial code alone) before
+its clip steps: 430 image + 437 clip steps (constant lr, ``--dec-constant-lr``) raised that 4x VAE's recon shape
+to 0.52. ``--vae-from FILE`` skips phase 1 with given VAE weights; ``--dit-steps 0`` skips phases 2-3 (the
+transformer then trains from scratch in ``refine`` alone). With both, a fresh 2x2-patch transformer on that VAE
+(4500 refine steps at lr 1e-3, ~20 min) generated worse than v3 (colour 0.50, direction 0.33, shape 0.23 at
+guidance 4 vs v3's 0.92/0.48/0.27): not shipped.
 """
 
 from __future__ import annotations
@@ -358,7 +364,9 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log.info("decoder: resumed at step %d", state["step"])
-    if state["step"] >= args.dec_steps:
+    n_img = args.dec_image_steps
+    total = n_img + args.dec_steps
+    if state["step"] >= total:
         return state["history"][-1] if state["history"] else {}
     specs = sample_specs(4096, seed=args.seed + 100)
     vae.eval()  # no dropout/norm statistics in the Wan VAE; eval just makes the frozen encoder explicit
@@ -366,18 +374,20 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         p_.requires_grad_(False)
     for p_ in params:
         p_.requires_grad_(True)
-    bar = tqdm(
-        range(state["step"], args.dec_steps), desc="decoder", initial=state["step"], total=args.dec_steps
-    )
+    bar = tqdm(range(state["step"], total), desc="decoder", initial=state["step"], total=total)
     ema = None
     for step in bar:
+        image = step < n_img  # the image stage: single frames (only the spatial code), constant lr
+        lr = args.dec_image_lr if image else args.dec_lr
+        if not image and not args.dec_constant_lr:
+            lr = cosine_lr(step - n_img, args.dec_steps, args.dec_lr, warmup=20)
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.dec_steps, args.dec_lr, warmup=20)
+            g["lr"] = lr
         rng = np.random.default_rng((args.seed, 5000 + step))
         clips, fg = [], []
-        for i in rng.integers(len(specs), size=args.dec_batch):
-            start = int(rng.integers(0, 12))
-            clip = render_clip(specs[i], start + BASE_FRAMES, SIZE, FPS)[start:]
+        for i in rng.integers(len(specs), size=args.dec_image_batch if image else args.dec_batch):
+            start = int(rng.integers(0, 17 if image else 12))
+            clip = render_clip(specs[i], start + (1 if image else BASE_FRAMES), SIZE, FPS)[start:]
             clips.append(clip)
             fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
         x = to_video_tensor(clips)
@@ -390,7 +400,8 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         rec = vae.decode(z).sample
         l1 = ((rec - x).abs() * w).mean()
         mse = (((rec - x) ** 2) * w).mean()
-        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in (2, 3, 4))
+        dims = (3, 4) if image else (2, 3, 4)  # one frame: no temporal difference
+        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in dims)
         loss = 0.5 * l1 + 2.0 * mse + args.dec_edge * edge
         if args.dec_train_encoder:
             loss = loss + args.vae_kl * posterior.kl().mean() / x[0].numel()
@@ -401,7 +412,7 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1.detach())
         bar.set_postfix(l1=f"{ema:.4f}", edge=f"{float(edge):.4f}")
         state["step"] = step + 1
-        if (step + 1) % 25 == 0 or step + 1 == args.dec_steps:
+        if (step + 1) % 25 == 0 or step + 1 in (n_img, total):
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
             log.info(
                 "decoder step %d: l1(ema) %.4f mse %.4f edge %.4f", step + 1, ema, float(mse), float(edge)
@@ -419,7 +430,8 @@ def refine_transformer(comp: dict[str, Any], pipe: WanPipeline, work: Path, args
     if args.refine_steps <= 0:
         return {}
     model: WanTransformer3DModel = comp["transformer"]
-    keep = not args.dec_train_encoder  # a frozen encoder keeps the latent space and its stats
+    # A frozen encoder keeps the latent space and its stats (unless no phase measured them: --dit-steps 0).
+    keep = not args.dec_train_encoder and (args.init_from is not None or args.dit_steps > 0)
     pool = build_pool(comp, pipe, work / "pool_refine.pt", args.refine_pool, args, keep_stats=keep)
     ckpt = work / "refine.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=args.refine_lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -699,6 +711,8 @@ def main() -> None:
                    help="VAE spatial factor of a from-scratch build: 8 (v1-v3: dim_mult [1,2,2,2]) or 4 (v4: [1,2,2])")  # fmt: skip
     p.add_argument("--patch", type=int, choices=(1, 2), default=1,
                    help="transformer spatial patch of a from-scratch build (v1-v3: 1; v4: 2 with --vae-spatial 4)")  # fmt: skip
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="skip phase 1: load these VAE weights ({'model': state_dict}, the layout of --vae-spatial)")  # fmt: skip
     p.add_argument("--vae-steps", type=int, default=650)
     p.add_argument("--vae-batch", type=int, default=6)
     p.add_argument("--vae-frames", type=int, default=9)
@@ -724,6 +738,12 @@ def main() -> None:
     )
     p.add_argument("--dec-steps", type=int, default=700, help="refine: VAE steps (17-frame clips, batch 4)")
     p.add_argument("--dec-batch", type=int, default=4)
+    p.add_argument("--dec-image-steps", type=int, default=0,
+                   help="refine: VAE steps on single frames before the --dec-steps clip steps (the v4 try: 430)")  # fmt: skip
+    p.add_argument("--dec-image-batch", type=int, default=32, help="refine: frames per image step")
+    p.add_argument("--dec-image-lr", type=float, default=1e-3, help="refine: constant lr of the image steps")
+    p.add_argument("--dec-constant-lr", action="store_true",
+                   help="refine: constant --dec-lr for the clip steps (the v4 try) instead of the cosine")  # fmt: skip
     p.add_argument("--dec-lr", type=float, default=5e-4)
     p.add_argument("--dec-fg-weight", type=float, default=10.0, help="refine: loss weight of shape pixels")
     p.add_argument("--dec-edge", type=float, default=1.0, help="refine: weight of the finite-difference L1")
@@ -790,9 +810,15 @@ def main() -> None:
 
     vae_final = dit_final = {}
     if not args.init_from:
-        vae_final = timed("vae_s", lambda: train_vae(comp, args.work, args))
-        pool = timed("pool_s", lambda: build_pool(comp, pipe, args.work / "pool.pt", args.pool, args))
-        dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
+        if args.vae_from:
+            comp["vae"].load_state_dict(torch.load(args.vae_from, weights_only=False)["model"])
+            comp["vae"].eval()
+            vae_final = {"from": str(args.vae_from)}
+        else:
+            vae_final = timed("vae_s", lambda: train_vae(comp, args.work, args))
+        if args.dit_steps > 0:  # 0: the transformer trains from scratch in the refine phase alone
+            pool = timed("pool_s", lambda: build_pool(comp, pipe, args.work / "pool.pt", args.pool, args))
+            dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
     # Refine (from the weights above or --init-from): independent of each other (the encoder is frozen).
     dec_final = timed("decoder_s", lambda: train_decoder(comp, args.work, args))
     refine_final = timed("refine_s", lambda: refine_transformer(comp, pipe, args.work, args))
