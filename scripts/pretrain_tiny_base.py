@@ -134,19 +134,26 @@ def build_components(seed: int, vae_spatial: int = 8, patch: int = 1) -> dict[st
     )
 
 
+def resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, name: str) -> dict[str, Any] | None:
+    """Load a phase checkpoint (weights, optimizer, torch RNG when saved) into ``model``/``opt``; the saved dict."""
+    if not ckpt.exists():
+        return None
+    saved = torch.load(ckpt, weights_only=False)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    if "rng" in saved:
+        torch.set_rng_state(saved["rng"])
+    log.info("%s: resumed at step %d", name, saved["state"]["step"])
+    return saved
+
+
 # ---- phase 1: VAE ------------------------------------------------------------------------------------
 def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, float]:
     vae: AutoencoderKLWan = comp["vae"]
     ckpt = work / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    state = {"step": 0, "history": []}
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        torch.set_rng_state(saved["rng"])
-        log.info("vae: resumed at step %d", state["step"])
+    saved = resume(ckpt, vae, opt, "vae")
+    state = saved["state"] if saved else {"step": 0, "history": []}
     total = args.vae_steps + args.vae_long_steps
     if state["step"] >= total:
         return state["history"][-1] if state["history"] else {}
@@ -277,69 +284,71 @@ def build_pool(
 
 
 # ---- phase 3: transformer ----------------------------------------------------------------------------
-def train_transformer(
-    comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace
+def fit_flow_matching(
+    model: WanTransformer3DModel, pool: dict[str, Any], ckpt: Path, args: argparse.Namespace, *,
+    name: str, steps: int, lr: float, seed_offset: int, ema_decay: float = 0.0,
 ) -> dict:
-    model: WanTransformer3DModel = comp["transformer"]
-    ckpt = work / "transformer.pt"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.dit_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    state = {"step": 0, "history": []}
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        torch.set_rng_state(saved["rng"])
-        log.info("transformer: resumed at step %d", state["step"])
-    if state["step"] >= args.dit_steps:
-        return state["history"][-1] if state["history"] else {}
+    """The transformer's flow-matching loop (both transformer phases): batch ``--dit-batch``, captions
+    60% full / 30% short / 10% empty, resumable from ``ckpt`` every 100 steps; with ``ema_decay`` > 0 it
+    keeps a weight EMA and leaves the model holding it at the end."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay > 0 else None
+    saved = resume(ckpt, model, opt, name)
+    state = saved["state"] if saved else {"step": 0, "history": []}
+    if saved and "ema" in saved:
+        ema_model = saved["ema"]
     latents, embeds = pool["latents"], pool["embeds"]
     n = len(latents)
-    rng = np.random.default_rng(args.seed + 1000 + state["step"])
-    gen = torch.Generator().manual_seed(args.seed + 2000 + state["step"])
+    rng = np.random.default_rng(args.seed + seed_offset + state["step"])
+    gen = torch.Generator().manual_seed(args.seed + seed_offset + 1000 + state["step"])
     model.train()
     ema = None
-    bar = tqdm(
-        range(state["step"], args.dit_steps), desc="transformer", initial=state["step"], total=args.dit_steps
-    )
+    bar = tqdm(range(state["step"], steps), desc=name, initial=state["step"], total=steps)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.dit_steps, args.dit_lr, warmup=50)
+            g["lr"] = cosine_lr(step, steps, lr, warmup=50)
         idx = rng.integers(n, size=args.dit_batch)
-        x0 = latents[idx]
         texts = []
         for i in idx:
             u = rng.random()
             texts.append("" if u < 0.1 else pool["short"][i] if u < 0.4 else pool["captions"][i])
         text = torch.stack([embeds[t] for t in texts])
+        x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigmas = sample_sigmas(len(idx), shift=FLOW_SHIFT, generator=gen)
-        xt = add_noise(x0, noise, sigmas)
-        pred = model(hidden_states=xt, timestep=sigmas * 1000, encoder_hidden_states=text, return_dict=False)[
-            0
-        ]
+        pred = model(hidden_states=add_noise(x0, noise, sigmas), timestep=sigmas * 1000, encoder_hidden_states=text,
+                     return_dict=False)[0]  # fmt: skip
         loss = flow_matching_loss(pred, x0, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema_model is not None:
+            with torch.no_grad():
+                decay = min(ema_decay, (1 + step) / (10 + step))
+                for k, v in model.state_dict().items():
+                    ema_model[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
         bar.set_postfix(loss=f"{ema:.4f}")
         state["step"] = step + 1
-        if (step + 1) % 100 == 0 or step + 1 == args.dit_steps:
+        if (step + 1) % 100 == 0 or step + 1 == steps:
             state["history"].append({"step": step + 1, "loss_ema": ema})
-            log.info("transformer step %d: flow-matching loss (ema) %.4f", step + 1, ema)
-            atomic_torch_save(
-                {
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "state": state,
-                    "rng": torch.get_rng_state(),
-                },
-                ckpt,
-            )
+            log.info("%s step %d: flow-matching loss (ema) %.4f", name, step + 1, ema)
+            saved = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "rng": torch.get_rng_state()}
+            if ema_model is not None:
+                saved["ema"] = ema_model
+            atomic_torch_save(saved, ckpt)
+    if ema_model is not None:
+        model.load_state_dict(ema_model)  # the exported weights are the EMA
     model.eval()
-    return state["history"][-1]
+    return state["history"][-1] if state["history"] else {}
+
+
+def train_transformer(
+    comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace
+) -> dict:
+    return fit_flow_matching(comp["transformer"], pool, work / "transformer.pt", args, name="transformer",
+                             steps=args.dit_steps, lr=args.dit_lr, seed_offset=1000)  # fmt: skip
 
 
 # ---- phase 5 (refine): the VAE again, sharper loss ------------------------------------------------------
@@ -357,13 +366,8 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         params = list(vae.parameters())
     ckpt = work / "decoder.pt"
     opt = torch.optim.AdamW(params, lr=args.dec_lr, weight_decay=0.0)
-    state = {"step": 0, "history": []}
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        vae.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        log.info("decoder: resumed at step %d", state["step"])
+    saved = resume(ckpt, vae, opt, "decoder")
+    state = saved["state"] if saved else {"step": 0, "history": []}
     n_img = args.dec_image_steps
     total = n_img + args.dec_steps
     if state["step"] >= total:
@@ -433,62 +437,8 @@ def refine_transformer(comp: dict[str, Any], pipe: WanPipeline, work: Path, args
     # A frozen encoder keeps the latent space and its stats (unless no phase measured them: --dit-steps 0).
     keep = not args.dec_train_encoder and (args.init_from is not None or args.dit_steps > 0)
     pool = build_pool(comp, pipe, work / "pool_refine.pt", args.refine_pool, args, keep_stats=keep)
-    ckpt = work / "refine.pt"
-    opt = torch.optim.AdamW(model.parameters(), lr=args.refine_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state = {"step": 0, "history": []}
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        ema_model = saved["ema"]
-        state = saved["state"]
-        torch.set_rng_state(saved["rng"])
-        log.info("refine: resumed at step %d", state["step"])
-    latents, embeds = pool["latents"], pool["embeds"]
-    n = len(latents)
-    rng = np.random.default_rng(args.seed + 3000 + state["step"])
-    gen = torch.Generator().manual_seed(args.seed + 4000 + state["step"])
-    model.train()
-    ema = None
-    bar = tqdm(
-        range(state["step"], args.refine_steps), desc="refine", initial=state["step"], total=args.refine_steps
-    )
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, args.refine_steps, args.refine_lr, warmup=50)
-        idx = rng.integers(n, size=args.dit_batch)
-        texts = []
-        for i in idx:
-            u = rng.random()
-            texts.append("" if u < 0.1 else pool["short"][i] if u < 0.4 else pool["captions"][i])
-        text = torch.stack([embeds[t] for t in texts])
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = sample_sigmas(len(idx), shift=FLOW_SHIFT, generator=gen)
-        pred = model(hidden_states=add_noise(x0, noise, sigmas), timestep=sigmas * 1000, encoder_hidden_states=text,
-                     return_dict=False)[0]  # fmt: skip
-        loss = flow_matching_loss(pred, x0, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.refine_ema, (1 + step) / (10 + step))
-            for k, v in model.state_dict().items():
-                ema_model[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
-        bar.set_postfix(loss=f"{ema:.4f}")
-        state["step"] = step + 1
-        if (step + 1) % 100 == 0 or step + 1 == args.refine_steps:
-            state["history"].append({"step": step + 1, "loss_ema": ema})
-            log.info("refine step %d: flow-matching loss (ema) %.4f", step + 1, ema)
-            atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema_model,
-                               "state": state, "rng": torch.get_rng_state()}, ckpt)  # fmt: skip
-    if args.refine_ema > 0:
-        model.load_state_dict(ema_model)  # the exported weights are the EMA
-    model.eval()
-    return state["history"][-1]
+    return fit_flow_matching(model, pool, work / "refine.pt", args, name="refine", steps=args.refine_steps,
+                             lr=args.refine_lr, seed_offset=3000, ema_decay=args.refine_ema)  # fmt: skip
 
 
 # ---- phase 4: export + samples -----------------------------------------------------------------------
