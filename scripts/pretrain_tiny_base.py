@@ -295,7 +295,7 @@ def fit_flow_matching(
     ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay > 0 else None
     saved = resume(ckpt, model, opt, name)
     state = saved["state"] if saved else {"step": 0, "history": []}
-    if saved and "ema" in saved:
+    if ema_model is not None and saved and "ema" in saved:
         ema_model = saved["ema"]
     latents, embeds = pool["latents"], pool["embeds"]
     n = len(latents)
@@ -334,10 +334,11 @@ def fit_flow_matching(
         if (step + 1) % 100 == 0 or step + 1 == steps:
             state["history"].append({"step": step + 1, "loss_ema": ema})
             log.info("%s step %d: flow-matching loss (ema) %.4f", name, step + 1, ema)
-            saved = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "rng": torch.get_rng_state()}
+            snapshot = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
+                        "rng": torch.get_rng_state()}  # fmt: skip
             if ema_model is not None:
-                saved["ema"] = ema_model
-            atomic_torch_save(saved, ckpt)
+                snapshot["ema"] = ema_model
+            atomic_torch_save(snapshot, ckpt)
     if ema_model is not None:
         model.load_state_dict(ema_model)  # the exported weights are the EMA
     model.eval()

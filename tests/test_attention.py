@@ -207,6 +207,7 @@ def test_plan_skips_masked_blocks_and_is_cached():
 def test_auto_rule():
     cpu, big = torch.device("cpu"), 1 << 14
     assert resolve_backend("auto", torch.device("cuda"), needs_grad=True) == "flex"
+    assert resolve_backend("auto", torch.device("cuda"), seq_len=100) == "flex"  # CUDA: flex at every length
     assert resolve_backend("auto", cpu, needs_grad=True, seq_len=big) == "sparse"  # no CPU flex backward
     assert resolve_backend("auto", cpu, seq_len=big) == "flex"
     assert resolve_backend("auto", cpu, seq_len=100) == "sparse"  # compile would cost more than it saves
