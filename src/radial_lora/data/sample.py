@@ -38,6 +38,10 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 # speed (free ranges per second) -> caption adverb; the threshold sits between the two sampled speeds
 SPEEDS: dict[str, float] = {"slowly": 0.4, "quickly": 0.9}
 _FAST_FROM = 0.65
+# shape radius (fraction of the shorter side) of ``sample_specs``: a 32-pixel frame then shows shapes 14-19 px
+# across, big enough that a circle, a square and a triangle differ in more than a few edge pixels (at 0.12-0.2,
+# 4-6 px radii, the tiny base's VAE rounded every shape into the same blob)
+RADIUS_RANGE: tuple[float, float] = (0.22, 0.3)
 
 _FIXED_WORDS = ("a", "on", "background", "moves", "and", "bounces", "off", "the", "wall", "between", "walls")
 CAPTION_VOCABULARY: tuple[str, ...] = tuple(
@@ -170,9 +174,9 @@ def sample_specs(n: int, seed: int = 0) -> list[ClipSpec]:
                 background=background,
                 direction=DIRECTIONS[rng.integers(len(DIRECTIONS))],
                 speed=list(SPEEDS.values())[rng.integers(len(SPEEDS))],
-                start_x=float(rng.uniform(0.1, 0.9)),
-                start_y=float(rng.uniform(0.1, 0.9)),
-                radius=float(rng.uniform(0.12, 0.2)),
+                start_x=float(rng.uniform(0.2, 0.8)),
+                start_y=float(rng.uniform(0.2, 0.8)),
+                radius=float(rng.uniform(*RADIUS_RANGE)),
             )
         )
     return specs
