@@ -114,9 +114,9 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def build_components(seed: int, vae_spatial: int = 8, patch: int = 1, z_dim: int = Z_DIM) -> dict[str, Any]:
-    """Random-weight components of the real classes (same seed, same weights); ``vae_spatial`` 8 (v1-v3) or 4,
-    ``patch`` the transformer's spatial patch (1 for v1-v3), ``z_dim`` the latent channels (16 for v1-v3)."""
+def build_components(seed: int, vae_spatial: int = 4, patch: int = 2, z_dim: int = 4) -> dict[str, Any]:
+    """Random-weight components of the real classes (same seed, same weights); the defaults are v5's layout
+    (v1-v3: ``vae_spatial`` 8, ``patch`` 1, ``z_dim`` 16)."""
     torch.manual_seed(seed)
     vae_cfg = (VAE_CFG if vae_spatial == 8 else VAE_CFG_4X) | {"z_dim": z_dim}
     vae = AutoencoderKLWan(**vae_cfg, latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
@@ -588,7 +588,9 @@ def score_clip(video: np.ndarray, spec: Any) -> dict[str, Any]:
         out["direction"] = pred == spec.direction
         px_per_frame = float(path[axis] / max(1, len(valid) - 1))
         out["speed_px"] = px_per_frame
-        fast_px = _FAST_FROM * video.shape[2] * (1 - 2 * spec.radius) / FPS  # free range x speed / fps
+        h, w = v.shape[1:3]  # the free range along the captioned axis, as ``render_clip`` lays it out
+        free_px = (w if spec.direction in ("left", "right") else h) - 2 * spec.radius * min(h, w)
+        fast_px = _FAST_FROM * free_px / FPS
         out["speed"] = out["direction"] and ((px_per_frame > fast_px) == (spec.speed >= _FAST_FROM))
     else:
         out["direction_pred"] = "none"
