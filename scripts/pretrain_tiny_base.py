@@ -60,6 +60,7 @@ from tqdm import tqdm
 from transformers import UMT5Config, UMT5EncoderModel
 
 from radial_lora.data.sample import BACKGROUNDS, CAPTION_VOCABULARY, caption_for, render_clip, sample_specs
+from radial_lora.eval.shape_score import score_clip, summarise
 from radial_lora.models import get_adapter
 from radial_lora.models.tiny import build_tokenizer, caption_vocabulary
 from radial_lora.train.flow_matching import add_noise, flow_matching_loss, sample_sigmas
@@ -502,114 +503,8 @@ def samples(pipe: WanPipeline, work: Path, seed: int, steps: int) -> list[str]:
     return prompts
 
 
-# ---- eval: do generated samples show the captioned shape, colour and motion? ---------------------------
+# ---- eval: do generated samples show the captioned shape, colour and motion? (radial_lora.eval.shape_score)
 EVAL_SEED_OFFSET = 300  # eval captions: sample_specs(n, seed + 300); VAE clips use +100, the pool +200
-FG_MIN = 30.0  # RGB distance (0-255) below which nothing counts as foreground
-TRI_DY = 1.0 / 3.0  # a triangle's centroid sits r/3 below the centre of its bounding box (apex up)
-AREA = {"circle": math.pi, "square": 1.7**2, "triangle": 2.0}  # shape area / r^2 (see ``render_clip``)
-
-
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = SIZE) -> np.ndarray:
-    """``[H,W]`` bool: the ``render_clip`` shape of radius ``r`` whose centroid is at ``(cx, cy)``."""
-    yy = np.arange(size, dtype=np.float32)[:, None] + 0.5
-    xx = np.arange(size, dtype=np.float32)[None, :] + 0.5
-    dx = xx - cx
-    dy = yy - (cy - TRI_DY * r if shape == "triangle" else cy)
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85 * r
-    return (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2)
-
-
-def score_clip(video: np.ndarray, spec: Any) -> dict[str, Any]:
-    """Score a ``uint8 [F,H,W,3]`` clip against its caption's spec (only what the caption says).
-
-    Foreground: pixels farther (RGB) from the frame's median colour (the background) than half the video's
-    99.5th-percentile distance (and than ``FG_MIN``). Colour: the mean foreground colour's nearest palette
-    colour. Motion: the foreground centroid per frame; the axis with the longer path, the sign of the first
-    run of same-sign steps that covers 1.5 px (a bounce after it is fine); "static" under 2 px of range.
-    Speed: mean |step| along that axis, quick above the step of the caption's threshold speed (``_FAST_FROM``
-    free ranges per second, between the sampled 0.4 and 0.9).
-    Shape: per frame a circle, square and triangle of the mask's area at its centroid; the summed IoU
-    picks the shape.
-    """
-    from radial_lora.data.sample import _FAST_FROM, PALETTE
-
-    v = video.astype(np.float32)
-    f = v.shape[0]
-    bg = np.median(v.reshape(f, -1, 3), axis=1)
-    dist = np.linalg.norm(v - bg[:, None, None, :], axis=-1)
-    thr = max(FG_MIN, 0.5 * float(np.percentile(dist, 99.5)))
-    mask = dist > thr
-    out: dict[str, Any] = {"colour": False, "direction": False, "speed": False, "shape": False}
-    if mask.sum() == 0:
-        out.update(colour_pred=None, direction_pred="none", shape_pred=None, shape_iou=0.0, colour_err=None)
-        return out
-    mean_rgb = v[mask].mean(axis=0)
-    names = list(PALETTE)
-    errs = [float(np.linalg.norm(mean_rgb - np.asarray(PALETTE[c], np.float32))) for c in names]
-    out["colour_pred"] = names[int(np.argmin(errs))]
-    out["colour"] = out["colour_pred"] == spec.colour
-    out["colour_err"] = errs[names.index(spec.colour)]
-    # centroids of frames with a visible shape
-    cents, ious = [], {s: [] for s in AREA}
-    for t in range(f):
-        m = mask[t]
-        area = int(m.sum())
-        if area < 3:
-            cents.append(None)
-            continue
-        ys, xs = np.nonzero(m)
-        cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
-        cents.append((cx, cy))
-        for s, k in AREA.items():
-            tmpl = shape_mask(s, cx, cy, math.sqrt(area / k), m.shape[0])
-            ious[s].append(float((m & tmpl).sum() / max(1, (m | tmpl).sum())))
-    valid = [c for c in cents if c is not None]
-    if len(valid) >= f // 2:
-        xy = np.asarray(valid)
-        path = np.abs(np.diff(xy, axis=0)).sum(axis=0)
-        axis = int(np.argmax(path))
-        pos = xy[:, axis]
-        pred = "static"
-        if pos.max() - pos.min() >= 2.0:
-            run_sign, run_len = 0.0, 0.0
-            for d in np.diff(pos):
-                sgn = float(np.sign(d)) if abs(d) > 0.1 else run_sign
-                if sgn != run_sign:
-                    run_sign, run_len = sgn, 0.0
-                run_len += abs(d)
-                if run_sign != 0 and run_len >= 1.5:
-                    break
-            names_ax = (("left", "right"), ("up", "down"))[axis]
-            pred = names_ax[int(run_sign > 0)] if run_sign != 0 else "static"
-        out["direction_pred"] = pred
-        out["direction"] = pred == spec.direction
-        px_per_frame = float(path[axis] / max(1, len(valid) - 1))
-        out["speed_px"] = px_per_frame
-        h, w = v.shape[1:3]  # the free range along the captioned axis, as ``render_clip`` lays it out
-        free_px = (w if spec.direction in ("left", "right") else h) - 2 * spec.radius * min(h, w)
-        fast_px = _FAST_FROM * free_px / FPS
-        out["speed"] = out["direction"] and ((px_per_frame > fast_px) == (spec.speed >= _FAST_FROM))
-    else:
-        out["direction_pred"] = "none"
-    tot = {s: float(np.sum(v_)) for s, v_ in ious.items()}
-    out["shape_pred"] = max(tot, key=tot.get) if valid else None
-    out["shape"] = out["shape_pred"] == spec.shape
-    out["shape_iou"] = float(np.mean(ious[spec.shape])) if ious[spec.shape] else 0.0
-    return out
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
-    n = len(rows)
-    keys = ("colour", "direction", "speed", "shape")
-    s = {k: sum(bool(r[k]) for r in rows) / n for k in keys}
-    s["all"] = sum(all(r[k] for k in ("colour", "direction", "shape")) for r in rows) / n
-    s["shape_iou"] = float(np.mean([r["shape_iou"] for r in rows]))
-    errs = [r["colour_err"] for r in rows if r.get("colour_err") is not None]
-    s["colour_err"] = float(np.mean(errs)) if errs else float("nan")
-    return s
 
 
 def to_uint8(video: np.ndarray) -> np.ndarray:
@@ -629,8 +524,8 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         recons += list(to_uint8((rec.clamp(-1, 1).permute(0, 2, 3, 4, 1).numpy() + 1) / 2))
     result: dict[str, Any] = {"tag": tag, "n": len(specs), "seed": args.seed + EVAL_SEED_OFFSET,
                               "steps": args.eval_steps, "generated": {}}  # fmt: skip
-    result["truth"] = summarise([score_clip(c, s) for c, s in zip(truths, specs)])
-    result["vae_recon"] = summarise([score_clip(c, s) for c, s in zip(recons, specs)])
+    result["truth"] = summarise([score_clip(c, s, FPS) for c, s in zip(truths, specs)])
+    result["vae_recon"] = summarise([score_clip(c, s, FPS) for c, s in zip(recons, specs)])
     gens: dict[float, list[np.ndarray]] = {}
     for g in args.eval_guidance:
         gens[g] = []
@@ -640,7 +535,7 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
                          num_frames=BASE_FRAMES, num_inference_steps=args.eval_steps, guidance_scale=g,
                          output_type="np", generator=torch.Generator().manual_seed(args.seed + i)).frames[0]  # fmt: skip
             gens[g].append(to_uint8(video))
-            rows.append(score_clip(gens[g][-1], spec) | {"caption": caption_for(spec, BASE_FRAMES, FPS)})
+            rows.append(score_clip(gens[g][-1], spec, FPS) | {"caption": caption_for(spec, BASE_FRAMES, FPS)})
         result["generated"][str(g)] = summarise(rows)
         result.setdefault("per_clip", {})[str(g)] = rows
     result["wall_s"] = time.time() - t0

@@ -20,6 +20,12 @@ def _inputs(batch: int, heads: int, seq: int, dim: int, dtype=torch.float64, see
     return [torch.randn(batch, heads, seq, dim, generator=g, dtype=dtype) for _ in range(3)]
 
 
+def _cotangent(like: torch.Tensor, seed: int = 99) -> torch.Tensor:
+    """A seeded upstream gradient shaped like ``like``: every run backpropagates the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(like.shape, generator=g, dtype=like.dtype)
+
+
 def _random_mask(nb: int, density: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(nb, nb, generator=g) < density
@@ -75,7 +81,7 @@ def test_sparse_matches_reference_fwd_bwd_float64(case, kernel):
     mask, seq, bs, padded = CASES[case]
     q, k, v = _inputs(2, 3, seq, 8)
     kpm = _padding(2, seq) if padded else None
-    dout = torch.randn_like(q)
+    dout = _cotangent(q)
     ref = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs, kpm), q, k, v, dout)
     got = _grads(lambda a, b, c: SPARSE_KERNELS[kernel](a, b, c, mask, bs, kpm), q, k, v, dout)
     for name, r, x in zip(("out", "dq", "dk", "dv"), ref, got):
@@ -94,7 +100,7 @@ def test_sparse_memory_budgets_split_work_without_changing_results(kernel, monke
     mask, seq, bs, _ = CASES["radial+text+padding"]
     q, k, v = _inputs(2, 3, seq, 8)
     kpm = _padding(2, seq)
-    dout = torch.randn_like(q)
+    dout = _cotangent(q)
     ref = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs, kpm), q, k, v, dout)
     got = _grads(lambda a, b, c: sparse_block_attention(a, b, c, mask, bs, kpm, kernel=kernel), q, k, v, dout)
     for r, x in zip(ref, got):
@@ -108,7 +114,7 @@ def test_sparse_accepts_processor_layout(kernel):
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(2, 3, seq, 8))
     assert not q.is_contiguous()
     kpm = _padding(2, seq)
-    dout = torch.randn(2, 3, seq, 8, dtype=torch.float64)
+    dout = _cotangent(q)
     ref = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs, kpm), q, k, v, dout)
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))  # clone keeps the strides
     assert not q2.is_contiguous()
