@@ -205,7 +205,7 @@ def write_sample_dataset(
     for i, spec in enumerate(tqdm(sample_specs(num_videos, seed), desc="sample videos", unit="video")):
         name = f"sample_{i:04d}"
         caption = caption_for(spec, num_frames, fps)
-        write_video(out / f"{name}.mp4", render_clip(spec, num_frames, (h, w), fps), fps)
+        write_video(out / f"{name}.mp4", render_clip(spec, num_frames, (h, w), fps), fps, reproducible=True)
         _write_text_atomic(out / f"{name}.txt", caption + "\n")
         rows.append(
             {"video": f"{name}.mp4", "caption": caption, "num_frames": num_frames, "fps": fps, "height": h,

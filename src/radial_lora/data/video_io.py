@@ -173,11 +173,15 @@ def write_video(
     codec: str | None = None,
     crf: int = 18,
     odd_size: str = "pad",
+    reproducible: bool = False,
 ) -> Path:
     """Write ``uint8 [F, H, W, 3]`` frames as a real video file; returns the path.
 
     ``codec=None`` picks by extension: H.264 (``libx264``, yuv420p) for mp4/mov/mkv, VP9 for webm, GIF for
     gif. yuv420p needs even sizes: ``odd_size="pad"`` replicates one edge row/column, ``"error"`` refuses.
+    ``reproducible=True`` gives the same bytes for the same frames on any machine (one encoder thread: the
+    x264 result depends on its thread count, which follows the cores; bit-exact muxing, no version tags):
+    for test fixtures and sample data, slower for long videos.
     """
     path = Path(path)
     frames = _check_frames(frames)
@@ -198,7 +202,8 @@ def write_video(
     # Not mkstemp: its 0600 mode would stick to the final file; FFmpeg creates it with the umask instead.
     tmp_name = str(path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        _encode(tmp_name, frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix))
+        _encode(tmp_name, frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix),
+                reproducible)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -213,18 +218,32 @@ def container_format(suffix: str) -> str | None:
 
 
 def _encode(
-    target: str, frames: np.ndarray, rate: Fraction, codec: str, pix_fmt: str, crf: int, fmt: str | None
+    target: str,
+    frames: np.ndarray,
+    rate: Fraction,
+    codec: str,
+    pix_fmt: str,
+    crf: int,
+    fmt: str | None,
+    reproducible: bool = False,
 ) -> None:
     options: dict[str, str] = {}
     if codec == "libx264":
         options = {"crf": str(crf), "preset": "medium"}
     elif codec in ("libvpx-vp9", "libvpx"):
         options = {"crf": str(max(crf, 4)), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
-    with av.open(target, mode="w", format=fmt) as container:
+    container_options: dict[str, str] = {}
+    if reproducible:
+        options |= {"threads": "1", "flags": "+bitexact"}
+        container_options = {"fflags": "+bitexact"}
+    with av.open(target, mode="w", format=fmt, options=container_options) as container:
         stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
         stream.pix_fmt = pix_fmt
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        for index, image in enumerate(frames):
+            # Converted here and with timestamps (1/rate units): left to encode(), PyAV's implicit pixel
+            # conversion made the third of three same-process encodes of fixed frames differ run to run.
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format=pix_fmt)
+            frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
