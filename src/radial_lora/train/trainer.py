@@ -222,6 +222,21 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _own_aligned_weights(module: torch.nn.Module) -> None:
+    """Give every weight its own allocator-aligned storage (CPU).
+
+    Loaded weights are views into the file's buffer at arbitrary offsets, and the CPU kernels round by a few
+    ulp differently for differently aligned operands (measured on the tiny Wan: a copy of the weights moved
+    its outputs by 5e-7). FSDP's gathered weights are fresh allocations, so without this a sharded run could
+    not reproduce a one-process run bit for bit."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.clone()
+        for buf_module in module.modules():
+            for name, buf in buf_module.named_buffers(recurse=False):
+                buf_module._buffers[name] = buf.clone()
+
+
 @contextmanager
 def _base_model(transformer: torch.nn.Module, controller: Any) -> Iterator[None]:
     """The frozen base model: LoRA disabled, dense attention everywhere, no gradients."""
@@ -343,6 +358,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     mixed, weight_dtype = _resolve_precision(cfg, probe)
     acc = Accelerator(mixed_precision=mixed, cpu=cpu)
     device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
+    if device.type == "cpu":
+        device = torch.device("cpu")  # distributed accelerate says "cpu:0": to() would copy every weight
     t = cfg.train
     micro_total = t.batch_size // t.grad_accum
     if micro_total % world:
@@ -421,6 +438,8 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     sample_pipe = pipe if cfg.validation.sample_prompts else None
     del pipe
     transformer.to(device=device, dtype=weight_dtype)
+    if device.type == "cpu":
+        _own_aligned_weights(transformer)
     params = lora_io.add_lora(
         transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.targets
     )
@@ -574,9 +593,16 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                             base_pred = adapter.predict(transformer, xt[:, :, :n_base], timesteps, text)
                         cons = torch.mean((pred[:, :, :n_base].float() - base_pred.float()) ** 2)
                         total = loss + t.consistency_weight * cons
-                        cons_loss += cons.detach() / t.grad_accum
-                    acc.backward(total / t.grad_accum)
-                    step_loss += loss.detach() / t.grad_accum
+                        cons_loss += cons.detach()
+                    # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
+                    # gradient is the same sum of per-sample terms for any split over processes and micro-steps.
+                    acc.backward(total)
+                    step_loss += loss.detach()
+            if t.grad_accum > 1:
+                step_loss, cons_loss = step_loss / t.grad_accum, cons_loss / t.grad_accum
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(t.grad_accum)
             if world > 1 and not fsdp:  # FSDP has already averaged (reduce-scattered) the gradients
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
