@@ -135,6 +135,7 @@ def test_flex_eager_matches_reference_float64(case):
     assert torch.allclose(out, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_flex_compiled_cpu_forward_float32():
     """The compiled kernel follows the block lists (full blocks) and mask_mod (padded keys)."""
     mask, seq, bs = _radial_case()

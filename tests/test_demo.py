@@ -24,6 +24,7 @@ def test_shipped_base_is_a_wan_pipeline_with_unit_latents() -> None:
     assert "pretrain_tiny_base.py" in card
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -92,44 +91,3 @@ def test_metadata_errors(tmp_path: Path) -> None:
         lora.save_lora(tmp_path, tr, {"bad": object()})
 
 
-def _delta(state: dict[str, torch.Tensor], module: str, scale: float = 1.0) -> torch.Tensor:
-    return scale * state[f"{module}.lora_B.weight"].float() @ state[f"{module}.lora_A.weight"].float()
-
-
-def test_comfyui_export_wan_same_deltas(tmp_path: Path) -> None:
-    tr = build_tiny_pipeline("wan").transformer
-    _randomise(lora.add_lora(tr, rank=4, alpha=2))
-    lora.save_lora(tmp_path, tr, {"family": "wan"})
-    out = lora.export_comfyui(tmp_path, tmp_path)
-    src, dst = load_file(tmp_path / lora.LORA_FILENAME), load_file(out)
-    assert len(dst) == len(src)
-    pairs = {"attn1.to_q": "self_attn.q", "attn1.to_out.0": "self_attn.o", "attn2.to_v": "cross_attn.v"}
-    for block in (0, 1):
-        for diff_name, comfy_name in pairs.items():
-            want = _delta(src, f"transformer.blocks.{block}.{diff_name}", scale=0.5)
-            got = _delta(dst, f"diffusion_model.blocks.{block}.{comfy_name}")
-            torch.testing.assert_close(got, want)
-    assert json.loads(json.dumps(lora.read_lora_metadata(out))) == {"family": "wan"}
-
-
-def test_comfyui_export_hunyuan_fuses_qkv(tmp_path: Path) -> None:
-    tr = build_tiny_pipeline("hunyuan").transformer
-    _randomise(lora.add_lora(tr, rank=3))
-    lora.save_lora(tmp_path, tr, {"family": "hunyuan"})
-    out = lora.export_comfyui(tmp_path, tmp_path / "c.safetensors", single_mlp_dim=64)
-    src, dst = load_file(tmp_path / lora.LORA_FILENAME), load_file(out)
-    hidden = 32  # tiny: 2 heads x 16
-    fused = _delta(dst, "diffusion_model.double_blocks.1.img_attn_qkv")
-    assert fused.shape == (3 * hidden, hidden)
-    for i, proj in enumerate(("to_q", "to_k", "to_v")):
-        want = _delta(src, f"transformer.transformer_blocks.1.attn.{proj}")
-        torch.testing.assert_close(fused[i * hidden : (i + 1) * hidden], want)
-    single = _delta(dst, "diffusion_model.single_blocks.0.linear1")
-    assert single.shape == (3 * hidden + 64, hidden)
-    torch.testing.assert_close(single[hidden : 2 * hidden], _delta(src, "transformer.single_transformer_blocks.0.attn.to_k"))
-    assert torch.count_nonzero(single[3 * hidden :]) == 0
-    torch.testing.assert_close(
-        _delta(dst, "diffusion_model.double_blocks.0.img_attn_proj"),
-        _delta(src, "transformer.transformer_blocks.0.attn.to_out.0"),
-    )
-    assert "diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn_qkv.lora_A.weight" in dst

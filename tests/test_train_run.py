@@ -125,6 +125,7 @@ def _assert_same_lora(one: Path, two: Path) -> None:
     assert not differ, f"{len(differ)} LoRA tensors differ, e.g. {differ[0]}"
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_matches_one_process(
     tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_hunyuan_trains_and_exports(tiny_hunyuan_dir: Path, tmp_path: Path) -> N
     assert comfy["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape[0] == 3 * hidden + mlp
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process_and_resumes(
     tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
 ) -> None:
