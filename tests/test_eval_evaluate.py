@@ -160,3 +160,28 @@ def test_prompt_defaults(tmp_path: Path) -> None:
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     given = argparse.Namespace(prompt=["zero"], prompts=tmp_path / "p.txt")
     assert prompts_from_args(given, DEFAULT_PROMPTS) == ["zero", "one", "two"]
+
+
+def test_base_length_comes_from_flag_lora_then_family(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from radial_lora import lora as lora_io
+    from radial_lora.cli.evaluate import base_length
+
+    assert base_length(33, (str(tiny_wan_lora), 1.0), None, "any") == (33, "--base-frames")
+    # A radial-lora LoRA records the length it extends from.
+    recorded = tmp_path / "recorded"
+    shutil.copytree(tiny_wan_lora, recorded)
+    state = lora_io.load_lora_state(recorded)
+    meta = {**lora_io.read_lora_metadata(recorded), "base_length": 17}
+    lora_io.save_lora(recorded, state, meta)
+    assert base_length(None, (str(recorded), 1.0), None, "hub/id")[0] == 17
+    # Without base_length: the family's default length (the LoRA's family, --family, the model folder's).
+    assert base_length(None, (str(tiny_wan_lora), 1.0), None, "hub/id") == (
+        81, "the wan default, family from the LoRA's metadata"
+    )
+    assert base_length(None, None, "hunyuan", "hub/id") == (129, "the hunyuan default, family from --family")
+    value, source = base_length(None, None, None, str(tiny_wan_dir))
+    assert value == 81 and "model_index.json" in source
+    with pytest.raises(ValueError, match="--base-frames"):
+        base_length(None, None, None, "some-org/some-model")

@@ -30,8 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", default="1x,2x",
                    help="frame counts (81,161) or multiples of --base-frames (1x,2x,4x); default 1x,2x")  # fmt: skip
     p.add_argument(
-        "--base-frames", type=int, default=81, help="length the model was trained for (for 2x etc.)"
-    )
+        "--base-frames", type=int, default=None,
+        help="length the model was trained for, what 1x means (default: the LoRA's recorded base_length, "
+             "else the family's default: Wan 81, HunyuanVideo 129)",
+    )  # fmt: skip
     p.add_argument("--lora", default=None, metavar="PATH[:SCALE]", help="the LoRA under test")
     p.add_argument("--lora2", default=None, metavar="PATH[:SCALE]", help="a second LoRA to compare")
     p.add_argument("--variants", default=None,
@@ -67,9 +69,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.heldout_max_clips < 1 or args.segments < 1:
         raise ValueError("--heldout-max-clips and --segments must be >= 1")
-    base_frames = args.base_frames or _lora_base_length(lora) or 81
+    base_frames, source = base_length(args.base_frames, lora, args.family, args.model)
+    lengths = parse_lengths(args.lengths, base_frames)
+    print(f"lengths {args.lengths} = {lengths} frames: 1x is {base_frames} frames ({source})")
     opts = GridOptions(
-        model=args.model, prompts=prompts_from_args(args, DEFAULT_PROMPTS), lengths=parse_lengths(args.lengths, base_frames),
+        model=args.model, prompts=prompts_from_args(args, DEFAULT_PROMPTS), lengths=lengths,
         variants=make_variants(names, lora, lora2), out_dir=args.out, height=args.height, width=args.width,
         family=args.family, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
         decay_factor=args.decay, block_size=args.block_size, backend=args.backend, seed=args.seed,
@@ -82,14 +86,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lora_base_length(lora: tuple[str, float] | None) -> int | None:
-    """The ``base_length`` a radial-lora LoRA records in its training metadata, if any."""
-    if lora is None:
-        return None
-    from radial_lora.lora import read_lora_metadata
+def base_length(given: int | None, lora: tuple[str, float] | None, family: str | None, model: str) -> tuple[int, str]:
+    """What 1x means, and where that came from: ``--base-frames``, else the ``base_length`` a radial-lora LoRA
+    records, else the default length of the model family (``--family``, the LoRA's, or the model folder's)."""
+    if given is not None:
+        return given, "--base-frames"
+    meta: dict = {}
+    if lora is not None:
+        from radial_lora.lora import read_lora_metadata
 
-    try:
-        value = read_lora_metadata(lora[0]).get("base_length")
-    except (ValueError, FileNotFoundError):
-        return None
-    return int(value) if isinstance(value, int) and value > 0 else None
+        try:
+            meta = read_lora_metadata(lora[0])
+        except (ValueError, FileNotFoundError):
+            meta = {}
+    value = meta.get("base_length")
+    if isinstance(value, int) and value > 0:
+        return value, f"the LoRA's base_length, {lora[0]}"
+    from radial_lora.models.adapter import detect_family, get_adapter
+
+    how = "--family" if family else "the LoRA's metadata" if meta.get("family") else "the model's model_index.json"
+    family = family or meta.get("family")
+    if family is None:
+        try:
+            family = detect_family(model)
+        except ValueError:
+            raise ValueError(
+                f"cannot tell what 1x means for {model}: pass --base-frames N (the length it was trained for) "
+                "or --family wan|wan22|hunyuan"
+            ) from None
+    return get_adapter(family).default_frames, f"the {family} default, family from {how}"

@@ -30,6 +30,7 @@ class ModelAdapter(ABC):
     family: str
     mask_model_type: str
     default_decay: float
+    default_frames: int  # the length the released model was trained for (its pipeline's num_frames default)
     pipeline_class_name: str
     transformer_class_name: str
 

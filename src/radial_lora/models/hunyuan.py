@@ -105,6 +105,7 @@ class HunyuanAdapter(ModelAdapter):
     family = "hunyuan"
     mask_model_type = "hunyuan"
     default_decay = 0.95
+    default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
     pipeline_class_name = "HunyuanVideoPipeline"
     transformer_class_name = "HunyuanVideoTransformer3DModel"
     max_sequence_length = 256  # the pipeline's default Llama text length (after the template crop)

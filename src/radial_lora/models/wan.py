@@ -87,6 +87,7 @@ class WanAdapter(ModelAdapter):
     family = "wan"
     mask_model_type = "wan"
     default_decay = 0.2
+    default_frames = 81  # WanPipeline.__call__(num_frames=81); Wan2.2 A14B keeps it
     pipeline_class_name = "WanPipeline"
     transformer_class_name = "WanTransformer3DModel"
     # The pipeline's default text length: Wan pads T5 embeddings with zeros to 512 tokens.
