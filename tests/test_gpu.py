@@ -98,13 +98,11 @@ def test_radial_tiny_wan_on_cuda_bf16_matches_reference_backend() -> None:
 def test_quick_config_trains_on_cuda_in_bf16(tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path) -> None:
     from radial_lora import lora
     from radial_lora.train import trainer
-    from radial_lora.train.config import load_config
+    from tiny_config import quick_config
 
-    config = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
-    cfg = load_config(config, [f"model.id={tiny_wan_dir}", f"data.path={tiny_wan_dataset}", f"output_dir={tmp_path}",
-                               "train.steps=12", "train.precision=bf16", "model.dtype=bfloat16",
-                               "checkpoint.every=6", "validation.every=6", "validation.max_clips=2",
-                               "optimizer.lr=5e-3"])  # fmt: skip
+    cfg = quick_config(tiny_wan_dir, tiny_wan_dataset, tmp_path, "train.steps=12", "train.precision=bf16",
+                       "model.dtype=bfloat16", "checkpoint.every=6", "validation.every=6", "validation.max_clips=2",
+                       "optimizer.lr=5e-3")
     result = trainer.train(cfg)
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     meta = lora.read_lora_metadata(tmp_path)

@@ -21,16 +21,14 @@ from radial_lora.data.video_io import read_video
 from radial_lora.models.adapter import get_adapter
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
-from radial_lora.train.config import load_config
 from radial_lora.train.flow_matching import heldout_loss
+from tiny_config import quick_config
 
-QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
 SAMPLING = ('validation.sample_prompts=["a red fox in snow"]', "validation.sample_steps=2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cfg(model: Path, data: Path, out: Path, *extra: str):
-    return load_config(QUICK, [f"model.id={model}", f"data.path={data}", f"output_dir={out}", *extra])
+_cfg = quick_config
 
 
 def _train_clips_loss(model_dir: Path, dataset: Path, lora_dir: Path | None) -> float:
@@ -245,3 +243,28 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     _torchrun(cfg_path, "--resume", str(tmp_path / "two" / "checkpoints" / "step_000002"))
     assert json.loads((tmp_path / "three" / "losses.json").read_text()) == two
     _assert_same_lora(tmp_path / "two", tmp_path / "three")
+
+
+@pytest.mark.slow
+def test_quick_test_config_is_one_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`radial-lora train --config configs/lora_quick_test.json` on a fresh checkout: it makes its sample data,
+    trains to the end, and writes a LoRA that the stock pipeline named in its metadata loads."""
+    from radial_lora.cli import main
+    from tiny_config import QUICK
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(QUICK)]) == 0
+    out = tmp_path / "runs" / "quick" / "lora"
+    log = (out / trainer.LOG_FILE).read_text()
+    assert "has no prepared dataset: writing 8 sample videos" in log and "step 60/60" in log
+    assert (tmp_path / "runs" / "quick" / "dataset" / "dataset.json").is_file()
+    meta = lora.read_lora_metadata(out)
+    assert meta["steps"] == 60 and meta["trained_lengths"] == [17, 33] and meta["base_length"] == 17
+    assert meta["base_model_name"] == "builtin:tiny-wan-base" and len(meta["transformer_config_sha256"]) == 64
+    pipe = DiffusionPipeline.from_pretrained(meta["base_model"])
+    before = {n for n, _ in pipe.transformer.named_parameters()}
+    pipe.load_lora_weights(out)
+    assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters() if n not in before)
+    # A real config stays strict: no dataset is an error that names the command making one.
+    assert main(["train", "--config", str(QUICK), "--set", "data.if_missing=error", "--set", "data.path=nowhere"]) == 2
+    assert "radial-lora data prepare VIDEOS --out nowhere --model builtin:tiny-wan-base" in capsys.readouterr().err

@@ -14,8 +14,8 @@ from radial_lora.data.video_io import read_video
 from radial_lora.train import trainer
 from radial_lora.train.config import ConfigError, config_from_dict, load_config, sample_dense_timesteps
 from radial_lora.train.samples import SAMPLE_FORMAT, frame_strip
+from tiny_config import quick_config
 
-QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
 PROMPT = "A red fox runs through fresh snow"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
     base = ("train.steps=4", "validation.every=2", "validation.max_clips=1", "validation.timesteps=[500]",
             "checkpoint.every=2", "schedule.warmup_steps=1", "lora.dropout=0.1")  # fmt: skip
-    return load_config(QUICK, [f"model.id={model}", f"data.path={data}", f"output_dir={out}", *base, *extra])
+    return quick_config(model, data, out, *base, *extra)
 
 
 def test_samples_are_written_and_leave_training_bit_identical(

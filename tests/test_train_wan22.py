@@ -15,9 +15,9 @@ from radial_lora.models import get_adapter
 from radial_lora.models.wan import EXPERTS, WanAdapter
 from radial_lora.train import config as train_config
 from radial_lora.train import trainer
-from radial_lora.train.config import ConfigError, load_config
+from radial_lora.train.config import ConfigError
+from tiny_config import quick_config
 
-QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -37,7 +37,7 @@ def wan22_dataset(tiny_wan22_dir: Path, tmp_path_factory: pytest.TempPathFactory
 def _cfg(model: Path, data: Path, out: Path, *extra: str) -> train_config.TrainConfig:
     common = ["train.steps=3", "train.batch_size=2", "data.holdout=0.0", "checkpoint.every=0", "validation.every=0",
               "logging.tensorboard=false", "optimizer.lr=5e-3", "schedule.warmup_steps=0"]  # fmt: skip
-    return load_config(QUICK, [f"model.id={model}", f"data.path={data}", f"output_dir={out}", *common, *extra])
+    return quick_config(model, data, out, *common, *extra)
 
 
 def _spy_predict(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.nn.Module, torch.Tensor]]:

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from radial_lora.models.builtin import BUILTIN_MODELS
+
 log = logging.getLogger(__name__)
 
-ASSET = Path(__file__).resolve().parent / "assets" / "tiny-wan-base"
+ASSET = BUILTIN_MODELS["tiny-wan-base"]
 # Package data (not the repo's configs/ folder), so the demo also runs from an installed wheel.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "demo_tiny_4x.json"
 FAMILY = "wan"

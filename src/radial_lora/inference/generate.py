@@ -211,7 +211,9 @@ def load_model(
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if family is None:
-        if Path(model).is_dir():
+        from radial_lora.models.builtin import resolve_model_id
+
+        if Path(resolve_model_id(model)).is_dir():
             family = detect_family(model)
         else:
             raise ValueError(

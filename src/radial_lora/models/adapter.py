@@ -77,7 +77,9 @@ class ModelAdapter(ABC):
         """Load a pipeline with the stock ``from_pretrained`` and check it is of this family."""
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model_id_or_path, torch_dtype=torch_dtype)
+        from radial_lora.models.builtin import resolve_model_id
+
+        pipe = DiffusionPipeline.from_pretrained(resolve_model_id(model_id_or_path), torch_dtype=torch_dtype)
         found = detect_family(pipe)
         if found != self.family:
             raise ValueError(
@@ -152,7 +154,9 @@ def detect_family(pipe_or_transformer: Any) -> str:
     if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
         return tagged
     if isinstance(pipe_or_transformer, str | os.PathLike):
-        index = Path(pipe_or_transformer) / "model_index.json"
+        from radial_lora.models.builtin import resolve_model_id
+
+        index = Path(resolve_model_id(pipe_or_transformer)) / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
         config = json.loads(index.read_text())

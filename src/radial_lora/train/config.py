@@ -29,6 +29,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "constant")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 DISTRIBUTED = ("ddp", "fsdp")
+IF_MISSING = ("error", "sample")
 # Wan2.2 A14B experts (radial_lora.models.wan.EXPERTS; repeated so the config check needs no diffusers import).
 EXPERTS = ("high", "low")
 # Pixels per latent token side: VAE spatial factor 8 x patch 2 for Wan2.1/2.2 and HunyuanVideo.
@@ -56,6 +57,9 @@ class DataSection:
     base_length: int = 81  # frames the base model was trained for (Wan 81, HunyuanVideo 125)
     holdout: float = 0.0  # fraction of source videos kept out for validation
     holdout_seed: int = 0
+    # No prepared dataset at ``path``: "error" (say which command makes one) or "sample" (write synthetic
+    # sample videos beside it and prepare them with the model: the quick-test config, not for real training)
+    if_missing: str = "error"
 
 
 @dataclass
@@ -274,6 +278,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _check(w >= 0, f"data.weights[{i}]", f"{w} is negative")
         _check(sum(d.weights) > 0, "data.weights", "all zero")
     _check(0.0 <= d.holdout < 1.0, "data.holdout", f"{d.holdout} must be in [0, 1)")
+    _one_of(d.if_missing, IF_MISSING, "data.if_missing")
+    _check(d.if_missing != "sample" or bool(d.lengths), "data.lengths", "data.if_missing='sample' needs the lengths")
 
     for key, px in (("resolution.height", r.height), ("resolution.width", r.width)):
         _check(px > 0 and px % SPATIAL_FACTOR == 0, key,

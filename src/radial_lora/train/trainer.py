@@ -222,6 +222,38 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def ensure_dataset(cfg: TrainConfig) -> None:
+    """A missing prepared dataset: a clear error naming the command that makes one, or (``data.if_missing
+    = "sample"``) synthetic sample videos written beside ``data.path`` and prepared there with the model."""
+    from radial_lora.data.dataset import DATASET_JSON
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+    from radial_lora.models.adapter import detect_family
+
+    path = Path(cfg.data.path)
+    if (path / DATASET_JSON).is_file():
+        return
+    d, r = cfg.data, cfg.resolution
+    lengths = ",".join(map(str, d.lengths)) or "LENGTHS"
+    if d.if_missing == "error":
+        raise FileNotFoundError(
+            f"data.path {path}: no prepared dataset there (no {DATASET_JSON}). Make one with `radial-lora data "
+            f"prepare VIDEOS --out {path} --model {cfg.model.id} --family {cfg.model.family or 'FAMILY'} --lengths "
+            f"{lengths} --height {r.height} --width {r.width}` (docs/DATA.md)"
+        )
+    family = cfg.model.family or detect_family(cfg.model.id)
+    videos = path.with_name(path.name + "_videos")
+    num_videos = 8
+    logger.info("data.path %s has no prepared dataset: writing %d sample videos to %s and preparing them at %s "
+                "frames (data.if_missing='sample')", path, num_videos, videos, lengths)  # fmt: skip
+    write_sample_dataset(videos, num_videos=num_videos, num_frames=max(d.lengths) + 3, size=(r.height, r.width))
+    summary = prepare_dataset(PrepareOptions(
+        input=videos, out=path, model=cfg.model.id, family=family, lengths=tuple(d.lengths), height=r.height,
+        width=r.width, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+    ))  # fmt: skip
+    logger.info("%s", summary.format())
+
+
 def _own_aligned_weights(module: torch.nn.Module) -> None:
     """Give every weight its own allocator-aligned storage (CPU).
 
@@ -303,16 +335,26 @@ class _Loggers:
 
 
 def lora_metadata(
-    cfg: TrainConfig, family: str, controller: Any, step: int, expert: tuple[str, list[float]] | None = None
+    cfg: TrainConfig,
+    family: str,
+    controller: Any,
+    step: int,
+    expert: tuple[str, list[float]] | None = None,
+    identity: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """What a LoRA file says about how it was trained (and must be used).
 
     ``expert``: (name, [lowest, highest] timestep) for a Wan2.2 expert LoRA; generation reads the name
-    to load the file into ``transformer_2`` for "low".
+    to load the file into ``transformer_2`` for "low". ``identity``: ``builtin.model_identity`` of the base
+    (a name and config hash that stay true when the LoRA moves to a machine without ``base_model``'s path).
     """
+    from radial_lora.models.builtin import resolve_model_id
+
+    local = Path(resolve_model_id(cfg.model.id))
     meta = {
         "format": "radial-lora/1",
-        "base_model": cfg.model.id,
+        "base_model": str(local.resolve()) if local.is_dir() else cfg.model.id,
+        **(identity or {}),
         "family": family,
         "trained_lengths": cfg.data.lengths,
         "base_length": cfg.data.base_length,
@@ -350,6 +392,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
 
     from radial_lora.data.dataset import PreparedDataset
     from radial_lora.models.adapter import detect_family, get_adapter
+    from radial_lora.models.builtin import model_identity
     from radial_lora.models.radial import apply_radial_attention
 
     out = Path(cfg.output_dir)
@@ -376,6 +419,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     set_seed(t.seed)
 
     # Data: the prepared dataset, its buckets, the holdout split.
+    if main:
+        ensure_dataset(cfg)
+    acc.wait_for_everyone()
     dataset = PreparedDataset(cfg.data.path)
     info = dataset.info
     if (info.get("height"), info.get("width")) != (cfg.resolution.height, cfg.resolution.width):
@@ -437,6 +483,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     # Validation samples need the whole pipeline (its transformer is the one trained below).
     sample_pipe = pipe if cfg.validation.sample_prompts else None
     del pipe
+    identity = model_identity(cfg.model.id, transformer.config)
     transformer.to(device=device, dtype=weight_dtype)
     if device.type == "cpu":
         _own_aligned_weights(transformer)
@@ -523,7 +570,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         if main:
             ckpt.save_checkpoint(
                 out, step, lora_state=lora_state, lora_config=lora_cfg,
-                metadata=lora_metadata(cfg, family, controller, step, expert_meta), optimizer_state=optimizer_state,
+                metadata=lora_metadata(cfg, family, controller, step, expert_meta, identity), optimizer_state=optimizer_state,
                 scheduler_state=scheduler.state_dict(), rng_states=rng_states,
                 trainer_state={"sampler": sampler.state_dict(), "losses": losses}, keep_last=cfg.checkpoint.keep_last,
             )  # fmt: skip
@@ -649,7 +696,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         lora_path = None
         final_state = lora_io.lora_state_dict(transformer) if main or fsdp else None  # collective under FSDP
         if main:
-            meta = lora_metadata(cfg, family, controller, max(step, start), expert_meta)
+            meta = lora_metadata(cfg, family, controller, max(step, start), expert_meta, identity)
             lora_path = lora_io.save_lora(out, final_state, meta, lora_config=lora_cfg)
             tc = transformer.config
             mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
