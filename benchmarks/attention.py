@@ -39,7 +39,7 @@ from radial_lora.mask import mask_density, radial_block_mask
 
 logger = logging.getLogger("bench.attention")
 RESULTS = Path(__file__).with_name("RESULTS.md")
-CPU_BACKENDS = ("dense", "sparse", "sparse-matmul", "flex")
+CPU_BACKENDS = ("dense", "auto", "sparse", "sparse-matmul", "flex")
 CUDA_BACKENDS = ("dense", "flex", "sparse")
 # (label, latent frames, tokens per frame, heads, head_dim): Wan2.1 1.3B at 832x480, 14B at 1280x720.
 CUDA_SHAPES = [
@@ -249,16 +249,19 @@ def run_cpu(args) -> str:
         times = best_times(cfg, cells, repeats)
         prefix = f"{frames} x {args.tokens} = {seq} | {density:.3f} | {1 / density:.2f}x"
         rows += [_row(prefix, b, times, mem) for b in backends]
+    busy = os.getloadavg()[0] > 1.0
+    load_note = "Other jobs shared the cores, so times are noisy." if busy else "Nothing else ran on the cores."
     header = (
         f"CPU, float32, batch 1, {args.heads} heads, head_dim {args.head_dim}, block 128, Wan radial mask "
         f"(decay {args.decay}, {args.tokens} tokens per latent frame). Times: best of {repeats}, backends "
         "interleaved; peak = extra resident memory during one call, each in a fresh process (flex after its "
-        f"compile).\nMachine: {machine_info('cpu')}. Other jobs shared the cores, so times are noisy.\n\n"
+        f"compile).\nMachine: {machine_info('cpu')}. {load_note}\n\n"
         "| tokens | density | ideal | backend | fwd s | fwd speedup | fwd peak MiB | fwd+bwd s | "
         "fwd+bwd speedup | fwd+bwd peak MiB |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     notes = (
-        '\n\n`sparse` = `block_sparse_attention(backend="sparse")` (fused CPU flash tiles per chunk); '
+        '\n\n`auto` = `block_sparse_attention(backend="auto")`, the default everywhere (on CPU it resolves to '
+        '`sparse`); `sparse` = `block_sparse_attention(backend="sparse")` (fused CPU flash tiles per chunk); '
         "`sparse-matmul` = the same chunk schedule with plain matmul tiles (the kernel used off-CPU); "
         "`flex` = compiled FlexAttention (no CPU backward). Speedups are against dense SDPA (`dense`)."
     )

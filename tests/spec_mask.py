@@ -1,4 +1,4 @@
-"""A literal, slow transcription of shared/spec/radial-mask.md, used only to check the fast mask.
+"""A literal, slow transcription of docs/RADIAL_MASK.md, used only to check the fast mask.
 
 It builds every frame pair's T x T token mask and shrinks it exactly as the spec says
 (float32 densities, as the authors' torch code computes them). Cached by what a pair's

@@ -1,6 +1,6 @@
 """The radial block mask of Radial Attention (arXiv 2506.19852), and what it costs.
 
-Pure math: no model, no device. The definition is ``shared/spec/radial-mask.md`` (the
+Pure math: no model, no device. The definition is ``docs/RADIAL_MASK.md`` (the
 authors' construction for Wan and HunyuanVideo). The authors build a ``T x T`` token mask
 for every frame pair and shrink it to blocks; here each frame pair's block pattern is
 computed in closed form from per-column counts and cached by what it depends on
@@ -86,7 +86,7 @@ def radial_block_mask(
     """Boolean ``[nb, nb]`` block mask, ``nb = ceil((frames*tokens + text) / block_size)``.
 
     ``num_frames`` are *latent* frames; ``M[p, q]`` says whether query block ``p`` attends to
-    key block ``q``. Bit-for-bit the construction of ``shared/spec/radial-mask.md``.
+    key block ``q``. Bit-for-bit the construction of ``docs/RADIAL_MASK.md``.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")

@@ -18,41 +18,21 @@ BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 logger = logging.getLogger(__name__)
 
 
-# auto on CPU takes compiled flex for forward-only calls from this many tokens on: below it the
-# one-off compile (10-50 s per sequence length here) outweighs the gain, e.g. in tiny-model tests.
-AUTO_FLEX_MIN_SEQ_CPU = 8192
-_FLEX_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_flex_cpu_failed = False  # set once compiled flex has failed on this machine (no compiler, ...)
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend that ``backend`` means on ``device``.
 
-
-def resolve_backend(
-    backend: str,
-    device: torch.device,
-    *,
-    needs_grad: bool = False,
-    seq_len: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> str:
-    """The concrete backend that ``backend`` means for a call on ``device``.
-
-    ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward). CPU with gradients ->
-    ``sparse`` (FlexAttention has no CPU backward). CPU forward-only -> compiled ``flex`` when
-    ``seq_len >= AUTO_FLEX_MIN_SEQ_CPU``, the dtype is one CPU flex supports and compiled flex has
-    not failed here before (the first failure is remembered and falls back); otherwise ``sparse``.
-    Measured on the 2-core machine (``benchmarks/RESULTS.md``, 21/41/81 x 256 tokens): compiled flex
-    forward ran 1.1x/1.6x/2.6x faster than dense SDPA, ``sparse`` 1.0x/1.5x/2.6x, so flex is the
-    forward to take once its compile is paid. Other devices -> ``sparse``.
+    ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward); anything else -> ``sparse``.
+    The CPU half rests on ``benchmarks/attention.py`` (2 cores, ``benchmarks/RESULTS.md``, 2026-12-01): at
+    81 x 256 tokens, density 0.25, head_dim 64, ``sparse`` ran 2.7x faster than dense SDPA forward and 2.8x
+    forward+backward, compiled flex 2.4x forward only; at 21 and 41 x 256 sparse 1.4x/2.2x, flex 0.85x/1.7x.
+    Flex has no CPU backward and compiles for 10-50 s per sequence length; the round-1 rule that sent
+    large forward-only CPU calls to flex measured 1.2-1.3x against sparse's 2.6x in one run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if device.type == "cuda":
-        return "flex"
-    flex_ok = device.type == "cpu" and dtype in _FLEX_CPU_DTYPES and not _flex_cpu_failed
-    if flex_ok and not needs_grad and seq_len >= AUTO_FLEX_MIN_SEQ_CPU:
-        return "flex"
-    return "sparse"
+    return "flex" if device.type == "cuda" else "sparse"
 
 
 def _validate(q, k, v, block_mask, block_size, key_padding_mask) -> None:
@@ -116,26 +96,14 @@ def block_sparse_attention(
     left with no real key gets a zero output, as SDPA gives). Backends: ``reference`` (SDPA with
     the expanded token mask), ``dense`` (SDPA, block mask ignored), ``flex`` (compiled
     FlexAttention; forward-only on CPU), ``sparse`` (trainable chunked kernel, CPU and GPU), and
-    ``auto``: ``flex`` on CUDA; on CPU ``sparse`` for training and small inputs, compiled ``flex`` for
-    large forward-only calls (rule and numbers: :func:`resolve_backend`).
+    ``auto``: ``flex`` on CUDA, ``sparse`` elsewhere (the measurement behind it: :func:`resolve_backend`).
     """
-    global _flex_cpu_failed
-    if backend not in BACKENDS:
-        resolve_backend(backend, torch.device("cpu"))  # raises the error listing valid backends
+    name = resolve_backend(backend, q.device)
     _validate(q, k, v, block_mask, block_size, key_padding_mask)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = resolve_backend(backend, q.device, needs_grad=needs_grad, seq_len=q.shape[2], dtype=q.dtype)
     if name == "dense":
         return dense_attention(q, k, v, key_padding_mask)
     if name == "reference":
         return reference_attention(q, k, v, block_mask, block_size, key_padding_mask)
-    if name == "flex" and backend == "auto" and q.device.type == "cpu":
-        try:
-            return flex_block_attention(q, k, v, block_mask, block_size, key_padding_mask)
-        except Exception as exc:  # compile toolchain missing or broken: remember, use sparse from now on
-            _flex_cpu_failed = True
-            logger.warning("compiled flex attention failed on CPU (%s); auto uses 'sparse' from now on", exc)
-            name = "sparse"
     if name == "flex":
         return flex_block_attention(q, k, v, block_mask, block_size, key_padding_mask)
     return sparse_block_attention(q, k, v, block_mask, block_size, key_padding_mask)

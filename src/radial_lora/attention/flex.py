@@ -4,7 +4,7 @@ Kept blocks go in as *full* blocks so the compiled kernel skips ``mask_mod`` for
 key-padding mask, kept blocks that contain a padded key become *partial* blocks whose ``mask_mod``
 reads the padding mask. The partial last block needs no ``mask_mod``: the exact ``seq_lengths``
 bound it. The ``mask_mod`` also looks the block mask up, because *uncompiled* flex attention
-ignores the block lists and evaluates only ``mask_mod`` (``shared/spec/attention-backends.md``);
+ignores the block lists and evaluates only ``mask_mod`` (torch FlexAttention docs);
 so the eager path is correct too, just dense-cost. CPU: forward only; CUDA: forward and backward.
 """
 

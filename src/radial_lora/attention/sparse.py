@@ -1,7 +1,7 @@
 """Trainable block-sparse attention in plain torch: compute follows the mask density.
 
 Why this exists: nothing installable gives a trainable arbitrary block-sparse attention on CPU,
-and per-block gathers are slower than dense SDPA (``shared/spec/attention-backends.md``). So the
+and per-block gathers are slower than dense SDPA (measured in round 1 of this project). So the
 query blocks are grouped into *chunks* of consecutive rows whose kept key blocks nearly coincide
 (for the radial mask: the blocks of one latent frame). Each chunk gathers the union of its key
 blocks once and runs one attention tile against it; the few dropped blocks inside the union are
