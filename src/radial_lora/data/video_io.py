@@ -179,9 +179,11 @@ def write_video(
 
     ``codec=None`` picks by extension: H.264 (``libx264``, yuv420p) for mp4/mov/mkv, VP9 for webm, GIF for
     gif. yuv420p needs even sizes: ``odd_size="pad"`` replicates one edge row/column, ``"error"`` refuses.
-    ``reproducible=True`` gives the same bytes for the same frames on any machine (one encoder thread: the
-    x264 result depends on its thread count, which follows the cores; bit-exact muxing, no version tags):
-    for test fixtures and sample data, slower for long videos.
+    ``reproducible=True`` (H.264 only) decodes to the same frames on any machine and run: lossless (qp 0), so
+    the decoded frames are the input's yuv420p whatever the encoder decides (lossy x264 still varied in its
+    P/B-frame choices between runs of tiny 32x32 clips after every other fix), one encoder thread (x264's
+    output depends on its thread count, which follows the cores) and bit-exact muxing, so the bytes repeat
+    too. For test fixtures and sample data: bigger files than ``crf``.
     """
     path = Path(path)
     frames = _check_frames(frames)
@@ -190,6 +192,8 @@ def write_video(
     suffix = path.suffix.lower()
     codec = codec or _DEFAULT_CODEC.get(suffix, "libx264")
     pix_fmt = _PIX_FMT.get(codec, "yuv420p")
+    if reproducible and codec != "libx264":
+        raise ValueError(f"{path}: reproducible=True writes lossless H.264 (.mp4/.mov/.mkv), not {codec}")
     if pix_fmt == "yuv420p" and (frames.shape[1] % 2 or frames.shape[2] % 2):
         if odd_size == "error":
             raise ValueError(
@@ -229,7 +233,8 @@ def _encode(
 ) -> None:
     options: dict[str, str] = {}
     if codec == "libx264":
-        options = {"crf": str(crf), "preset": "medium"}
+        options = {"qp": "0"} if reproducible else {"crf": str(crf)}
+        options["preset"] = "medium"
     elif codec in ("libvpx-vp9", "libvpx"):
         options = {"crf": str(max(crf, 4)), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
     container_options: dict[str, str] = {}
