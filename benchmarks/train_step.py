@@ -73,10 +73,12 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
 
     from radial_lora import lora
     from radial_lora.mask import mask_density
+    from radial_lora.models import get_adapter
     from radial_lora.models.radial import apply_radial_attention
     from radial_lora.train import flow_matching as fm
 
     torch.manual_seed(0)
+    adapter = get_adapter("wan")
     dtype = getattr(torch, s["dtype"])
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=16,
@@ -103,9 +105,7 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-                pred = model(fm.add_noise(x0, noise, sig).to(dtype), fm.sigma_to_timestep(sig), text,
-                             return_dict=False)[0]  # fmt: skip
-            loss = fm.flow_matching_loss(pred, x0, noise)
+                loss = fm.flow_step(adapter, model, x0, {"encoder_hidden_states": text}, sig, noise).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -63,7 +63,7 @@ from radial_lora.data.sample import BACKGROUNDS, CAPTION_VOCABULARY, caption_for
 from radial_lora.eval.shape_score import score_clip, summarise
 from radial_lora.models import get_adapter
 from radial_lora.models.tiny import build_tokenizer, caption_vocabulary
-from radial_lora.train.flow_matching import add_noise, flow_matching_loss, sample_sigmas
+from radial_lora.train.flow_matching import flow_step, sample_sigmas
 
 log = logging.getLogger("pretrain_tiny_base")
 
@@ -296,6 +296,7 @@ def fit_flow_matching(
     """The transformer's flow-matching loop (both transformer phases): batch ``--dit-batch``, captions
     60% full / 30% short / 10% empty, resumable from ``ckpt`` every 100 steps; with ``ema_decay`` > 0 it
     keeps a weight EMA and leaves the model holding it at the end."""
+    adapter = get_adapter("wan")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay > 0 else None
     saved = resume(ckpt, model, opt, name)
@@ -321,9 +322,7 @@ def fit_flow_matching(
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigmas = sample_sigmas(len(idx), shift=FLOW_SHIFT, generator=gen)
-        pred = model(hidden_states=add_noise(x0, noise, sigmas), timestep=sigmas * 1000, encoder_hidden_states=text,
-                     return_dict=False)[0]  # fmt: skip
-        loss = flow_matching_loss(pred, x0, noise)
+        loss = flow_step(adapter, model, x0, {"encoder_hidden_states": text}, sigmas, noise).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -196,7 +196,6 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=gen)
     sigmas = fm.sample_sigmas(len(records), generator=gen)
-    xt = fm.add_noise(latents, noise, sigmas)
     times: dict[str, list[float]] = {"dense": [], "radial": []}
     transformer.train()
     for i in tqdm(range(steps + 1), desc="time dense vs radial", unit="pair"):
@@ -205,8 +204,7 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
                                    decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size,
                                    backend=cfg.radial.backend)  # fmt: skip
             t0 = time.perf_counter()
-            pred = adapter.predict(transformer, xt, fm.sigma_to_timestep(sigmas), text)
-            fm.flow_matching_loss(pred, latents, noise).backward()
+            fm.flow_step(adapter, transformer, latents, text, sigmas, noise).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i > 0:

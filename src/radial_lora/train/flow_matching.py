@@ -113,6 +113,36 @@ def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor
     return torch.mean((pred.float() - flow_target(x0.float(), noise.float())) ** 2)
 
 
+@dataclass
+class FlowStep:
+    """One flow-matching forward: what the transformer saw, what it predicted, and the loss."""
+
+    loss: torch.Tensor  # scalar, float32
+    prediction: torch.Tensor  # velocity, ``[B, C, F, h, w]``
+    noisy: torch.Tensor  # x_t
+    timesteps: torch.Tensor  # ``[B]``, scheduler units, on the latents' device
+
+
+def flow_step(
+    adapter: Any,
+    transformer: nn.Module,
+    x0: torch.Tensor,
+    text: Mapping[str, torch.Tensor],
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+) -> FlowStep:
+    """The forward of one training step (the trainer's, the demo's timing, the benchmark's, the tiny base's
+    pretraining): ``x_t`` at ``sigmas``, the family adapter's velocity prediction, the flow-matching loss.
+
+    The caller draws ``sigmas`` and ``noise`` (the trainer per sample, from per-sample generators) and runs
+    the backward; ``x0``, ``noise`` and ``text`` are on the transformer's device.
+    """
+    noisy = add_noise(x0, noise, sigmas)
+    timesteps = sigma_to_timestep(sigmas).to(x0.device)
+    prediction = adapter.predict(transformer, noisy, timesteps, dict(text))
+    return FlowStep(flow_matching_loss(prediction, x0, noise), prediction, noisy, timesteps)
+
+
 def per_sample_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``[B]`` per-sample MSE (for per-bucket / per-timestep logging)."""
     err = (pred.float() - flow_target(x0.float(), noise.float())) ** 2

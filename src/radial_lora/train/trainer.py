@@ -627,18 +627,14 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                                          logit_std=t.logit_std, generator=g, sigma_range=sigma_range) for g in gens
                     ])  # fmt: skip
                     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
-                    x0, noise = latents.to(device), noise.to(device)
-                    xt = fm.add_noise(x0, noise, sigmas).to(weight_dtype)
-                    timesteps = fm.sigma_to_timestep(sigmas).to(device)
                     text = {k: v.to(device) for k, v in text.items()}
                     with acc.autocast():
-                        pred = adapter.predict(transformer, xt, timesteps, text)
-                    loss = fm.flow_matching_loss(pred, x0, noise)
-                    total = loss
+                        fwd = fm.flow_step(adapter, transformer, latents.to(device), text, sigmas, noise.to(device))
+                    loss = total = fwd.loss
                     if t.consistency_weight > 0 and bucket > cfg.data.base_length:
                         with _base_model(transformer, controller), acc.autocast():
-                            base_pred = adapter.predict(transformer, xt[:, :, :n_base], timesteps, text)
-                        cons = torch.mean((pred[:, :, :n_base].float() - base_pred.float()) ** 2)
+                            base_pred = adapter.predict(transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
+                        cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base_pred.float()) ** 2)
                         total = loss + t.consistency_weight * cons
                         cons_loss += cons.detach()
                     # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
