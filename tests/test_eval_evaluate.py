@@ -11,7 +11,7 @@ from PIL import Image
 
 from radial_lora.cli import main
 from radial_lora.eval.evaluate import make_variants, parse_lengths
-from radial_lora.eval.metrics import from_jsonable
+from radial_lora.files import from_jsonable
 
 LENGTHS = (9, 17)
 VARIANTS = ("base_dense", "base_radial", "lora_dense", "lora_radial")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from radial_lora import files
 from radial_lora.eval import metrics
 
 
@@ -91,10 +92,10 @@ def test_drift_per_quarter() -> None:
 def test_summary_and_json_roundtrip() -> None:
     v = _video()
     s = metrics.summarize(v, v)
-    text = json.dumps(metrics.jsonable(s), allow_nan=False)  # strict JSON: inf written as "inf"
-    back = metrics.from_jsonable(json.loads(text))
+    text = json.dumps(files.jsonable(s), allow_nan=False)  # strict JSON: inf written as "inf"
+    back = files.from_jsonable(json.loads(text))
     assert back["psnr"] == math.inf and back["ssim"] == pytest.approx(1.0)
-    assert metrics.jsonable({"x": float("nan"), "y": -math.inf, "t": torch.tensor(2.5)}) == {
+    assert files.jsonable({"x": float("nan"), "y": -math.inf, "t": torch.tensor(2.5)}) == {
         "x": None,
         "y": "-inf",
         "t": 2.5,

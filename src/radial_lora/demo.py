@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from radial_lora.files import write_json_atomic, write_text_atomic
 from radial_lora.models.builtin import BUILTIN_MODELS
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,10 @@ class _Phases:
         t0 = time.perf_counter()
         result = fn()
         self.times[name] = {"seconds": round(time.perf_counter() - t0, 2), "reused": False}
-        _write_json(self.path, self.times)
+        write_json_atomic(self.path, self.times)
         return result
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_model(model: Path) -> None:
@@ -416,7 +412,7 @@ def _run(opts: DemoOptions, plan: DemoPlan) -> Path:
     timing = phases.run("timing", timing_file.is_file(), lambda: time_training_steps(
         opts.model, out / "data" / "train", cfg, plan.timing_steps, opts.seed))  # fmt: skip
     if timing is not None:
-        _write_json(timing_file, timing)
+        write_json_atomic(timing_file, timing)
     timing = json.loads(timing_file.read_text())
     results = phases.run("evaluate", False, lambda: evaluate(opts, plan, lora_file, cfg))
     strips = frame_strips(out, results)
@@ -429,11 +425,8 @@ def _run(opts: DemoOptions, plan: DemoPlan) -> Path:
         "plan": asdict(plan), "times": phases.times,
     }  # fmt: skip
     info["times"]["total_this_run"] = {"seconds": round(time.perf_counter() - t0, 2), "reused": False}
-    _write_json(out / "demo.json", {**info, "heldout": {k: {str(n): v for n, v in d.items()} for k, d in
+    write_json_atomic(out / "demo.json", {**info, "heldout": {k: {str(n): v for n, v in d.items()} for k, d in
                                                           info["heldout"].items()}})  # fmt: skip
-    report = out / "REPORT.md"
-    tmp = report.with_name(f".REPORT.md.{os.getpid()}.tmp")
-    tmp.write_text(render_report(opts, plan, info), encoding="utf-8")
-    os.replace(tmp, report)
+    report = write_text_atomic(out / "REPORT.md", render_report(opts, plan, info))
     log.info("demo finished in %.0f s; report: %s", time.perf_counter() - t0, report)
     return report

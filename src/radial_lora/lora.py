@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from radial_lora.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +104,8 @@ def adapter_config(transformer: torch.nn.Module, adapter_name: str = "default") 
 
 
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=header)
 
 
 def save_lora(

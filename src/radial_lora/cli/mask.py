@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +79,11 @@ def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
 
 
 def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the target folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(file handle)`` into a finished ``path`` (radial_lora.files.atomic_path)."""
+    from radial_lora.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        write(fh)
 
 
 def save_png(mask: np.ndarray, path: Path, title: str) -> None:

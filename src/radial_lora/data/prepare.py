@@ -36,9 +36,9 @@ from radial_lora.data.dataset import (
     Record,
     read_manifest,
     sha256_file,
-    write_json_atomic,
 )
 from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
+from radial_lora.files import atomic_path, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
 
 log = logging.getLogger(__name__)
@@ -376,14 +376,9 @@ class _Encoder:
 
 def _save_clip(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     """Atomic safetensors write; returns the file's sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -393,9 +388,7 @@ class _ManifestWriter:
     def __init__(self, path: Path, existing: list[Record]) -> None:
         self.path = path
         # rewrite once (atomically) without cut-off lines or stale rows, then append
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r.to_json()) + "\n" for r in existing), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r.to_json()) + "\n" for r in existing))
 
     def append(self, record: Record) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -502,7 +495,7 @@ def prepare_dataset(
     adapter, pipe = _load(opts, adapter, pipe)
     info = _dataset_info(opts, pipe, previous)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(info_path, info)
+    write_json_atomic(info_path, info, indent=2)
 
     existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
     done: dict[str, Record] = {}
@@ -570,7 +563,7 @@ def prepare_dataset(
         flush(length)
     counts = Counter(r.bucket for r in done.values()) + summary.encoded
     info["num_clips"] = {str(b): counts[b] for b in info["lengths"]}
-    write_json_atomic(info_path, info)
+    write_json_atomic(info_path, info, indent=2)
     log.info(
         "dataset %s: %d clips encoded, %d already prepared, %d inputs skipped",
         out, sum(summary.encoded.values()), sum(summary.reused.values()), len(summary.skipped),

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from radial_lora.data.video_io import write_video
+from radial_lora.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,6 @@ def sample_specs(n: int, seed: int = 0) -> list[ClipSpec]:
     return specs
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_sample_dataset(
@@ -206,11 +203,11 @@ def write_sample_dataset(
         name = f"sample_{i:04d}"
         caption = caption_for(spec, num_frames, fps)
         write_video(out / f"{name}.mp4", render_clip(spec, num_frames, (h, w), fps), fps, reproducible=True)
-        _write_text_atomic(out / f"{name}.txt", caption + "\n")
+        write_text_atomic(out / f"{name}.txt", caption + "\n")
         rows.append(
             {"video": f"{name}.mp4", "caption": caption, "num_frames": num_frames, "fps": fps, "height": h,
              "width": w, "bounces": count_bounces(spec, num_frames, fps), "spec": asdict(spec)}
         )
-    _write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     log.info("wrote %d sample videos (%d frames, %dx%d, %g fps) to %s", num_videos, num_frames, w, h, fps, out)
     return out

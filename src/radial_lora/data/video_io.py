@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from radial_lora.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +203,9 @@ def write_video(
         if odd_size != "pad":
             raise ValueError(f"odd_size must be 'pad' or 'error', got {odd_size!r}")
         frames = _pad_even(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 mode would stick to the final file; FFmpeg creates it with the umask instead.
-    tmp_name = str(path.parent / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        _encode(tmp_name, frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix),
-                reproducible)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=suffix) as tmp:
+        _encode(str(tmp), frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix),
+                reproducible)  # fmt: skip
     return path
 
 

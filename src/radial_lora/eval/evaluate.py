@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from radial_lora.eval import metrics
+import radial_lora.eval.metrics as metrics
+from radial_lora import files
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,6 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         generate,
         load_model,
         resolve_attention_settings,
-        write_json_atomic,
     )
 
     if not opts.prompts:
@@ -308,7 +308,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
         },
     }
-    write_json_atomic(out / "results.json", results_doc)
-    plots = write_plots(out, metrics.from_jsonable(metrics.jsonable(results_doc)), family)
+    files.write_json_atomic(out / "results.json", results_doc)
+    plots = write_plots(out, files.from_jsonable(files.jsonable(results_doc)), family)
     write_report(out, results_doc, plots)
     return results_doc

@@ -5,15 +5,14 @@ the dense-attention video of the same model, prompt and seed; that is what :func
 Videos are ``[F, H, W, 3]`` (or ``[F, H, W]``) arrays or tensors, either ``uint8`` (0..255) or floating
 point in ``[0, 1]``; both are compared on the ``[0, 1]`` scale.
 
-JSON and infinity: identical videos have infinite PSNR. :func:`jsonable` writes ``+inf`` as the
-string ``"inf"`` (and ``-inf`` as ``"-inf"``; NaN, which no metric here produces, as ``null``) so that
-``results.json`` stays strict JSON; :func:`from_jsonable` turns the strings back into floats.
+JSON and infinity: identical videos have infinite PSNR; ``radial_lora.files.jsonable`` writes it as the
+string ``"inf"`` so that ``results.json`` stays strict JSON, and ``files.from_jsonable`` reads it back.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -212,41 +211,6 @@ def summarize(video: Any, reference: Any | None = None, segments: int = 4) -> di
         out["drift"] = _drift_from(mse, ssims, segments)
         out["reference_temporal_consistency"] = temporal_consistency(reference)
     return out
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON types, recursively: ``inf`` -> ``"inf"``, ``-inf`` -> ``"-inf"``, NaN -> ``None``; numpy/torch scalars -> float/int."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return v
-    return value
-
-
-def from_jsonable(value: Any) -> Any:
-    """Inverse of :func:`jsonable` for numbers: ``"inf"``/``"-inf"`` strings back to floats, recursively."""
-    if isinstance(value, Mapping):
-        return {k: from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
-    if value == "inf":
-        return math.inf
-    if value == "-inf":
-        return -math.inf
-    return value
 
 
 def mean_finite(values: Sequence[float]) -> float:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from radial_lora.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,8 @@ def write_strip(out_dir: Path, cell: dict[str, Any], frames: np.ndarray) -> str:
         title += f"  PSNR {psnr:.1f} dB" if math.isfinite(psnr) else "  (same as reference)"
     rel = f"strips/{cell['variant']}_f{cell['length']:04d}.png"
     path = Path(out_dir) / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    frame_strip(frames, title).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        frame_strip(frames, title).save(tmp)
     return rel
 
 

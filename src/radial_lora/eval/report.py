@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from radial_lora.eval.metrics import from_jsonable
+from radial_lora.files import from_jsonable, jsonable, write_text_atomic
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -155,10 +154,4 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
 
 def write_report(out_dir: Path, results_json: dict[str, Any], plots: dict[str, Any]) -> Path:
     """Write ``report.md`` atomically; returns its path."""
-    from radial_lora.eval.metrics import jsonable
-
-    path = Path(out_dir) / "report.md"
-    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
-    tmp.write_text(render_report(jsonable(results_json), plots), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(out_dir) / "report.md", render_report(jsonable(results_json), plots))

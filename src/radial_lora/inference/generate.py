@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radial_lora.eval.metrics import jsonable
+from radial_lora.files import atomic_path, jsonable, write_json_atomic
 from radial_lora.mask import attention_cost, radial_block_mask
 
 logger = logging.getLogger(__name__)
@@ -391,17 +391,9 @@ def slug(text: str, limit: int = 40) -> str:
     return (s[:limit].rstrip("-")) or "video"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Strict JSON (inf as "inf", see eval.metrics.jsonable), written to a temp file then renamed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save_frames(path: Path, frames: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, frames=frames)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, frames=frames)
 
 
 def _load_existing(video: Path, sidecar: Path, frames_file: Path | None, settings: dict[str, Any]) -> Any:

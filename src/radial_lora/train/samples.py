@@ -124,8 +124,8 @@ class ValidationSampler:
 
     def __call__(self, step: int, image_logger: Any = None) -> list[Path]:
         """Render every sample of ``step``; returns the mp4 paths written by this process."""
-        from radial_lora.eval.metrics import jsonable
-        from radial_lora.inference.generate import _versions, render_video, write_json_atomic
+        from radial_lora.files import write_json_atomic
+        from radial_lora.inference.generate import _versions, render_video
 
         folder = sample_dir(self.output_dir, step)
         if self.write:
@@ -161,7 +161,7 @@ class ValidationSampler:
                         "wall_time_s": rendered.wall_time_s, "peak_memory": rendered.peak_memory,
                         "attention": {"calls": rendered.calls}, "versions": _versions(),
                     }  # fmt: skip
-                    write_json_atomic(video.with_suffix(".json"), jsonable(info))
+                    write_json_atomic(video.with_suffix(".json"), info)
                     if image_logger is not None:
                         image_logger(f"samples/f{num_frames}_{i:03d}", frame_strip(rendered.frames), step)
                     written.append(video)

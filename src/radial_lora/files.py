@@ -1,0 +1,82 @@
+"""Finished files only: every file radial-lora writes goes to a temporary name beside it, then is renamed over
+the target, so a crash or a reader never sees half a dataset record, LoRA, report or video. One home for that,
+and for strict JSON (identical videos have an infinite PSNR: ``inf`` is written as the string ``"inf"``).
+
+No torch or model imports beyond what :func:`jsonable` converts, so every layer can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends, removed if it
+    raises. ``suffix`` keeps an extension for writers that choose the format by it (``.png``, ``.mp4``).
+
+    Not ``mkstemp``: its 0600 mode would stick to the final file; this one is created with the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, indent: int = 1) -> Path:
+    """Strict JSON of :func:`jsonable` ``data`` (a trailing newline), written atomically."""
+    return write_text_atomic(path, json.dumps(jsonable(data), indent=indent, allow_nan=False) + "\n")
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types, recursively: ``inf`` -> ``"inf"``, ``-inf`` -> ``"-inf"``, NaN -> ``None``; numpy/torch
+    scalars -> float/int."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if hasattr(value, "numel") and hasattr(value, "item") and value.numel() == 1:  # a one-element tensor
+        value = value.item()
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return value
+
+
+def from_jsonable(value: Any) -> Any:
+    """Inverse of :func:`jsonable` for numbers: ``"inf"``/``"-inf"`` strings back to floats, recursively."""
+    if isinstance(value, Mapping):
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    if value == "inf":
+        return math.inf
+    if value == "-inf":
+        return -math.inf
+    return value
