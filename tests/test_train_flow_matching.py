@@ -7,7 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from radial_lora import lora
-from radial_lora.models.adapter import get_adapter
+from radial_lora.models.registry import get_adapter
 from radial_lora.models.tiny import build_tiny_pipeline
 from radial_lora.train import flow_matching as fm
 

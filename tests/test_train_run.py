@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from radial_lora import lora
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.video_io import read_video
-from radial_lora.models.adapter import get_adapter
+from radial_lora.models.registry import get_adapter
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
 from radial_lora.train.flow_matching import heldout_loss

@@ -102,7 +102,7 @@ def base_length(given: int | None, lora: tuple[str, float] | None, family: str |
     value = meta.get("base_length")
     if isinstance(value, int) and value > 0:
         return value, f"the LoRA's base_length, {lora[0]}"
-    from radial_lora.models.adapter import detect_family, get_adapter
+    from radial_lora.models.registry import detect_family, get_adapter
 
     how = "--family" if family else "the LoRA's metadata" if meta.get("family") else "the model's model_index.json"
     family = family or meta.get("family")

@@ -456,7 +456,7 @@ def _resolve_dtype(name: str) -> torch.dtype:
 def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[Any, Any]:
     """Adapter and pipeline; checks the clip sizes against the model's own geometry rules."""
     if adapter is None:
-        from radial_lora.models.adapter import get_adapter
+        from radial_lora.models.registry import get_adapter
 
         adapter = get_adapter(opts.family)
     own = pipe is None

@@ -1,12 +1,13 @@
 """Model integration: family adapters, radial attention processors, tiny test pipelines."""
 
-from radial_lora.models.adapter import ModelAdapter, detect_family, families, get_adapter
+from radial_lora.models.adapter import ModelAdapter
 from radial_lora.models.radial import (
     RadialController,
     apply_radial_attention,
     radial_controller,
     remove_radial_attention,
 )
+from radial_lora.models.registry import detect_family, families, get_adapter
 from radial_lora.models.tiny import build_tiny_pipeline, caption_vocabulary, save_tiny_pipeline
 
 __all__ = [

@@ -1,16 +1,14 @@
 """The ``ModelAdapter`` interface: what training, data preparation and radial patching need from a family.
 
 One adapter per model family hides the differences between the diffusers pipelines (text encoders,
-VAE normalisation, transformer call signature, where self-attention lives). The registry maps the
-family names of ``docs/ARCHITECTURE.md`` ("wan", "wan22", "hunyuan") to adapter instances.
+VAE normalisation, transformer call signature, where self-attention lives). ``registry.py`` lists the
+adapters by family name ("wan", "wan22", "hunyuan") and tells which one a pipeline is.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +31,7 @@ class ModelAdapter(ABC):
     default_frames: int  # the length the released model was trained for (its pipeline's num_frames default)
     pipeline_class_name: str
     transformer_class_name: str
+    two_experts: bool = False  # a second transformer (Wan2.2 A14B's low-noise expert) in the pipeline
 
     # -- structure -------------------------------------------------------------------------------
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
@@ -78,6 +77,7 @@ class ModelAdapter(ABC):
         from diffusers import DiffusionPipeline
 
         from radial_lora.models.builtin import resolve_model_id
+        from radial_lora.models.registry import detect_family
 
         pipe = DiffusionPipeline.from_pretrained(resolve_model_id(model_id_or_path), torch_dtype=torch_dtype)
         found = detect_family(pipe)
@@ -110,73 +110,3 @@ class ModelAdapter(ABC):
 def _check_videos(videos: torch.Tensor) -> None:
     if videos.ndim != 5 or videos.shape[1] != 3:
         raise ValueError(f"videos must be [batch, 3, frames, height, width] in [-1, 1]; got shape {tuple(videos.shape)}")
-
-
-_REGISTRY: dict[str, ModelAdapter] = {}
-_FAMILY_ATTR = "_radial_lora_family"
-
-
-def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
-    """Add an adapter to the registry under ``adapter.family``."""
-    _REGISTRY[adapter.family] = adapter
-    return adapter
-
-
-def _ensure_registered() -> None:
-    """Import every family module (each registers on import), even when one was imported directly before."""
-    import radial_lora.models.hunyuan  # noqa: F401  (registers on import)
-    import radial_lora.models.wan  # noqa: F401
-
-
-def families() -> list[str]:
-    """Registered family names."""
-    _ensure_registered()
-    return sorted(_REGISTRY)
-
-
-def get_adapter(family: str) -> ModelAdapter:
-    """The adapter of ``family`` ("wan", "wan22", "hunyuan")."""
-    _ensure_registered()
-    try:
-        return _REGISTRY[family]
-    except KeyError:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(sorted(_REGISTRY))}") from None
-
-
-def detect_family(pipe_or_transformer: Any) -> str:
-    """Family of a pipeline, a transformer, or a saved pipeline directory (its ``model_index.json``).
-
-    A lone Wan transformer cannot show whether a second expert exists: detecting a pipeline tags its
-    transformers with the family, so a Wan2.2 expert taken out of its pipeline still reports "wan22";
-    an untagged Wan transformer reports "wan".
-    """
-    tagged = getattr(pipe_or_transformer, _FAMILY_ATTR, None)
-    if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
-        return tagged
-    if isinstance(pipe_or_transformer, str | os.PathLike):
-        from radial_lora.models.builtin import resolve_model_id
-
-        index = Path(resolve_model_id(pipe_or_transformer)) / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
-        config = json.loads(index.read_text())
-        name = config.get("_class_name", "")
-        has_second = bool(config.get("transformer_2") and config["transformer_2"][0] is not None)
-    else:
-        name = type(pipe_or_transformer).__name__
-        has_second = getattr(pipe_or_transformer, "transformer_2", None) is not None
-    family = None
-    if name in ("WanPipeline", "WanTransformer3DModel"):
-        family = "wan22" if has_second else "wan"
-    elif name in ("HunyuanVideoPipeline", "HunyuanVideoTransformer3DModel"):
-        family = "hunyuan"
-    if family is not None:
-        for attr in ("transformer", "transformer_2"):
-            module = getattr(pipe_or_transformer, attr, None) if name.endswith("Pipeline") else None
-            if isinstance(module, nn.Module):
-                setattr(module, _FAMILY_ATTR, family)
-        return family
-    raise ValueError(
-        f"cannot tell the model family of {name or pipe_or_transformer!r}; supported: WanPipeline (Wan2.1, "
-        "Wan2.2), HunyuanVideoPipeline and their transformers"
-    )

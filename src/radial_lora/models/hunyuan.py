@@ -19,7 +19,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch import nn
 
-from radial_lora.models.adapter import ModelAdapter, _check_videos, register_adapter
+from radial_lora.models.adapter import ModelAdapter, _check_videos
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -166,5 +166,3 @@ class HunyuanAdapter(ModelAdapter):
             return_dict=False,
         )[0]
 
-
-register_adapter(HunyuanAdapter())

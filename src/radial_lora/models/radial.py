@@ -22,7 +22,8 @@ from torch import nn
 
 from radial_lora.attention import BACKENDS, block_sparse_attention
 from radial_lora.mask import mask_density, radial_block_mask
-from radial_lora.models.adapter import ModelAdapter, detect_family, get_adapter
+from radial_lora.models.adapter import ModelAdapter
+from radial_lora.models.registry import detect_family, get_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -328,7 +328,7 @@ def build_tiny_pipeline(
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     pipe.set_progress_bar_config(disable=True)
-    from radial_lora.models.adapter import detect_family
+    from radial_lora.models.registry import detect_family
 
     detect_family(pipe)  # tags the transformers, so a lone Wan2.2 expert still reports "wan22"
     return pipe

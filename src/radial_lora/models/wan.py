@@ -14,7 +14,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
-from radial_lora.models.adapter import ModelAdapter, _check_videos, register_adapter
+from radial_lora.models.adapter import ModelAdapter, _check_videos
 
 # Wan2.2 A14B experts: "high" = ``transformer`` (t >= boundary), "low" = ``transformer_2``.
 EXPERTS = ("high", "low")
@@ -159,6 +159,7 @@ class Wan22Adapter(WanAdapter):
 
     family = "wan22"
     default_decay = 0.8
+    two_experts = True
 
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
         return [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
@@ -198,6 +199,3 @@ class Wan22Adapter(WanAdapter):
         b = boundary / pipe.scheduler.config.num_train_timesteps
         return (b + margin, 1.0) if expert == "high" else (0.0, b - margin)
 
-
-register_adapter(WanAdapter())
-register_adapter(Wan22Adapter())

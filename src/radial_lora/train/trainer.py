@@ -228,7 +228,7 @@ def ensure_dataset(cfg: TrainConfig) -> None:
     from radial_lora.data.dataset import DATASET_JSON
     from radial_lora.data.prepare import PrepareOptions, prepare_dataset
     from radial_lora.data.sample import write_sample_dataset
-    from radial_lora.models.adapter import detect_family
+    from radial_lora.models.registry import detect_family
 
     path = Path(cfg.data.path)
     if (path / DATASET_JSON).is_file():
@@ -391,9 +391,9 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     from accelerate.utils import gather_object, set_seed
 
     from radial_lora.data.dataset import PreparedDataset
-    from radial_lora.models.adapter import detect_family, get_adapter
     from radial_lora.models.builtin import model_identity
     from radial_lora.models.radial import apply_radial_attention
+    from radial_lora.models.registry import detect_family, get_adapter
 
     out = Path(cfg.output_dir)
     cpu = not torch.cuda.is_available()
