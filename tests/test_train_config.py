@@ -104,3 +104,15 @@ def test_cli_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["train", "--config", str(path), "--check"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["lengths"] == [161]
     assert main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_config_imports_no_model_library() -> None:
+    """Checking a config (`train --check`, every run's first step) must not wait for peft, transformers or
+    diffusers to import: the names it validates against live in radial_lora.constants."""
+    import subprocess
+    import sys
+
+    code = ("import sys, radial_lora.train.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'transformers', 'diffusers'}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,11 +24,11 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from radial_lora.constants import DEFAULT_TARGETS
 from radial_lora.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
 COMFYUI_FILENAME = "comfyui_lora.safetensors"
 METADATA_KEY = "radial_lora"

@@ -13,8 +13,8 @@ import torch
 from radial_lora.attention.flex import flex_block_attention
 from radial_lora.attention.reference import dense_attention, reference_attention
 from radial_lora.attention.sparse import mask_digest, sparse_block_attention
+from radial_lora.constants import BACKENDS
 
-BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 logger = logging.getLogger(__name__)
 
 

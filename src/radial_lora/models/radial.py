@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radial_lora.attention import BACKENDS, block_sparse_attention
+from radial_lora.attention import block_sparse_attention
+from radial_lora.constants import BACKENDS, PATTERNS
 from radial_lora.mask import mask_density, radial_block_mask
 from radial_lora.models.adapter import ModelAdapter
 from radial_lora.models.registry import detect_family, get_adapter
 
 logger = logging.getLogger(__name__)
 
-PATTERNS = ("radial", "dense")
 _STATE_ATTR = "_radial_lora_state"
 
 

@@ -45,9 +45,10 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from radial_lora.constants import FAMILIES
+
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("wan", "wan22", "hunyuan")
 
 # Words of simple synthetic captions ("a red circle moves right and bounces off the wall") and of
 # everyday scene descriptions. Everything else becomes [UNK]; pass more text to caption_vocabulary().

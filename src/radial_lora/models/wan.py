@@ -14,10 +14,8 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
+from radial_lora.constants import EXPERTS
 from radial_lora.models.adapter import ModelAdapter, _check_videos
-
-# Wan2.2 A14B experts: "high" = ``transformer`` (t >= boundary), "low" = ``transformer_2``.
-EXPERTS = ("high", "low")
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline

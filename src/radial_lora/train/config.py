@@ -18,20 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radial_lora.lora import DEFAULT_TARGETS
+from radial_lora.constants import BACKENDS, DEFAULT_TARGETS, EXPERTS, FAMILIES, PATTERNS, TIMESTEP_SCHEMES
 
-FAMILIES = ("wan", "wan22", "hunyuan")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PATTERNS = ("radial", "dense")
-BACKENDS = ("auto", "flex", "sparse", "dense", "reference")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "constant")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 DISTRIBUTED = ("ddp", "fsdp")
 IF_MISSING = ("error", "sample")
-# Wan2.2 A14B experts (radial_lora.models.wan.EXPERTS; repeated so the config check needs no diffusers import).
-EXPERTS = ("high", "low")
 # Pixels per latent token side: VAE spatial factor 8 x patch 2 for Wan2.1/2.2 and HunyuanVideo.
 SPATIAL_FACTOR = 16
 
@@ -318,7 +312,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")  # fmt: skip
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     _one_of(t.precision, PRECISIONS, "train.precision")
-    _one_of(t.timestep_sampling, TIMESTEP_SAMPLING, "train.timestep_sampling")
+    _one_of(t.timestep_sampling, TIMESTEP_SCHEMES, "train.timestep_sampling")
     _check(t.logit_std > 0, "train.logit_std", "must be > 0")
     _check(t.consistency_weight >= 0, "train.consistency_weight", "must be >= 0 (0 = off)")
     _one_of(t.distributed, DISTRIBUTED, "train.distributed")

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from radial_lora.constants import TIMESTEP_SCHEMES
+
 logger = logging.getLogger(__name__)
 
 NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SCHEMES = ("uniform", "logit_normal")
 # Fixed evaluation noise levels (scheduler units): spread over the whole trajectory.
 DEFAULT_HELDOUT_TIMESTEPS: tuple[int, ...] = (100, 300, 500, 700, 900)
 
