@@ -107,6 +107,12 @@ class ModelAdapter(ABC):
         """The transformer's flow-velocity prediction; ``timesteps`` ``[B]`` in scheduler units (0..1000)."""
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformer inside a ``DistributedDataParallel`` wrapper: its ``config`` and ``dtype`` live there,
+    while the forward must go through the wrapper for the gradient sync."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def _check_videos(videos: torch.Tensor) -> None:
     if videos.ndim != 5 or videos.shape[1] != 3:
         raise ValueError(f"videos must be [batch, 3, frames, height, width] in [-1, 1]; got shape {tuple(videos.shape)}")

@@ -19,7 +19,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch import nn
 
-from radial_lora.models.adapter import ModelAdapter, _check_videos
+from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -152,9 +152,10 @@ class HunyuanAdapter(ModelAdapter):
     def predict(
         self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        dtype, batch = transformer.dtype, latents.shape[0]
+        inner, batch = unwrap(transformer), latents.shape[0]
+        dtype = inner.dtype
         guidance = None
-        if transformer.config.guidance_embeds:
+        if inner.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=latents.device, dtype=dtype)
         return transformer(
             hidden_states=latents.to(dtype),

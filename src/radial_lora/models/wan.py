@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
 from radial_lora.constants import EXPERTS
-from radial_lora.models.adapter import ModelAdapter, _check_videos
+from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -143,7 +143,7 @@ class WanAdapter(ModelAdapter):
     def predict(
         self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        dtype = transformer.dtype
+        dtype = unwrap(transformer).dtype
         return transformer(
             hidden_states=latents.to(dtype),
             timestep=timesteps.to(latents.device),

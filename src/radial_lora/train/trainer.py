@@ -13,10 +13,10 @@ with ``(seed, k, i)``. A resumed run, or a run on N processes with the same glob
 exactly the same inputs as the uninterrupted single-process run.
 
 Data parallelism: each process holds the (frozen) base model and computes its share of the global
-batch; the LoRA gradients are averaged with one all-reduce per optimizer step (``accelerate`` sets up
-the process group: ``accelerate launch`` / ``torchrun``, gloo on CPU, NCCL on GPU). Only LoRA
-parameters are synchronised, so no DDP wrapper is needed and the adapter's ``predict`` sees the plain
-model. ``train.distributed="fsdp"`` instead shards the base and the LoRA with torch's FSDP2
+batch; torch's ``DistributedDataParallel`` averages the LoRA gradients while backward runs, skipping the
+sync (``no_sync``) on all but the last accumulation step (``accelerate`` sets up the process group:
+``accelerate launch`` / ``torchrun``, gloo on CPU, NCCL on GPU). The adapters call the wrapper and read
+``config``/``dtype`` from the model inside (``models.adapter.unwrap``). ``train.distributed="fsdp"`` instead shards the base and the LoRA with torch's FSDP2
 ``fully_shard`` (called directly: accelerate 1.15 ignores its FSDP plugin on CPU and wraps in DDP, so
 this is the one path that also runs, and is tested, with gloo); FSDP averages the LoRA gradients itself.
 """
@@ -30,7 +30,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,6 +520,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                     world, here, sum(p.numel() for p in transformer.parameters()))  # fmt: skip
     elif t.distributed == "fsdp":
         logger.info("train.distributed='fsdp' with one process: nothing to shard")
+    # DDP: torch's DistributedDataParallel averages the gradients while backward runs (the LoRA's only;
+    # the frozen base has none); accumulation steps skip the sync (no_sync) until the last one.
+    ddp = world > 1 and not fsdp
+    model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False) if ddp else transformer
     optimizer = build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -628,31 +632,26 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                     ])  # fmt: skip
                     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
                     text = {k: v.to(device) for k, v in text.items()}
-                    with acc.autocast():
-                        fwd = fm.flow_step(adapter, transformer, latents.to(device), text, sigmas, noise.to(device))
-                    loss = total = fwd.loss
-                    if t.consistency_weight > 0 and bucket > cfg.data.base_length:
-                        with _base_model(transformer, controller), acc.autocast():
-                            base_pred = adapter.predict(transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
-                        cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base_pred.float()) ** 2)
-                        total = loss + t.consistency_weight * cons
-                        cons_loss += cons.detach()
-                    # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
-                    # gradient is the same sum of per-sample terms for any split over processes and micro-steps.
-                    acc.backward(total)
+                    sync = model.no_sync() if ddp and a < t.grad_accum - 1 else nullcontext()
+                    with sync:
+                        with acc.autocast():
+                            fwd = fm.flow_step(adapter, model, latents.to(device), text, sigmas, noise.to(device))
+                        loss = total = fwd.loss
+                        if t.consistency_weight > 0 and bucket > cfg.data.base_length:
+                            with _base_model(transformer, controller), acc.autocast():
+                                base_pred = adapter.predict(transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
+                            cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base_pred.float()) ** 2)
+                            total = loss + t.consistency_weight * cons
+                            cons_loss += cons.detach()
+                        # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
+                        # gradient is the same sum of per-sample terms for any split over processes and micro-steps.
+                        acc.backward(total)
                     step_loss += loss.detach()
             if t.grad_accum > 1:
                 step_loss, cons_loss = step_loss / t.grad_accum, cons_loss / t.grad_accum
                 for p in params:
                     if p.grad is not None:
                         p.grad.div_(t.grad_accum)
-            if world > 1 and not fsdp:  # FSDP has already averaged (reduce-scattered) the gradients
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-                offset = 0
-                for p, g in zip(params, grads):
-                    p.grad = flat[offset : offset + g.numel()].view_as(g).to(p.dtype)
-                    offset += g.numel()
             if world > 1:
                 step_loss = acc.reduce(step_loss, reduction="mean")
                 cons_loss = acc.reduce(cons_loss, reduction="mean")
