@@ -268,3 +268,24 @@ def test_quick_test_config_is_one_command(tmp_path: Path, monkeypatch: pytest.Mo
     # A real config stays strict: no dataset is an error that names the command making one.
     assert main(["train", "--config", str(QUICK), "--set", "data.if_missing=error", "--set", "data.path=nowhere"]) == 2
     assert "radial-lora data prepare VIDEOS --out nowhere --model builtin:tiny-wan-base" in capsys.readouterr().err
+
+
+def test_resume_warns_about_settings_that_change_results(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    common = ("checkpoint.every=0", "validation.every=0", "logging.tensorboard=false")
+    out = tmp_path / "run"
+    trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, "train.steps=2", *common))
+    caplog.set_level("WARNING", logger="radial_lora")
+    result = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, "train.steps=3", "optimizer.lr=1e-3", *common),
+                           resume="latest")  # fmt: skip
+    assert result.last_step == 3
+    warned = [r.getMessage() for r in caplog.records if "resuming with" in r.getMessage()]
+    assert len(warned) == 2 and "train.steps = 3" in warned[1] and "used 2" in warned[1]
+    assert warned[0].startswith("resuming with optimizer =") and '"lr": 0.001' in warned[0]
+    assert json.loads((out / "config.previous.json").read_text())["train"]["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 3
+    caplog.clear()
+    trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, "train.steps=3", "optimizer.lr=1e-3", *common),
+                  resume="latest")  # the same settings again: nothing to say
+    assert not [r for r in caplog.records if "resuming with" in r.getMessage()]

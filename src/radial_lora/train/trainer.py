@@ -222,6 +222,38 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# Settings whose change makes a resumed run differ from the run it continues (dotted config keys).
+RESULT_KEYS = ("model.id", "model.expert", "data.path", "data.lengths", "data.weights", "data.base_length",
+               "resolution", "lora", "radial", "optimizer", "schedule", "train.steps", "train.batch_size",
+               "train.grad_accum", "train.seed", "train.timestep_sampling", "train.consistency_weight")  # fmt: skip
+
+
+def record_config(out: Path, cfg: TrainConfig, *, resumed: bool) -> list[str]:
+    """Write ``out/config.json``; on resume, first warn about every setting that differs from the saved one
+    and changes results (:data:`RESULT_KEYS`), keeping the old file as ``config.previous.json``. Returns the
+    differing keys."""
+    from radial_lora.files import write_json_atomic
+
+    path, new = out / "config.json", cfg.to_dict()
+    changed: list[str] = []
+    if resumed and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+
+        def get(d: dict, key: str) -> Any:
+            for part in key.split("."):
+                d = d.get(part) if isinstance(d, dict) else None
+            return d
+
+        changed = [k for k in RESULT_KEYS if get(old, k) != get(new, k)]
+        for k in changed:
+            logger.warning("resuming with %s = %s; the run being resumed used %s (results will differ from an "
+                           "uninterrupted run)", k, json.dumps(get(new, k)), json.dumps(get(old, k)))  # fmt: skip
+        if changed:
+            write_json_atomic(out / "config.previous.json", old, indent=2)
+    write_json_atomic(path, new, indent=2)
+    return changed
+
+
 def ensure_dataset(cfg: TrainConfig) -> None:
     """A missing prepared dataset: a clear error naming the command that makes one, or (``data.if_missing
     = "sample"``) synthetic sample videos written beside ``data.path`` and prepared there with the model."""
@@ -415,7 +447,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     if main:
         out.mkdir(parents=True, exist_ok=True)
         handler = _file_logger(out / LOG_FILE)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
+        record_config(out, cfg, resumed=resume is not None)
     set_seed(t.seed)
 
     # Data: the prepared dataset, its buckets, the holdout split.
