@@ -21,6 +21,7 @@ from radial_lora.data.video_io import read_video
 from radial_lora.models.registry import get_adapter
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
+from radial_lora.train.components import LOG_FILE
 from radial_lora.train.flow_matching import heldout_loss
 from tiny_config import quick_config
 
@@ -58,7 +59,7 @@ def test_quick_config_trains_and_loss_goes_down(tiny_wan_dir: Path, tiny_wan_dat
     comfy = load_file(out / lora.COMFYUI_FILENAME)
     assert any(k.startswith("diffusion_model.blocks.0.self_attn.q.") for k in comfy)
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [15, 16]  # keep_last 2
-    assert "step 16/16" in (out / trainer.LOG_FILE).read_text()
+    assert "step 16/16" in (out / LOG_FILE).read_text()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((out / "losses.json").read_text()) == result.losses
 
@@ -134,7 +135,7 @@ def test_two_process_data_parallel_matches_one_process(
     cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *common, *TWO_PROCESSES, *SAMPLING)  # main samples
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     _torchrun(cfg_path)
-    assert "2 procs x 1 micro x 1 accum" in (tmp_path / "two" / trainer.LOG_FILE).read_text()
+    assert "2 procs x 1 micro x 1 accum" in (tmp_path / "two" / LOG_FILE).read_text()
     assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["step_000003"]  # the last step only
     assert len(list((tmp_path / "two" / "samples" / "step_000003").glob("f17_000_*.mp4"))) == 1
     assert json.loads((tmp_path / "two" / "losses.json").read_text()) == single.losses
@@ -217,7 +218,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     cfg_path = tmp_path / "fsdp.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     _torchrun(cfg_path)
-    log = (tmp_path / "two" / trainer.LOG_FILE).read_text()
+    log = (tmp_path / "two" / LOG_FILE).read_text()
     assert "2 procs x 1 micro x 1 accum" in log
     here, total = map(int, re.search(r"FSDP: transformer sharded over 2 processes, (\d+) of (\d+)", log).groups())
     assert here <= total // 2 + 1000, (here, total)  # each process holds about half of the base
@@ -255,7 +256,7 @@ def test_quick_test_config_is_one_command(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(QUICK)]) == 0
     out = tmp_path / "runs" / "quick" / "lora"
-    log = (out / trainer.LOG_FILE).read_text()
+    log = (out / LOG_FILE).read_text()
     assert "has no prepared dataset: writing 8 sample videos" in log and "step 60/60" in log
     assert (tmp_path / "runs" / "quick" / "dataset" / "dataset.json").is_file()
     meta = lora.read_lora_metadata(out)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from radial_lora import lora
 from radial_lora.data.video_io import read_video
 from radial_lora.train import trainer
+from radial_lora.train.components import LOG_FILE
 from radial_lora.train.config import ConfigError, config_from_dict, load_config, sample_dense_timesteps
 from radial_lora.train.samples import SAMPLE_FORMAT, frame_strip
 from tiny_config import quick_config
@@ -64,7 +65,7 @@ def test_samples_are_written_and_leave_training_bit_identical(
     events.Reload()  # first, middle and last frame side by side, per sampling step
     strips = [(e.step, e.width, e.height) for e in events.Images("samples/f17_000")]
     assert strips == [(2, 192, 64), (4, 192, 64)]
-    log = (out / trainer.LOG_FILE).read_text()
+    log = (out / LOG_FILE).read_text()
     assert "step 4: 1 sample video(s)" in log and "f17_000_a-red-fox" in log
 
     # Resuming the sampled run from its step-2 checkpoint still reproduces the curve.

@@ -30,30 +30,27 @@ import math
 import resource
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from radial_lora import lora as lora_io
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
+from radial_lora.train.components import Checkpointer, Loggers, SampleRenderer, Validator
 from radial_lora.train.config import (
     ConfigError,
     TrainConfig,
     check_expert_family,
-    sample_dense_timesteps,
-    sample_every,
 )
+from radial_lora.train.distributed import shard_model, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 
-LOG_FILE = "train.log"
 
 
 class TrainingDiverged(ValueError):
@@ -161,47 +158,6 @@ def collate(items: list[dict[str, torch.Tensor]], where: str) -> tuple[torch.Ten
 
 
 # --- setup helpers -------------------------------------------------------------------------------
-
-
-def shard_model(transformer: torch.nn.Module) -> None:
-    """FSDP2 (``fully_shard``): one unit per transformer block, then the root, over all processes.
-
-    The frozen base and the LoRA are both sharded; each block's weights are gathered only while it
-    runs, so a 14B base no longer has to fit on every GPU. Tested with gloo on CPU; not yet on NCCL/GPUs.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    for child in transformer.children():
-        if isinstance(child, torch.nn.ModuleList):  # Wan: blocks; HunyuanVideo: (single_)transformer_blocks
-            for block in child:
-                fully_shard(block)
-    fully_shard(transformer)
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded tensors gathered (collective), so a checkpoint is the same
-    file under DDP and FSDP and resumes on any number of processes."""
-    from torch.distributed.tensor import DTensor
-
-    sd = optimizer.state_dict()
-    sd["state"] = {
-        i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()} for i, st in sd["state"].items()
-    }
-    return sd
-
-
-def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict`` of full tensors: shard each per-parameter tensor like its parameter."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
-            st = optimizer.state.get(p, {})
-            for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def _resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, torch.dtype]:
@@ -312,148 +268,81 @@ def _base_model(transformer: torch.nn.Module, controller: Any) -> Iterator[None]
         transformer.enable_adapters()
 
 
-def _round_robin(records: list[Any]) -> list[Any]:
-    """Records interleaved across buckets, so the first N validation clips cover every length."""
-    groups: dict[int, list[Any]] = {}
-    for rec in records:
-        groups.setdefault(rec.bucket, []).append(rec)
-    out = []
-    for i in range(max((len(g) for g in groups.values()), default=0)):
-        out += [g[i] for _, g in sorted(groups.items()) if i < len(g)]
-    return out
+# --- the recipe: setup as named steps, then the loop -------------------------------------------------
 
 
-def _file_logger(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    logging.getLogger("radial_lora").addHandler(handler)
-    logging.getLogger("radial_lora").setLevel(logging.INFO)
-    return handler
+@dataclass
+class Runtime:
+    """Where the run executes: processes, device, precision, and each process's share of a batch."""
+
+    acc: Any  # accelerate.Accelerator: process group, autocast, backward
+    device: torch.device
+    world: int
+    rank: int
+    main: bool
+    mixed: str  # accelerate mixed_precision
+    weight_dtype: torch.dtype  # the frozen base's weights
+    micro: int  # samples per forward on this process
 
 
-class _Loggers:
-    """TensorBoard (default) and wandb (optional) scalars; main process only."""
+@dataclass
+class TrainData:
+    """The prepared dataset split into training buckets and held-out clips, and the bucket sampler."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool) -> None:
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.logging.wandb:
-            import wandb  # type: ignore[import-not-found]
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), dir=str(out))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """A uint8 ``[H, W, 3]`` image (TensorBoard only)."""
-        if self.tb is not None:
-            self.tb.add_image(tag, image, step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    dataset: Any  # PreparedDataset
+    by_bucket: dict[int, list[Any]]
+    holdout: list[Any]
+    lengths: list[int]
+    weights: dict[int, float]
+    sampler: BucketSampler
 
 
-def lora_metadata(
-    cfg: TrainConfig,
-    family: str,
-    controller: Any,
-    step: int,
-    expert: tuple[str, list[float]] | None = None,
-    identity: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """What a LoRA file says about how it was trained (and must be used).
+@dataclass
+class TrainModel:
+    """The transformer being adapted (``model`` is what the step calls: the DDP wrapper or the same module)."""
 
-    ``expert``: (name, [lowest, highest] timestep) for a Wan2.2 expert LoRA; generation reads the name
-    to load the file into ``transformer_2`` for "low". ``identity``: ``builtin.model_identity`` of the base
-    (a name and config hash that stay true when the LoRA moves to a machine without ``base_model``'s path).
-    """
-    from radial_lora.models.builtin import resolve_model_id
-
-    local = Path(resolve_model_id(cfg.model.id))
-    meta = {
-        "format": "radial-lora/1",
-        "base_model": str(local.resolve()) if local.is_dir() else cfg.model.id,
-        **(identity or {}),
-        "family": family,
-        "trained_lengths": cfg.data.lengths,
-        "base_length": cfg.data.base_length,
-        "height": cfg.resolution.height,
-        "width": cfg.resolution.width,
-        "attention": {
-            "pattern": cfg.radial.pattern,
-            "decay": controller.decay_factor,
-            "block_size": cfg.radial.block_size,
-            "dense_layers": cfg.radial.dense_layers,
-        },
-        "rank": cfg.lora.rank,
-        "alpha": cfg.lora.alpha if cfg.lora.alpha is not None else float(cfg.lora.rank),
-        "targets": cfg.lora.targets,
-        "steps": step,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.optimizer.lr,
-        "consistency_weight": cfg.train.consistency_weight,
-    }
-    if expert is not None:
-        meta["expert"], meta["expert_timesteps"] = expert[0], expert[1]
-    return meta
+    family: str
+    adapter: Any  # ModelAdapter
+    transformer: torch.nn.Module
+    model: torch.nn.Module
+    controller: Any  # RadialController
+    params: list[torch.nn.Parameter]  # the LoRA weights (sharded DTensors under FSDP)
+    lora_config: dict[str, Any]
+    identity: dict[str, str]
+    shift: float
+    sigma_range: tuple[float, float] | None  # a Wan2.2 expert's noise levels
+    expert_meta: tuple[str, list[float]] | None
+    sample_pipe: Any | None  # the whole pipeline, kept only for validation samples
+    fsdp: bool
+    ddp: bool
 
 
-# --- the run -------------------------------------------------------------------------------------
-
-
-def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None) -> TrainResult:
-    """Run (or continue) a training job described by ``cfg``; see the module docstring.
-
-    ``pipe`` may be an already loaded pipeline (tests, demo); otherwise ``cfg.model.id`` is loaded.
-    """
+def setup_runtime(cfg: TrainConfig) -> Runtime:
     from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
 
-    from radial_lora.data.dataset import PreparedDataset
-    from radial_lora.models.builtin import model_identity
-    from radial_lora.models.radial import apply_radial_attention
-    from radial_lora.models.registry import detect_family, get_adapter
-
-    out = Path(cfg.output_dir)
     cpu = not torch.cuda.is_available()
-    probe = torch.device("cpu" if cpu else "cuda")
-    mixed, weight_dtype = _resolve_precision(cfg, probe)
+    mixed, weight_dtype = _resolve_precision(cfg, torch.device("cpu" if cpu else "cuda"))
     acc = Accelerator(mixed_precision=mixed, cpu=cpu)
-    device, world, rank, main = acc.device, acc.num_processes, acc.process_index, acc.is_main_process
+    device = acc.device
     if device.type == "cpu":
         device = torch.device("cpu")  # distributed accelerate says "cpu:0": to() would copy every weight
-    t = cfg.train
+    t, world = cfg.train, acc.num_processes
     micro_total = t.batch_size // t.grad_accum
     if micro_total % world:
         raise ValueError(
             f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro_total} samples per "
             f"micro-step cannot be split over {world} processes; make it a multiple of {world}"
         )
-    micro = micro_total // world
-    handler = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        handler = _file_logger(out / LOG_FILE)
-        record_config(out, cfg, resumed=resume is not None)
-    set_seed(t.seed)
+    return Runtime(acc, device, world, acc.process_index, acc.is_main_process, mixed, weight_dtype, micro_total // world)
 
-    # Data: the prepared dataset, its buckets, the holdout split.
-    if main:
+
+def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
+    """The prepared dataset (made first when ``data.if_missing="sample"``), its buckets, the holdout split."""
+    from radial_lora.data.dataset import PreparedDataset
+
+    if rt.main:
         ensure_dataset(cfg)
-    acc.wait_for_everyone()
+    rt.acc.wait_for_everyone()
     dataset = PreparedDataset(cfg.data.path)
     info = dataset.info
     if (info.get("height"), info.get("width")) != (cfg.resolution.height, cfg.resolution.width):
@@ -461,7 +350,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             f"resolution {cfg.resolution.height}x{cfg.resolution.width} differs from the dataset's "
             f"{info.get('height')}x{info.get('width')} ({cfg.data.path}/dataset.json); set resolution.* to match"
         )
-    train_records, holdout_records = dataset.split(cfg.data.holdout, seed=cfg.data.holdout_seed)
+    train_records, holdout = dataset.split(cfg.data.holdout, seed=cfg.data.holdout_seed)
     by_bucket: dict[int, list[Any]] = {}
     for rec in train_records:
         by_bucket.setdefault(rec.bucket, []).append(rec)
@@ -472,270 +361,238 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             f"data.lengths {missing} have no training clips in {cfg.data.path} (it has {sorted(by_bucket)}); "
             "prepare those lengths or change data.lengths"
         )
-    if cfg.validation.every and not holdout_records:
+    if cfg.validation.every and not holdout:
         logger.warning("validation.every=%d but the holdout split is empty (data.holdout=%g): no validation",
                        cfg.validation.every, cfg.data.holdout)  # fmt: skip
     weights = dict(zip(lengths, cfg.data.weights or [1.0] * len(lengths)))
-    sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, t.seed)
+    sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, cfg.train.seed)
+    return TrainData(dataset, by_bucket, holdout, lengths, weights, sampler)
 
-    # Model: transformer only (latents and text embeddings are pre-computed), LoRA, radial attention.
-    family = cfg.model.family or (detect_family(pipe) if pipe is not None else detect_family(cfg.model.id))
+
+def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """The transformer to adapt; for a Wan2.2 expert also its noise range and ``(expert, timestep range)``."""
+    if family != "wan22":
+        return adapter.transformers(pipe)[0], None, None
+    expert = cfg.model.expert or "high"
+    try:
+        transformer = adapter.expert_transformer(pipe, expert)
+    except ValueError as exc:
+        raise ConfigError(f"model.expert: {exc}") from None
+    sigma_range = adapter.expert_sigma_range(pipe, expert)
+    t_range = [round(x * fm.NUM_TRAIN_TIMESTEPS, 3) for x in sigma_range]
+    logger.info("Wan2.2 A14B: training the %s-noise expert, timesteps in [%.1f, %.1f]", expert, *t_range)
+    # no boundary: the high expert sees every noise level
+    return transformer, (None if sigma_range == (0.0, 1.0) else sigma_range), (expert, t_range)
+
+
+def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state: dict | None) -> TrainModel:
+    """Load the base through its family adapter, attach the LoRA (resumed weights before any sharding),
+    install radial attention, then shard (FSDP) or wrap (DDP) for several processes."""
+    from radial_lora.models.builtin import model_identity
+    from radial_lora.models.radial import apply_radial_attention
+    from radial_lora.models.registry import detect_family, get_adapter
+
+    family = cfg.model.family or detect_family(pipe if pipe is not None else cfg.model.id)
     check_expert_family(cfg.model.expert, family)  # the family may only be known now (auto-detected)
-    if info.get("family") not in (None, family):
-        raise ValueError(f"dataset {cfg.data.path} was prepared for family {info.get('family')!r}, model is {family!r}")
+    if data.dataset.info.get("family") not in (None, family):
+        raise ValueError(
+            f"dataset {cfg.data.path} was prepared for family {data.dataset.info.get('family')!r}, model is {family!r}"
+        )
     adapter = get_adapter(family)
     if pipe is None:
-        pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=weight_dtype)
-    # Wan2.2 A14B: one LoRA per expert, trained only at the noise levels WanPipeline sends that expert to.
-    expert = (cfg.model.expert or "high") if family == "wan22" else None
-    sigma_range: tuple[float, float] | None = None
-    expert_meta = None
-    if expert is None:
-        transformer = adapter.transformers(pipe)[0]
-    else:
-        try:
-            transformer = adapter.expert_transformer(pipe, expert)
-        except ValueError as exc:
-            raise ConfigError(f"model.expert: {exc}") from None
-        sigma_range = adapter.expert_sigma_range(pipe, expert)
-        t_range = [round(x * fm.NUM_TRAIN_TIMESTEPS, 3) for x in sigma_range]
-        expert_meta = (expert, t_range)
-        logger.info("Wan2.2 A14B: training the %s-noise expert, timesteps in [%.1f, %.1f]", expert, *t_range)
-        if sigma_range == (0.0, 1.0):
-            sigma_range = None  # no boundary: the high expert sees every noise level
-    val_timesteps = [x for x in cfg.validation.timesteps
-                     if sigma_range is None or sigma_range[0] <= x / fm.NUM_TRAIN_TIMESTEPS <= sigma_range[1]]  # fmt: skip
-    if cfg.validation.every and holdout_records and not val_timesteps:
-        raise ConfigError(
-            f"validation.timesteps {cfg.validation.timesteps}: none is in the {expert} expert's range "
-            f"{expert_meta[1] if expert_meta else ''}; give timesteps the expert denoises"
-        )
+        pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=rt.weight_dtype)
+    transformer, sigma_range, expert_meta = _pick_transformer(cfg, adapter, family, pipe)
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
-    # Validation samples need the whole pipeline (its transformer is the one trained below).
-    sample_pipe = pipe if cfg.validation.sample_prompts else None
-    del pipe
+    sample_pipe = pipe if cfg.validation.sample_prompts else None  # its transformer is the one trained
     identity = model_identity(cfg.model.id, transformer.config)
-    transformer.to(device=device, dtype=weight_dtype)
-    if device.type == "cpu":
+    transformer.to(device=rt.device, dtype=rt.weight_dtype)
+    if rt.device.type == "cpu":
         _own_aligned_weights(transformer)
-    params = lora_io.add_lora(
-        transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.targets
-    )
-    # Resume, part 1: the LoRA weights go in before any sharding (plain tensors, every process alike).
-    state = None
-    if resume:
-        path = ckpt.resolve_resume(out, resume)
-        state = ckpt.load_checkpoint(path)
-        from peft import set_peft_model_state_dict
-
-        sd = {k[len(lora_io.PREFIX) :]: v for k, v in state["lora_state"].items()}
-        result = set_peft_model_state_dict(transformer, sd)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {path} does not match this LoRA config: unexpected {result.unexpected_keys[:3]}")
+    lo = cfg.lora
+    params = lora_io.add_lora(transformer, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets)
+    if state is not None:
+        _load_lora_state(transformer, state)
     for p in params:
         p.data = p.data.float()  # trainable weights in fp32 even when the base is bf16
-    controller = apply_radial_attention(
-        transformer, pattern=cfg.radial.pattern, dense_layers=cfg.radial.dense_layers,
-        decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size, backend=cfg.radial.backend,
-    )  # fmt: skip
-    if t.gradient_checkpointing:
+    r = cfg.radial
+    controller = apply_radial_attention(transformer, pattern=r.pattern, dense_layers=r.dense_layers,
+                                        decay_factor=r.decay, block_size=r.block_size, backend=r.backend)  # fmt: skip
+    if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    lora_cfg = lora_io.adapter_config(transformer)
-    fsdp = t.distributed == "fsdp" and world > 1
+    lora_config = lora_io.adapter_config(transformer)
+    fsdp = cfg.train.distributed == "fsdp" and rt.world > 1
     if fsdp:
         shard_model(transformer)
         params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded DTensors
         here = sum(p.to_local().numel() for p in transformer.parameters())
         logger.info("FSDP: transformer sharded over %d processes, %d of %d parameters held per process",
-                    world, here, sum(p.numel() for p in transformer.parameters()))  # fmt: skip
-    elif t.distributed == "fsdp":
+                    rt.world, here, sum(p.numel() for p in transformer.parameters()))  # fmt: skip
+    elif cfg.train.distributed == "fsdp":
         logger.info("train.distributed='fsdp' with one process: nothing to shard")
     # DDP: torch's DistributedDataParallel averages the gradients while backward runs (the LoRA's only;
     # the frozen base has none); accumulation steps skip the sync (no_sync) until the last one.
-    ddp = world > 1 and not fsdp
+    ddp = rt.world > 1 and not fsdp
     model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False) if ddp else transformer
-    optimizer = build_optimizer(cfg, params)
+    return TrainModel(family, adapter, transformer, model, controller, params, lora_config, identity, shift,
+                      sigma_range, expert_meta, sample_pipe, fsdp, ddp)  # fmt: skip
+
+
+def _load_lora_state(transformer: torch.nn.Module, state: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    sd = {k[len(lora_io.PREFIX) :]: v for k, v in state["lora_state"].items()}
+    result = set_peft_model_state_dict(transformer, sd)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"checkpoint {state['path']} does not match this LoRA config: unexpected "
+                         f"{result.unexpected_keys[:3]}")  # fmt: skip
+
+
+def setup_optimizer(cfg: TrainConfig, m: TrainModel) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = build_optimizer(cfg, m.params)
+    s = cfg.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_factor(s, total=t.steps, warmup=cfg.schedule.warmup_steps, name=cfg.schedule.name,
-                            min_ratio=cfg.schedule.min_lr_ratio),
-    )  # fmt: skip
+        lambda k: lr_factor(k, total=cfg.train.steps, warmup=s.warmup_steps, name=s.name, min_ratio=s.min_lr_ratio),
+    )
+    return optimizer, scheduler
 
-    # Resume, part 2: optimizer (full tensors in the file, re-sharded under FSDP), schedule, sampler, RNG.
-    start, losses = 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if fsdp:
-            shard_optimizer_state(optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["state"]["sampler"])
-        rngs = state["rng"]
-        ckpt.restore_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        start, losses = int(state["state"]["step"]), list(state["state"]["losses"])
-        logger.info("resumed from %s at step %d", path, start)
-        if start >= t.steps:
-            logger.info("checkpoint step %d >= train.steps %d: nothing to train", start, t.steps)
 
-    loggers = _Loggers(cfg, out, main)
-    samples_every = sample_every(cfg.validation)
-    samples = None
-    if sample_pipe is not None:
-        from radial_lora.train.samples import ValidationSampler
+def restore(state: dict | None, rt: Runtime, data: TrainData, m: TrainModel, optimizer: Any, scheduler: Any,
+            steps: int) -> tuple[int, list[float]]:  # fmt: skip
+    """Resume, part 2: optimizer (full tensors in the file, re-sharded under FSDP), schedule, sampler, RNG;
+    returns the step reached and the losses so far."""
+    if state is None:
+        return 0, []
+    optimizer.load_state_dict(state["optimizer"])
+    if m.fsdp:
+        shard_optimizer_state(optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    data.sampler.load_state_dict(state["state"]["sampler"])
+    rngs = state["rng"]
+    ckpt.restore_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+    start = int(state["state"]["step"])
+    logger.info("resumed from %s at step %d", state["path"], start)
+    if start >= steps:
+        logger.info("checkpoint step %d >= train.steps %d: nothing to train", start, steps)
+    return start, list(state["state"]["losses"])
 
-        v = cfg.validation
-        samples = ValidationSampler(
-            sample_pipe, transformer, controller, out, prompts=list(v.sample_prompts),
-            lengths=list(v.sample_lengths) or [max(lengths)], height=cfg.resolution.height,
-            width=cfg.resolution.width, steps=v.sample_steps, guidance=v.sample_guidance, seed=v.sample_seed,
-            dense_timesteps=sample_dense_timesteps(v), fps=float(info.get("fps") or 16.0), device=device,
-            settings={"model": cfg.model.id, "family": family, "expert": expert, "pattern": cfg.radial.pattern,
-                      "decay_factor": controller.decay_factor, "block_size": cfg.radial.block_size,
-                      "dense_layers": cfg.radial.dense_layers, "backend": cfg.radial.backend,
-                      "dtype": str(weight_dtype).removeprefix("torch."), "device": str(device)},
-            write=main,
-        )  # fmt: skip
+
+@dataclass
+class StepStats:
+    bucket: int
+    loss: float
+    consistency: float
+    grad_norm: float
+
+
+def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, step: int) -> StepStats:
+    """Gradients of one optimizer step: the step's bucket and global batch, this process's clips in
+    ``grad_accum`` micro-steps (per-sample noise from ``(seed, step, sample)``), the flow-matching loss plus
+    the optional consistency term, then gradient averaging and clipping. The optimizer step is the caller's."""
+    t = cfg.train
+    bucket, idx = data.sampler.draw(step, t.batch_size)
+    records = [data.by_bucket[bucket][i] for i in idx]
     n_base = 1 + (cfg.data.base_length - 1) // 4  # latent frames of the base length
+    step_loss = torch.zeros((), device=rt.device)
+    cons_loss = torch.zeros((), device=rt.device)
+    with m.controller.training_mode():
+        for a in range(t.grad_accum):
+            first = (a * rt.world + rt.rank) * rt.micro
+            mine = records[first : first + rt.micro]
+            latents, text = collate([data.dataset.load(r) for r in mine], f"{cfg.data.path} bucket f{bucket}")
+            gens = [sample_generator(t.seed, step, first + j) for j in range(rt.micro)]
+            sigmas = torch.cat([
+                fm.sample_sigmas(1, scheme=t.timestep_sampling, shift=m.shift, logit_mean=t.logit_mean,
+                                 logit_std=t.logit_std, generator=g, sigma_range=m.sigma_range) for g in gens
+            ])  # fmt: skip
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+            text = {k: v.to(rt.device) for k, v in text.items()}
+            with m.model.no_sync() if m.ddp and a < t.grad_accum - 1 else nullcontext():
+                with rt.acc.autocast():
+                    fwd = fm.flow_step(m.adapter, m.model, latents.to(rt.device), text, sigmas, noise.to(rt.device))
+                total = fwd.loss
+                if t.consistency_weight > 0 and bucket > cfg.data.base_length:
+                    with _base_model(m.transformer, m.controller), rt.acc.autocast():
+                        base = m.adapter.predict(m.transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
+                    cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base.float()) ** 2)
+                    total = fwd.loss + t.consistency_weight * cons
+                    cons_loss += cons.detach()
+                # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
+                # gradient is the same sum of per-sample terms for any split over processes and micro-steps.
+                rt.acc.backward(total)
+            step_loss += fwd.loss.detach()
+    if t.grad_accum > 1:
+        step_loss, cons_loss = step_loss / t.grad_accum, cons_loss / t.grad_accum
+        for p in m.params:
+            if p.grad is not None:
+                p.grad.div_(t.grad_accum)
+    if rt.world > 1:
+        step_loss = rt.acc.reduce(step_loss, reduction="mean")
+        cons_loss = rt.acc.reduce(cons_loss, reduction="mean")
+    loss = float(step_loss)
+    grad_norm = float("nan")
+    if math.isfinite(loss):
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(m.params, t.grad_clip if t.grad_clip > 0 else float("inf")))
+    return StepStats(bucket, loss, float(cons_loss), grad_norm)
 
-    def save(step: int) -> None:
-        rng_states = gather_object([ckpt.capture_rng_state()]) if world > 1 else [ckpt.capture_rng_state()]
-        # Under FSDP gathering the LoRA and optimizer state is collective: every process takes part.
-        lora_state = lora_io.lora_state_dict(transformer) if main or fsdp else None
-        optimizer_state = full_optimizer_state(optimizer) if fsdp else optimizer.state_dict()
-        if main:
-            ckpt.save_checkpoint(
-                out, step, lora_state=lora_state, lora_config=lora_cfg,
-                metadata=lora_metadata(cfg, family, controller, step, expert_meta, identity), optimizer_state=optimizer_state,
-                scheduler_state=scheduler.state_dict(), rng_states=rng_states,
-                trainer_state={"sampler": sampler.state_dict(), "losses": losses}, keep_last=cfg.checkpoint.keep_last,
-            )  # fmt: skip
-        acc.wait_for_everyone()
 
-    def validate(step: int) -> dict[str, Any] | None:
-        if not holdout_records:
-            return None
-        res = None
-        if main or fsdp:  # a sharded model's forward needs every process
-            clips = _round_robin(holdout_records)[: cfg.validation.max_clips]
-            with controller.training_mode(), acc.autocast():
-                res = fm.heldout_loss(adapter, transformer, clips, val_timesteps,
-                                      cfg.validation.seed, dataset=dataset)  # fmt: skip
-        if main:
-            logger.info("step %d held-out loss %.6f per bucket %s", step, res.mean, res.per_bucket)
-            loggers.scalars({"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}}, step)
-        acc.wait_for_everyone()
-        return None if res is None else res.to_dict()
+def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None) -> TrainResult:
+    """Run (or continue) a training job described by ``cfg``; see the module docstring.
 
-    def write_samples(step: int) -> None:
-        # DDP: the main process renders, the others wait. FSDP: the sharded forward needs every process;
-        # only the main one decodes and writes. The global RNG states are restored afterwards.
-        if main or fsdp:
-            samples(step, image_logger=loggers.image if main else None)
-        acc.wait_for_everyone()
+    ``pipe`` may be an already loaded pipeline (tests, demo); otherwise ``cfg.model.id`` is loaded.
+    """
+    from accelerate.utils import set_seed
 
-    logger.info(
-        "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
-        "pattern %s, precision %s on %s", family, t.steps, t.batch_size, world, micro, t.grad_accum, lengths,
-        [weights[n] for n in lengths], cfg.radial.pattern, mixed, device,
-    )  # fmt: skip
-    bar = tqdm(total=t.steps, initial=start, disable=not main, desc="train", dynamic_ncols=True)
-    heldout = None
-    step = start
-    console = ExitStack()
-    if main:
-        console.enter_context(logging_redirect_tqdm())  # console log lines go above the progress bar
+    out, t = Path(cfg.output_dir), cfg.train
+    rt = setup_runtime(cfg)
+    loggers = Loggers(cfg, out, rt.main)
+    if rt.main:
+        record_config(out, cfg, resumed=resume is not None)
+    set_seed(t.seed)
     try:
+        data = setup_data(cfg, rt)
+        state = None
+        if resume:
+            path = ckpt.resolve_resume(out, resume)
+            state = {**ckpt.load_checkpoint(path), "path": path}
+        m = setup_model(cfg, rt, data, pipe, state)
+        del pipe
+        optimizer, scheduler = setup_optimizer(cfg, m)
+        start, losses = restore(state, rt, data, m, optimizer, scheduler, t.steps)
+        checkpointer = Checkpointer(cfg, rt, data, m, optimizer, scheduler, losses)
+        validator = Validator(cfg, rt, data, m, loggers)
+        samples = SampleRenderer.maybe(cfg, rt, data, m, loggers)
+        logger.info(
+            "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
+            "pattern %s, precision %s on %s", m.family, t.steps, t.batch_size, rt.world, rt.micro, t.grad_accum,
+            data.lengths, [data.weights[n] for n in data.lengths], cfg.radial.pattern, rt.mixed, rt.device,
+        )  # fmt: skip
+        heldout = None
+        bar = loggers.progress(t.steps, start)
         for step in range(start + 1, t.steps + 1):
             t0 = time.perf_counter()
-            bucket, idx = sampler.draw(step, t.batch_size)
-            records = [by_bucket[bucket][i] for i in idx]
-            step_loss = torch.zeros((), device=device)
-            cons_loss = torch.zeros((), device=device)
-            with controller.training_mode():
-                for a in range(t.grad_accum):
-                    first = (a * world + rank) * micro
-                    mine = records[first : first + micro]
-                    latents, text = collate([dataset.load(r) for r in mine], f"{cfg.data.path} bucket f{bucket}")
-                    gens = [sample_generator(t.seed, step, first + j) for j in range(micro)]
-                    sigmas = torch.cat([
-                        fm.sample_sigmas(1, scheme=t.timestep_sampling, shift=shift, logit_mean=t.logit_mean,
-                                         logit_std=t.logit_std, generator=g, sigma_range=sigma_range) for g in gens
-                    ])  # fmt: skip
-                    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
-                    text = {k: v.to(device) for k, v in text.items()}
-                    sync = model.no_sync() if ddp and a < t.grad_accum - 1 else nullcontext()
-                    with sync:
-                        with acc.autocast():
-                            fwd = fm.flow_step(adapter, model, latents.to(device), text, sigmas, noise.to(device))
-                        loss = total = fwd.loss
-                        if t.consistency_weight > 0 and bucket > cfg.data.base_length:
-                            with _base_model(transformer, controller), acc.autocast():
-                                base_pred = adapter.predict(transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
-                            cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base_pred.float()) ** 2)
-                            total = loss + t.consistency_weight * cons
-                            cons_loss += cons.detach()
-                        # Unscaled: the gradients are summed over micro-steps and divided once below, so a step's
-                        # gradient is the same sum of per-sample terms for any split over processes and micro-steps.
-                        acc.backward(total)
-                    step_loss += loss.detach()
-            if t.grad_accum > 1:
-                step_loss, cons_loss = step_loss / t.grad_accum, cons_loss / t.grad_accum
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.div_(t.grad_accum)
-            if world > 1:
-                step_loss = acc.reduce(step_loss, reduction="mean")
-                cons_loss = acc.reduce(cons_loss, reduction="mean")
-            loss_value = float(step_loss)
-            if not math.isfinite(loss_value):
-                last = ckpt.list_checkpoints(out)
-                where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at step {step} (bucket {bucket} frames); stopping without an optimizer "
-                    f"step. {where}; lower optimizer.lr or check the data, then --resume latest"
-                )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            stats = train_step(cfg, rt, data, m, step)
+            if not math.isfinite(stats.loss):
+                raise TrainingDiverged(checkpointer.diverged_message(stats.loss, step, stats.bucket))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss_value)
-            dt = time.perf_counter() - t0
-            if main and (step % cfg.logging.every == 0 or step == t.steps):
-                lr = scheduler.get_last_lr()[0]
-                scalars = {"loss": loss_value, f"loss/f{bucket}": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                           "step_time_s": dt, "peak_memory_mb": _peak_memory_mb(device)}  # fmt: skip
-                if t.consistency_weight > 0:
-                    scalars["consistency_loss"] = float(cons_loss)
-                loggers.scalars(scalars, step)
-                logger.info("step %d/%d f%d loss %.6f lr %.3g grad %.3g %.2fs", step, t.steps, bucket, loss_value,
-                            lr, float(grad_norm), dt)  # fmt: skip
-            bar.set_postfix(loss=f"{loss_value:.4f}", f=bucket, s_per_step=f"{dt:.2f}")
+            losses.append(stats.loss)
+            loggers.step(step, stats, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0,
+                         peak_memory_mb=_peak_memory_mb(rt.device))
             bar.update(1)
             if cfg.validation.every and step % cfg.validation.every == 0:
-                heldout = validate(step)
-            if samples is not None and ((samples_every and step % samples_every == 0) or step == t.steps):
-                write_samples(step)
+                heldout = validator(step)
+            if samples is not None:
+                samples.maybe_render(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
-                save(step)
+                checkpointer.save(step)
         if start < t.steps:
-            save(t.steps)
-        lora_path = None
-        final_state = lora_io.lora_state_dict(transformer) if main or fsdp else None  # collective under FSDP
-        if main:
-            meta = lora_metadata(cfg, family, controller, max(step, start), expert_meta, identity)
-            lora_path = lora_io.save_lora(out, final_state, meta, lora_config=lora_cfg)
-            tc = transformer.config
-            mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
-            lora_io.export_comfyui(lora_path, out / lora_io.COMFYUI_FILENAME, family, single_mlp_dim=mlp)
-            (out / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
-        acc.wait_for_everyone()
+            checkpointer.save(t.steps)
+        last = max(start, t.steps)
+        lora_path = checkpointer.export(last)
     finally:
-        bar.close()
-        console.close()
         loggers.close()
-        if handler is not None:
-            logging.getLogger("radial_lora").removeHandler(handler)
-            handler.close()
-    return TrainResult(output_dir=out, lora_path=lora_path, losses=losses, last_step=max(step, start), heldout=heldout)
-
+    return TrainResult(output_dir=out, lora_path=lora_path, losses=losses, last_step=last, heldout=heldout)
