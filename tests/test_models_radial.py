@@ -266,3 +266,12 @@ def test_bad_settings_are_named():
     with pytest.raises(RuntimeError, match="no transformer call"):
         attn(torch.randn(1, 144, 32), None, None, None)
     assert controller.calls["sparse"] == 0
+
+
+def test_dense_call_is_the_one_policy() -> None:
+    from radial_lora.models.radial import dense_call
+
+    assert dense_call("dense", 5, None, 0, 0) and dense_call("dense", 5, 40, 0, 0)
+    assert dense_call("radial", 1, None, 2, 0) and not dense_call("radial", 2, None, 2, 0)
+    assert dense_call("radial", 9, 1, 0, 2) and not dense_call("radial", 9, 2, 0, 2)
+    assert not dense_call("radial", 9, None, 0, 50)  # training: no denoising steps, dense_timesteps ignored

@@ -178,6 +178,7 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
     from radial_lora.data.dataset import PreparedDataset
     from radial_lora.mask import attention_cost, radial_block_mask
     from radial_lora.models import apply_radial_attention, get_adapter
+    from radial_lora.models.radial import dense_call
     from radial_lora.train import flow_matching as fm
     from radial_lora.train.trainer import collate
 
@@ -213,7 +214,8 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
     cost = attention_cost(mask, geo.video_tokens, head_dim=cfg_t.attention_head_dim,
                           num_heads=cfg_t.num_attention_heads, block_size=cfg.radial.block_size,
                           batch=len(records))  # fmt: skip
-    layers, dense_layers = cfg_t.num_layers, min(cfg.radial.dense_layers, cfg_t.num_layers)
+    layers = cfg_t.num_layers
+    dense_layers = sum(dense_call("radial", b, None, cfg.radial.dense_layers, 0) for b in range(layers))
     dense_s, radial_s = statistics.median(times["dense"]), statistics.median(times["radial"])
     return {
         "frames": QUAD, "latent_frames": geo.latent_frames, "tokens": geo.video_tokens,

@@ -340,6 +340,7 @@ def attention_budget(
     Wan runs two transformer calls per step under classifier-free guidance (``guidance > 1``).
     """
     from radial_lora.models import get_adapter
+    from radial_lora.models.radial import dense_call
 
     adapter = get_adapter(family)
     transformer = adapter.transformers(pipe)[0]
@@ -359,11 +360,7 @@ def attention_budget(
     total = dense_total = 0.0
     for step in range(steps):
         for layer in range(layers):
-            dense = (
-                settings["pattern"] == "dense"
-                or layer < settings["dense_layers"]
-                or step < settings["dense_timesteps"]
-            )
+            dense = dense_call(settings["pattern"], layer, step, settings["dense_layers"], settings["dense_timesteps"])
             total += passes * (cost.dense_flops if dense else cost.radial_flops)
             dense_total += passes * cost.dense_flops
     return {

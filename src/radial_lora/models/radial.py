@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 _STATE_ATTR = "_radial_lora_state"
 
 
+def dense_call(pattern: str, block_index: int, step: int | None, dense_layers: int, dense_timesteps: int) -> bool:
+    """The one dense-policy rule: does self-attention block ``block_index`` run dense at denoising ``step``
+    (None: training, which has no denoising loop)? Dense pattern, the first ``dense_layers`` blocks, the
+    first ``dense_timesteps`` steps. The controller, the generation FLOP budget and the demo all ask it."""
+    if pattern == "dense" or block_index < dense_layers:
+        return True
+    return step is not None and step < dense_timesteps
+
+
 class RadialController:
     """Shared state of one radial patch: geometry, mask cache, dense policy, step counter, call counts.
 
@@ -111,9 +120,9 @@ class RadialController:
         return self.step if self._pinned_step is None else self._pinned_step
 
     def is_dense(self, block_index: int) -> bool:
-        if self.pattern == "dense" or self._force_dense or block_index < self.dense_layers:
-            return True
-        return not self._training and self.current_step() < self.dense_timesteps
+        step = None if self._training else self.current_step()
+        return bool(self._force_dense) or dense_call(self.pattern, block_index, step, self.dense_layers,
+                                                     self.dense_timesteps)  # fmt: skip
 
     @contextmanager
     def force_dense(self) -> Iterator[RadialController]:
