@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from radial_lora.cli import main
-from radial_lora.data.dataset import FORMAT, PreparedDataset, Record, read_manifest, sha256_file
+from radial_lora.data.dataset import FORMAT, PreparedDataset, Record, read_manifest
 from radial_lora.data.validate import validate_dataset
+from radial_lora.files import sha256_file
 
 H, W, C = 32, 48, 4
 

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from radial_lora.cli import main
 from radial_lora.data import prepare as prepare_module
-from radial_lora.data.dataset import PreparedDataset, sha256_file
+from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.prepare import (
     clip_id,
     clip_starts,
@@ -25,6 +25,7 @@ from radial_lora.data.prepare import (
 from radial_lora.data.sample import render_clip, sample_specs, write_sample_dataset
 from radial_lora.data.validate import validate_dataset
 from radial_lora.data.video_io import read_video, write_video
+from radial_lora.files import sha256_file
 from radial_lora.models.registry import get_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: OpenMP spinning, 5-40x slower

@@ -12,7 +12,8 @@ import pytest
 from radial_lora.cli import main
 from radial_lora.data.video_io import read_video
 from radial_lora.eval import metrics
-from radial_lora.inference.generate import generate, load_model, lora_digest, parse_lora_spec, read_prompts
+from radial_lora.inference.generate import generate, load_model, parse_lora_spec, read_prompts
+from radial_lora.lora import lora_digest
 
 PROMPT = "a red circle moves right"
 COMMON = dict(height=32, width=32, steps=2, guidance=1.0, fps=8.0)
@@ -141,8 +142,8 @@ def test_parse_lora_spec_and_prompts(tmp_path: Path) -> None:
 def test_lora_metadata_defaults_and_precedence(tmp_path: Path) -> None:
     import torch
 
-    from radial_lora.inference.generate import lora_attention_settings, resolve_attention_settings
-    from radial_lora.lora import save_lora
+    from radial_lora.inference.generate import resolve_attention_settings
+    from radial_lora.lora import lora_attention_settings, save_lora
 
     state = {
         "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 32),

@@ -91,3 +91,13 @@ def test_metadata_errors(tmp_path: Path) -> None:
         lora.save_lora(tmp_path, tr, {"bad": object()})
 
 
+
+
+def test_metadata_of_a_newer_format_is_refused(tmp_path: Path) -> None:
+    tr = build_tiny_pipeline("wan").transformer
+    lora.add_lora(tr, rank=2)
+    lora.save_lora(tmp_path / "now", tr, {"format": lora.LORA_FORMAT, "family": "wan"})
+    assert lora.read_lora_metadata(tmp_path / "now")["family"] == "wan"
+    lora.save_lora(tmp_path / "later", tr, {"format": "radial-lora/2", "family": "wan"})
+    with pytest.raises(ValueError, match=r"format 'radial-lora/2' is not 'radial-lora/1'.*update radial-lora"):
+        lora.read_lora_metadata(tmp_path / "later")

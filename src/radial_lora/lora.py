@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from radial_lora.constants import DEFAULT_TARGETS
-from radial_lora.files import atomic_path
+from radial_lora.files import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,16 @@ COMFYUI_FILENAME = "comfyui_lora.safetensors"
 METADATA_KEY = "radial_lora"
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY: LoraConfig kwargs, keys prefixed "transformer."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+LORA_FORMAT = "radial-lora/1"  # the "format" of our metadata; read_lora_metadata refuses a newer one
+# Spellings of the attention settings in a LoRA's radial_lora metadata (top level or a nested section).
+_META_ALIASES = {
+    "pattern": ("pattern",),
+    "decay_factor": ("decay_factor", "decay"),
+    "block_size": ("block_size",),
+    "dense_layers": ("dense_layers",),
+    "dense_timesteps": ("dense_timesteps",),
+}
+_META_SECTIONS = ("radial", "attention", "radial_attention")
 PREFIX = "transformer."
 
 
@@ -168,9 +179,66 @@ def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if METADATA_KEY not in header:
         raise ValueError(f"{p} has no '{METADATA_KEY}' metadata; it was not written by radial-lora save_lora")
     try:
-        return json.loads(header[METADATA_KEY])
+        meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p}: header key '{METADATA_KEY}' is not valid JSON: {exc}") from exc
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt is not None and fmt != LORA_FORMAT:
+        raise ValueError(
+            f"{p}: metadata format {fmt!r} is not {LORA_FORMAT!r}, the one this radial-lora reads; "
+            "update radial-lora (pip install -U radial-lora) or retrain the LoRA"
+        )
+    return meta
+
+
+def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The attention settings a radial-lora LoRA was trained with (empty if it carries none).
+
+    Looks in the ``radial_lora`` header JSON at the top level and in a ``radial`` (or ``attention``)
+    section, also one level down (a whole training config stored under ``config``).
+    """
+    try:
+        meta = read_lora_metadata(path)
+    except ValueError as exc:
+        logger.info("LoRA %s has no radial-lora training metadata (%s); using the given settings", path, exc)
+        return {}
+    places = [meta]
+    for holder in (meta, meta.get("config") if isinstance(meta.get("config"), dict) else {}):
+        places += [holder[s] for s in _META_SECTIONS if isinstance(holder.get(s), dict)]
+    found: dict[str, Any] = {}
+    for key, aliases in _META_ALIASES.items():
+        for place in reversed(places):  # the most specific section wins
+            hit = next((place[a] for a in aliases if a in place and place[a] is not None), None)
+            if hit is not None:
+                found[key] = hit
+                break
+    return found
+
+
+def lora_expert(path: str | os.PathLike) -> str | None:
+    """The Wan2.2 A14B expert a radial-lora LoRA was trained for ("high", "low"), or None.
+
+    Both experts share the module names, so the file's keys cannot tell; the trainer records it.
+    """
+    try:
+        expert = read_lora_metadata(path).get("expert")
+    except ValueError:
+        return None
+    if expert not in (None, "high", "low"):
+        raise ValueError(f"LoRA {path} names an unknown Wan2.2 expert {expert!r} in its metadata (high or low)")
+    return expert
+
+
+def lora_digest(path: str | os.PathLike) -> str:
+    """sha256 of a LoRA's weights file: a retrained LoRA at the same path must not reuse old videos."""
+    p = _lora_file(path)
+    stat = p.stat()
+    return _file_digest(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)  # cached per (path, size, mtime): a rewritten file is hashed again
 
 
 def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ The manifest is append-only while ``data prepare`` runs; a crash can leave a cut
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
+
+from radial_lora.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,6 @@ class Record:
         return row
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 

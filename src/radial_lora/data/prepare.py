@@ -35,10 +35,9 @@ from radial_lora.data.dataset import (
     MANIFEST,
     Record,
     read_manifest,
-    sha256_file,
 )
 from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
-from radial_lora.files import atomic_path, write_json_atomic, write_text_atomic
+from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
 
 log = logging.getLogger(__name__)

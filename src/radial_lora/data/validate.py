@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from radial_lora.data.dataset import PreparedDataset, Record, sha256_file
+from radial_lora.data.dataset import PreparedDataset, Record
+from radial_lora.files import sha256_file
 
 log = logging.getLogger(__name__)
 

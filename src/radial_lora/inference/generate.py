@@ -10,19 +10,14 @@ header (:func:`radial_lora.lora.read_lora_metadata`); they become the defaults u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
-import resource
-import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +25,9 @@ import numpy as np
 import torch
 
 from radial_lora.files import atomic_path, jsonable, write_json_atomic
+from radial_lora.lora import lora_attention_settings, lora_digest, lora_expert
 from radial_lora.mask import attention_cost, radial_block_mask
+from radial_lora.memory import peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +41,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dense_layers": 0,
     "dense_timesteps": 0,
 }
-# Spellings of the attention settings in a LoRA's radial_lora metadata (top level or a nested section).
-_META_ALIASES = {
-    "pattern": ("pattern",),
-    "decay_factor": ("decay_factor", "decay"),
-    "block_size": ("block_size",),
-    "dense_layers": ("dense_layers",),
-    "dense_timesteps": ("dense_timesteps",),
-}
-_META_SECTIONS = ("radial", "attention", "radial_attention")
-
-
 @dataclass
 class GenerationResult:
     """One generated video: where it is, its uint8 ``[F, H, W, 3]`` frames and the sidecar content."""
@@ -82,71 +68,6 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     if not spec:
         raise ValueError("empty --lora value; expected PATH or PATH:SCALE (e.g. out/lora:0.8)")
     return spec, 1.0
-
-
-def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """The attention settings a radial-lora LoRA was trained with (empty if it carries none).
-
-    Looks in the ``radial_lora`` header JSON at the top level and in a ``radial`` (or ``attention``)
-    section, also one level down (a whole training config stored under ``config``).
-    """
-    from radial_lora.lora import read_lora_metadata
-
-    try:
-        meta = read_lora_metadata(path)
-    except ValueError as exc:
-        logger.info("LoRA %s has no radial-lora training metadata (%s); using the given settings", path, exc)
-        return {}
-    places = [meta]
-    for holder in (meta, meta.get("config") if isinstance(meta.get("config"), dict) else {}):
-        places += [holder[s] for s in _META_SECTIONS if isinstance(holder.get(s), dict)]
-    found: dict[str, Any] = {}
-    for key, aliases in _META_ALIASES.items():
-        for place in reversed(places):  # the most specific section wins
-            hit = next((place[a] for a in aliases if a in place and place[a] is not None), None)
-            if hit is not None:
-                found[key] = hit
-                break
-    return found
-
-
-def lora_expert(path: str | os.PathLike) -> str | None:
-    """The Wan2.2 A14B expert a radial-lora LoRA was trained for ("high", "low"), or None.
-
-    Both experts share the module names, so the file's keys cannot tell; the trainer records it.
-    """
-    from radial_lora.lora import read_lora_metadata
-
-    try:
-        expert = read_lora_metadata(path).get("expert")
-    except ValueError:
-        return None
-    if expert not in (None, "high", "low"):
-        raise ValueError(f"LoRA {path} names an unknown Wan2.2 expert {expert!r} in its metadata (high or low)")
-    return expert
-
-
-def lora_digest(path: str | os.PathLike) -> str:
-    """sha256 of a LoRA's weights file: a retrained LoRA at the same path must not reuse old videos."""
-    from radial_lora.lora import LORA_FILENAME
-
-    p = Path(path)
-    p = p / LORA_FILENAME if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"LoRA file {p} not found; pass a folder with {LORA_FILENAME} or the file itself"
-        )
-    stat = p.stat()
-    return _file_digest(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_attention_settings(
@@ -272,54 +193,6 @@ def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
 
 
 # -- measurements --------------------------------------------------------------------------------
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
-    """Peak memory of the block: CUDA ``max_memory_allocated``, else the process RSS sampled every 10 ms.
-
-    The RSS peak includes the weights already loaded (it is the process's footprint during the run);
-    without /proc the process-lifetime ``ru_maxrss`` is reported instead.
-    """
-    out: dict[str, Any] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out.update(bytes=int(torch.cuda.max_memory_allocated(device)), kind="cuda_max_memory_allocated")
-        return
-    if _rss_bytes() is None:
-        yield out
-        scale = 1 if sys.platform == "darwin" else 1024
-        out.update(
-            bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, kind="cpu_ru_maxrss"
-        )
-        return
-    peak = [_rss_bytes() or 0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.01):
-            peak[0] = max(peak[0], _rss_bytes() or 0)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes() or 0)
-        out.update(bytes=int(peak[0]), kind="cpu_rss_peak")
 
 
 def attention_budget(

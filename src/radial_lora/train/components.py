@@ -251,7 +251,7 @@ def lora_metadata(
 
     local = Path(resolve_model_id(cfg.model.id))
     meta = {
-        "format": "radial-lora/1",
+        "format": lora_io.LORA_FORMAT,
         "base_model": str(local.resolve()) if local.is_dir() else cfg.model.id,
         **(identity or {}),
         "family": family,

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from radial_lora import lora as lora_io
+from radial_lora.memory import process_peak_mb
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
 from radial_lora.train.components import Checkpointer, Loggers, SampleRenderer, Validator
@@ -170,12 +170,6 @@ def _resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, tor
         dtype_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
     return mixed, getattr(torch, dtype_name)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # Settings whose change makes a resumed run differ from the run it continues (dotted config keys).
@@ -581,7 +575,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             optimizer.zero_grad(set_to_none=True)
             losses.append(stats.loss)
             loggers.step(step, stats, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0,
-                         peak_memory_mb=_peak_memory_mb(rt.device))
+                         peak_memory_mb=process_peak_mb(rt.device))
             bar.update(1)
             if cfg.validation.every and step % cfg.validation.every == 0:
                 heldout = validator(step)
