@@ -278,9 +278,15 @@ def heldout_table(results: dict[str, Any]) -> dict[str, dict[int, float]]:
 
 
 def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> str:
+    """REPORT.md: every number of this run, section by section."""
+    lines = _loss_section(opts, plan, info) + _videos_section(opts, plan, info) + _cost_section(info["timing"])
+    lines += _training_section(info) + _files_section()
+    return "\n".join(lines)
+
+
+def _loss_section(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> list[str]:
     loss = info["heldout"]
     base, lora, dense = loss["base_radial"], loss["lora_radial"], loss["base_dense"]
-    timing, tr = info["timing"], info["train"]
     q4 = lora[QUAD] < base[QUAD]
     lines = [
         "# radial-lora demo report",
@@ -314,6 +320,12 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
         f"against the base under the same radial mask by {_pct(lora[BASE], base[BASE])}. 2x ({DOUBLE} frames) "
         f"was never trained on: {_pct(lora[DOUBLE], base[DOUBLE])} vs the radial base.",
         "",
+    ]
+    return lines
+
+
+def _videos_section(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> list[str]:
+    lines = [
         "## Generated 4x videos (same prompts, same seeds)",
         "",
         f"{plan.eval_steps} sampling steps, guidance {plan.guidance}, seed {opts.seed}. At its own length (17 "
@@ -329,7 +341,11 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
             strip = info["strips"].get(variant, [None] * (i + 1))[i]
             lines.append(f"- {variant}: [{video}]({video}) ![{variant}]({strip})")
         lines.append("")
-    lines += [
+    return lines
+
+
+def _cost_section(timing: dict[str, Any]) -> list[str]:
+    return [
         "## Cost at 4x: dense vs radial attention",
         "",
         f"{timing['frames']} frames = {timing['latent_frames']} latent frames x {timing['tokens_per_frame']} "
@@ -347,6 +363,12 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
         "At this toy size (272 tokens) attention is a small part of a step and the block-sparse kernel's "
         "bookkeeping can cost more than the skipped blocks save; the FLOPs ratio is what grows with length.",
         "",
+    ]
+
+
+def _training_section(info: dict[str, Any]) -> list[str]:
+    tr = info["train"]
+    lines = [
         "## Training",
         "",
         f"{tr['steps']} LoRA steps (rank {info['config']['lora']['rank']}, buckets {info['config']['data']['lengths']}"
@@ -359,8 +381,12 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
     ]
     for name, t in info["times"].items():
         lines.append(f"- {name}: {'reused' if t.get('reused') else t['seconds']}")
-    lines += [
-        "",
+    lines.append("")
+    return lines
+
+
+def _files_section() -> list[str]:
+    return [
         "## Files",
         "",
         "- `data/train_videos`, `data/heldout_videos`: the synthetic videos and captions",
@@ -378,7 +404,6 @@ def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> st
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def run_demo(opts: DemoOptions) -> Path:

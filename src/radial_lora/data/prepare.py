@@ -473,6 +473,40 @@ def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[
     return adapter, pipe
 
 
+def _finished_clips(out: Path) -> dict[str, Record]:
+    """The manifest's clips whose file is still there unchanged (by sha256): a rerun keeps them."""
+    existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
+    done: dict[str, Record] = {}
+    for record in existing:
+        file = out / record.file
+        if file.is_file() and sha256_file(file) == record.sha256:
+            done[record.id] = record
+        else:
+            log.warning("clip %s: file missing or changed since it was prepared; encoding it again", record.id)
+    return done
+
+
+def _encode_and_write(clips: list[Any], length: int, encoder: Any, opts: PrepareOptions, manifest: Any,
+                      summary: PrepareSummary, info: dict[str, Any]) -> None:  # fmt: skip
+    """Encode a batch of same-length clips (VAE + text encoder), write each clip's file and manifest line."""
+    latents = encoder.videos([c.frames for c in clips])
+    texts = encoder.text([c.item.caption for c in clips])
+    for clip, latent, text in zip(clips, latents, texts):
+        rel = f"latents/f{length}/{clip.id}.safetensors"
+        tensors = {"latents": latent.contiguous(), **text}
+        digest = _save_clip(opts.out / rel, tensors, {"id": clip.id, "source": clip.item.source})
+        record = Record(
+            id=clip.id, bucket=length, source=clip.item.source, caption=clip.item.caption,
+            start_frame=clip.start, fps=opts.fps, height=opts.height, width=opts.width, num_frames=length,
+            latent_shape=tuple(latent.shape), file=rel, sha256=digest,
+        )  # fmt: skip
+        manifest.append(record)
+        summary.encoded[length] += 1
+        info.setdefault("latent_shapes", {})[str(length)] = list(latent.shape)
+        if info.get("text_keys") is None:
+            info["text_keys"] = sorted(text)
+
+
 def prepare_dataset(
     opts: PrepareOptions,
     *,
@@ -496,14 +530,7 @@ def prepare_dataset(
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(info_path, info, indent=2)
 
-    existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
-    done: dict[str, Record] = {}
-    for record in existing:
-        file = out / record.file
-        if file.is_file() and sha256_file(file) == record.sha256:
-            done[record.id] = record
-        else:
-            log.warning("clip %s: file missing or changed since it was prepared; encoding it again", record.id)
+    done = _finished_clips(out)
     manifest = _ManifestWriter(out / MANIFEST, list(done.values()))
     encoder = _Encoder(adapter, pipe, torch.device(opts.device))
     summary = PrepareSummary(skipped=skipped, sources=len(items))
@@ -512,24 +539,8 @@ def prepare_dataset(
 
     def flush(length: int) -> None:
         clips, pending[length] = pending[length], []
-        if not clips:
-            return
-        latents = encoder.videos([c.frames for c in clips])
-        texts = encoder.text([c.item.caption for c in clips])
-        for clip, latent, text in zip(clips, latents, texts):
-            rel = f"latents/f{length}/{clip.id}.safetensors"
-            tensors = {"latents": latent.contiguous(), **text}
-            digest = _save_clip(out / rel, tensors, {"id": clip.id, "source": clip.item.source})
-            record = Record(
-                id=clip.id, bucket=length, source=clip.item.source, caption=clip.item.caption,
-                start_frame=clip.start, fps=opts.fps, height=opts.height, width=opts.width, num_frames=length,
-                latent_shape=tuple(latent.shape), file=rel, sha256=digest,
-            )  # fmt: skip
-            manifest.append(record)
-            summary.encoded[length] += 1
-            info.setdefault("latent_shapes", {})[str(length)] = list(latent.shape)
-            if info.get("text_keys") is None:
-                info["text_keys"] = sorted(text)
+        if clips:
+            _encode_and_write(clips, length, encoder, opts, manifest, summary, info)
 
     lengths = sorted(set(opts.lengths))
     for item in tqdm(items, desc="prepare", unit="video", disable=None):

@@ -191,6 +191,45 @@ def _heldout(
     return result.to_dict()
 
 
+def _cell(length: int, variant: Variant, ref: Variant | None, results: list[Any], quality: dict[str, Any],
+          out: Path) -> dict[str, Any]:  # fmt: skip
+    """One (length, variant) cell of results.json from its generated videos."""
+    first = results[0].info
+    return {
+        "length": length, "variant": variant.name, "weights": variant.weights, "pattern": variant.pattern,
+        "loras": [list(x) for x in variant.loras], "reference": ref.name if ref is not None else None,
+        "settings": {k: first["settings"][k] for k in ("decay_factor", "block_size", "dense_layers",
+                                                       "dense_timesteps", "steps", "guidance", "backend")},
+        "wall_time_s": float(np.mean([r.info["wall_time_s"] for r in results])),
+        "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
+        "peak_memory_kind": first["peak_memory"].get("kind"),
+        "attention": {k: v for k, v in first["attention"].items() if k != "calls"},
+        "quality": quality,
+        "videos": [str(r.video_path.relative_to(out)) for r in results],
+        "reused": all(r.reused for r in results),
+    }  # fmt: skip
+
+
+def _results_doc(opts: GridOptions, model_name: str | None, family: str, grid_attn: dict[str, Any],
+                 cells: list[dict[str, Any]], heldout: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The whole results.json: the grid's settings, every cell, the held-out losses."""
+    return {
+        "format": RESULTS_FORMAT, "model": model_name, "family": family, "prompts": opts.prompts,
+        "lengths": opts.lengths,
+        "variants": [{"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
+                     for v in opts.variants],
+        "settings": {"height": opts.height, "width": opts.width, "seed": opts.seed, "steps": opts.steps,
+                     "guidance": opts.guidance, "fps": opts.fps, "segments": opts.segments,
+                     "dataset": str(opts.dataset) if opts.dataset else None, **grid_attn},
+        "cells": cells,
+        "heldout": heldout,
+        "notes": {
+            "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
+            "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
+        },
+    }  # fmt: skip
+
+
 def run_grid(opts: GridOptions) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
     from radial_lora.eval.plots import write_plots, write_strip
@@ -248,24 +287,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             frames_of[(variant.name, length)] = frames
         ref = reference_for(variant, opts.variants)
         ref_frames = frames_of.get((ref.name, length)) if ref is not None else None
-        first = results[0].info
-        cell = {
-            "length": length,
-            "variant": variant.name,
-            "weights": variant.weights,
-            "pattern": variant.pattern,
-            "loras": [list(x) for x in variant.loras],
-            "reference": ref.name if ref is not None else None,
-            "settings": {k: first["settings"][k] for k in ("decay_factor", "block_size", "dense_layers",
-                                                           "dense_timesteps", "steps", "guidance", "backend")},
-            "wall_time_s": float(np.mean([r.info["wall_time_s"] for r in results])),
-            "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
-            "peak_memory_kind": first["peak_memory"].get("kind"),
-            "attention": {k: v for k, v in first["attention"].items() if k != "calls"},
-            "quality": _quality(frames, ref_frames, opts.segments),
-            "videos": [str(r.video_path.relative_to(out)) for r in results],
-            "reused": all(r.reused for r in results),
-        }  # fmt: skip
+        cell = _cell(length, variant, ref, results, _quality(frames, ref_frames, opts.segments), out)
         cell["strip"] = write_strip(out, cell, frames[0])
         cells.append(cell)
         logger.info("cell %s @ %d frames: %.1fs, psnr %s", variant.name, length, cell["wall_time_s"],
@@ -280,34 +302,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             cell["heldout_loss"] = per_bucket.get(str(cell["length"]))
 
     cells.sort(key=lambda c: (c["length"], [v.name for v in opts.variants].index(c["variant"])))
-    results_doc = {
-        "format": RESULTS_FORMAT,
-        "model": model_name,
-        "family": family,
-        "prompts": opts.prompts,
-        "lengths": opts.lengths,
-        "variants": [
-            {"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
-            for v in opts.variants
-        ],  # fmt: skip
-        "settings": {
-            "height": opts.height,
-            "width": opts.width,
-            "seed": opts.seed,
-            "steps": opts.steps,
-            "guidance": opts.guidance,
-            "fps": opts.fps,
-            "segments": opts.segments,
-            "dataset": str(opts.dataset) if opts.dataset else None,
-            **grid_attn,
-        },  # fmt: skip
-        "cells": cells,
-        "heldout": heldout,
-        "notes": {
-            "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
-            "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
-        },
-    }
+    results_doc = _results_doc(opts, model_name, family, grid_attn, cells, heldout)
     files.write_json_atomic(out / "results.json", results_doc)
     plots = write_plots(out, files.from_jsonable(files.jsonable(results_doc)), family)
     write_report(out, results_doc, plots)

@@ -406,6 +406,64 @@ def generate(
     """
     from radial_lora.models import apply_radial_attention
 
+    prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
+    attn, source = resolve_attention_settings(
+        {"pattern": pattern, "decay_factor": decay_factor, "block_size": block_size, "dense_layers": dense_layers,
+         "dense_timesteps": dense_timesteps},
+        lora_list,
+    )  # fmt: skip
+    pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
+    exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
+    base_settings = {
+        "model": model_name, "family": family, "num_frames": num_frames, "height": height, "width": width, **attn,
+        "backend": backend, "loras": [[p, s] for p, s in lora_list], "lora_sha256": [lora_digest(p) for p, _ in lora_list],
+        "steps": steps, "guidance": float(guidance), "fps": float(fps), "negative_prompt": negative_prompt,
+        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."), "device": str(exec_device),
+    }  # fmt: skip
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = attention_budget(pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps,
+                              guidance=guidance)  # fmt: skip
+
+    results: list[GenerationResult] = []
+    controller = None
+    for i, prompt in enumerate(prompts):
+        stem = names[i] if names is not None else f"{i:03d}_{slug(prompt)}"
+        video_path, sidecar = out / f"{stem}.mp4", out / f"{stem}.json"
+        frames_file = out / f"{stem}.npz" if save_frames else None
+        settings = {**base_settings, "prompt": prompt, "seed": seed + i}
+        found = _load_existing(video_path, sidecar, frames_file, settings) if skip_existing else None
+        if found is not None:
+            logger.info("reusing %s (same settings)", video_path)
+            results.append(GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True))
+            continue
+        if controller is None:  # the first video to render: LoRAs and radial attention go in once
+            set_loras(pipe, lora_list)
+            controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
+        logger.info("generating %s: %d frames %dx%d, %d steps, pattern=%s", stem, num_frames, width, height, steps,
+                    attn["pattern"])  # fmt: skip
+        rendered = render_video(
+            pipe, controller, video_path, prompt=prompt, num_frames=num_frames, height=height, width=width,
+            steps=steps, guidance=guidance, seed=seed + i, fps=fps, negative_prompt=negative_prompt, device=exec_device,
+        )  # fmt: skip
+        if frames_file is not None:
+            _save_frames(frames_file, rendered.frames)
+        info = {
+            "format": SIDECAR_FORMAT, "prompt": prompt, "index": i, "video": video_path.name,
+            "frames_file": frames_file.name if frames_file is not None else None, "settings": settings,
+            "settings_source": source, "wall_time_s": rendered.wall_time_s, "peak_memory": rendered.peak_memory,
+            "attention": {**budget, "calls": rendered.calls}, "versions": _versions(),
+        }  # fmt: skip
+        write_json_atomic(sidecar, info)
+        results.append(GenerationResult(prompt, i, video_path, sidecar, rendered.frames, jsonable(info)))
+    return results
+
+
+def _checked_inputs(
+    prompts: Sequence[str], names: Sequence[str] | None, steps: int, fps: float, loras: Sequence[tuple[Any, float]]
+) -> tuple[list[str], list[tuple[str, float]]]:
+    """The prompts and ``[(lora path, scale)]`` of a generate() call, or a ValueError naming the bad input."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given; pass --prompt TEXT or --prompts FILE (one prompt per line)")
@@ -419,77 +477,7 @@ def generate(
     for path, _ in lora_list:
         if not Path(path).exists():
             raise FileNotFoundError(f"LoRA {path} not found; pass a LoRA folder or .safetensors file")
-    attn, source = resolve_attention_settings(
-        {"pattern": pattern, "decay_factor": decay_factor, "block_size": block_size, "dense_layers": dense_layers,
-         "dense_timesteps": dense_timesteps},
-        lora_list,
-    )  # fmt: skip
-    pipe, family = load_model(
-        model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling
-    )
-    exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
-    model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
-    base_settings = {
-        "model": model_name, "family": family, "num_frames": num_frames, "height": height, "width": width,
-        **attn, "backend": backend, "loras": [[p, s] for p, s in lora_list],
-        "lora_sha256": [lora_digest(p) for p, _ in lora_list], "steps": steps,
-        "guidance": float(guidance), "fps": float(fps), "negative_prompt": negative_prompt,
-        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."), "device": str(exec_device),
-    }  # fmt: skip
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = attention_budget(pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps,
-                              guidance=guidance)  # fmt: skip
-
-    results: list[GenerationResult] = []
-    prepared = False
-    controller = None
-    for i, prompt in enumerate(prompts):
-        stem = names[i] if names is not None else f"{i:03d}_{slug(prompt)}"
-        video_path, sidecar = out / f"{stem}.mp4", out / f"{stem}.json"
-        frames_file = out / f"{stem}.npz" if save_frames else None
-        settings = {**base_settings, "prompt": prompt, "seed": seed + i}
-        if skip_existing:
-            found = _load_existing(video_path, sidecar, frames_file, settings)
-            if found is not None:
-                logger.info("reusing %s (same settings)", video_path)
-                results.append(
-                    GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True)
-                )
-                continue
-        if not prepared:
-            set_loras(pipe, lora_list)
-            controller = apply_radial_attention(
-                pipe, pattern=attn["pattern"], dense_layers=attn["dense_layers"],
-                dense_timesteps=attn["dense_timesteps"], decay_factor=attn["decay_factor"],
-                block_size=attn["block_size"], backend=backend,
-            )  # fmt: skip
-            prepared = True
-        logger.info("generating %s: %d frames %dx%d, %d steps, pattern=%s", stem, num_frames, width, height, steps,
-                    attn["pattern"])  # fmt: skip
-        rendered = render_video(
-            pipe, controller, video_path, prompt=prompt, num_frames=num_frames, height=height, width=width,
-            steps=steps, guidance=guidance, seed=seed + i, fps=fps, negative_prompt=negative_prompt, device=exec_device,
-        )  # fmt: skip
-        frames, wall, mem = rendered.frames, rendered.wall_time_s, rendered.peak_memory
-        if frames_file is not None:
-            _save_frames(frames_file, frames)
-        info = {
-            "format": SIDECAR_FORMAT,
-            "prompt": prompt,
-            "index": i,
-            "video": video_path.name,
-            "frames_file": frames_file.name if frames_file is not None else None,
-            "settings": settings,
-            "settings_source": source,
-            "wall_time_s": wall,
-            "peak_memory": mem,
-            "attention": {**budget, "calls": rendered.calls},
-            "versions": _versions(),
-        }
-        write_json_atomic(sidecar, info)
-        results.append(GenerationResult(prompt, i, video_path, sidecar, frames, jsonable(info)))
-    return results
+    return prompts, lora_list
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

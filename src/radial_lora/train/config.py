@@ -243,9 +243,16 @@ def check_expert_family(expert: str | None, family: str) -> None:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Raise :class:`ConfigError` naming the first impossible value; returns ``cfg``."""
-    m, d, r, lo, ra = cfg.model, cfg.data, cfg.resolution, cfg.lora, cfg.radial
-    o, s, t, c, v, lg = cfg.optimizer, cfg.schedule, cfg.train, cfg.checkpoint, cfg.validation, cfg.logging
+    """Raise :class:`ConfigError` naming the first impossible value (section by section); returns ``cfg``."""
+    for check in (_validate_model, _validate_data, _validate_resolution, _validate_lora, _validate_radial,
+                  _validate_optimizer, _validate_schedule, _validate_train, _validate_outputs):  # fmt: skip
+        check(cfg)
+    return cfg
+
+
+def _validate_model(cfg: TrainConfig) -> None:
+    """The ``model`` checks of :func:`validate`."""
+    m = cfg.model
     _check(bool(m.id), "model.id", "required: a diffusers pipeline id or local directory")
     if m.family is not None:
         _one_of(m.family, FAMILIES, "model.family")
@@ -256,6 +263,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if m.family is not None:
             check_expert_family(m.expert, m.family)
 
+
+def _validate_data(cfg: TrainConfig) -> None:
+    """The ``data`` checks of :func:`validate`."""
+    d = cfg.data
     _check(bool(d.path), "data.path", "required: a folder written by `radial-lora data prepare`")
     for i, n in enumerate(d.lengths):
         _check(n >= 1 and (n - 1) % 4 == 0, f"data.lengths[{i}]", f"{n} frames is not 4k+1 (e.g. 81, 161, 321)")
@@ -275,21 +286,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(d.if_missing, IF_MISSING, "data.if_missing")
     _check(d.if_missing != "sample" or bool(d.lengths), "data.lengths", "data.if_missing='sample' needs the lengths")
 
+
+def _validate_resolution(cfg: TrainConfig) -> None:
+    """The ``resolution`` checks of :func:`validate`."""
+    r = cfg.resolution
     for key, px in (("resolution.height", r.height), ("resolution.width", r.width)):
         _check(px > 0 and px % SPATIAL_FACTOR == 0, key,
                f"{px} is not a positive multiple of {SPATIAL_FACTOR} (VAE 8 x patch 2)")  # fmt: skip
 
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    """The ``lora`` checks of :func:`validate`."""
+    lo = cfg.lora
     _check(lo.rank >= 1, "lora.rank", f"{lo.rank} must be >= 1")
     _check(lo.alpha is None or lo.alpha > 0, "lora.alpha", "must be > 0 (or null for alpha = rank)")
     _check(0.0 <= lo.dropout < 1.0, "lora.dropout", f"{lo.dropout} must be in [0, 1)")
     _check(bool(lo.targets) and all(lo.targets), "lora.targets", "give module name suffixes, e.g. ['to_q','to_k']")
 
+
+def _validate_radial(cfg: TrainConfig) -> None:
+    """The ``radial`` checks of :func:`validate`."""
+    ra = cfg.radial
     _one_of(ra.pattern, PATTERNS, "radial.pattern")
     _check(ra.decay is None or ra.decay > 0, "radial.decay", "must be > 0 (or null for the family default)")
     _check(ra.dense_layers >= 0, "radial.dense_layers", "must be >= 0")
     _check(ra.block_size >= 1, "radial.block_size", "must be >= 1 (the kernels use 64 or 128)")
     _one_of(ra.backend, BACKENDS, "radial.backend")
 
+
+def _validate_optimizer(cfg: TrainConfig) -> None:
+    """The ``optimizer`` checks of :func:`validate`."""
+    o = cfg.optimizer
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     if o.name == "adamw8bit":
         _check(importlib.util.find_spec("bitsandbytes") is not None, "optimizer.name",
@@ -301,10 +328,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(o.eps > 0, "optimizer.eps", "must be > 0")
 
+
+def _validate_schedule(cfg: TrainConfig) -> None:
+    """The ``schedule`` checks of :func:`validate`."""
+    s = cfg.schedule
     _one_of(s.name, SCHEDULES, "schedule.name")
     _check(s.warmup_steps >= 0, "schedule.warmup_steps", f"{s.warmup_steps} must be >= 0")
     _check(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
 
+
+def _validate_train(cfg: TrainConfig) -> None:
+    """The ``train`` checks of :func:`validate`."""
+    t, o = cfg.train, cfg.optimizer
     _check(t.steps >= 1, "train.steps", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
@@ -319,6 +354,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(t.distributed != "fsdp" or o.name == "adamw", "train.distributed",
            "'fsdp' needs optimizer.name 'adamw' (bitsandbytes' 8-bit AdamW does not take sharded parameters)")  # fmt: skip
 
+
+def _validate_outputs(cfg: TrainConfig) -> None:
+    """The ``checkpoint, validation, logging, output_dir`` checks of :func:`validate`."""
+    c, v, lg = cfg.checkpoint, cfg.validation, cfg.logging
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(v.every >= 0, "validation.every", "must be >= 0 (0 = off)")
@@ -343,7 +382,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check(importlib.util.find_spec("wandb") is not None, "logging.wandb",
                "wandb is not installed (pip install wandb) - or set it to false")  # fmt: skip
     _check(bool(cfg.output_dir), "output_dir", "required")
-    return cfg
 
 
 def sample_dense_timesteps(v: ValidationSection) -> int:
