@@ -159,3 +159,22 @@ def test_per_token_timesteps_of_wan22_ti2v_count_steps():
     controller = apply_radial_attention(ti2v, block_size=16, dense_timesteps=2, backend="reference")
     _call(ti2v, steps=3, guidance_scale=1.0)
     assert controller.step == 2 and controller.calls == {"dense": 2 * 2, "sparse": 1 * 2}
+
+
+@pytest.mark.parametrize("family,fixture", [("wan", "tiny_wan_dir"), ("wan22", "tiny_wan22_dir"),
+                                            ("hunyuan", "tiny_hunyuan_dir")])  # fmt: skip
+def test_load_by_role(family, fixture, request):
+    """Training loads no text encoder or VAE; data preparation no transformer; the family is checked from
+    model_index.json before any weights load."""
+    path = request.getfixturevalue(fixture)
+    adapter = get_adapter(family)
+    train_pipe = adapter.load_pipeline(path, torch.float32, skip=adapter.encoder_components)
+    assert all(getattr(train_pipe, name) is None for name in adapter.encoder_components)
+    assert train_pipe.transformer is not None and train_pipe.scheduler is not None
+    assert detect_family(train_pipe.transformer) == family  # a lone Wan2.2 expert still knows its family
+    prep_pipe = adapter.load_pipeline(path, torch.float32, skip=adapter.denoiser_components)
+    assert prep_pipe.transformer is None and getattr(prep_pipe, "transformer_2", None) is None
+    assert all(getattr(prep_pipe, name) is not None for name in adapter.encoder_components)
+    other = get_adapter("hunyuan" if family != "hunyuan" else "wan")
+    with pytest.raises(ValueError, match=f"of family '{family}'"):
+        other.load_pipeline(path, torch.float32)

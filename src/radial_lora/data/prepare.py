@@ -21,6 +21,7 @@ import re
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -458,18 +459,23 @@ def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[
         from radial_lora.models.registry import get_adapter
 
         adapter = get_adapter(opts.family)
-    own = pipe is None
-    if own:
-        log.info("loading the %s pipeline from %s", opts.family, opts.model)
-        pipe = adapter.load_pipeline(opts.model, _resolve_dtype(opts.dtype))
-    for length in opts.lengths:
-        adapter.geometry(pipe, length, opts.height, opts.width)  # needs the transformer's patch size
-    if own:
-        # encoding needs only the VAE and the text encoder(s): free the transformer(s) before moving
-        for name in ("transformer", "transformer_2"):
-            if getattr(pipe, name, None) is not None:
-                setattr(pipe, name, None)
+    transformer = None  # a given pipeline has its own
+    if pipe is None:
+        # Encoding needs only the VAE and the text encoder(s): the transformer(s) are not loaded at all; the
+        # geometry check reads their config (the patch size).
+        import diffusers
+        from diffusers.configuration_utils import FrozenDict
+
+        from radial_lora.models.builtin import resolve_model_id
+
+        log.info("loading the %s pipeline's VAE and text encoder(s) from %s", opts.family, opts.model)
+        pipe = adapter.load_pipeline(opts.model, _resolve_dtype(opts.dtype), skip=adapter.denoiser_components)
+        transformer_class = getattr(diffusers, adapter.transformer_class_name)
+        config = transformer_class.load_config(resolve_model_id(opts.model), subfolder="transformer")
+        transformer = SimpleNamespace(config=FrozenDict(config))
         pipe.to(opts.device)
+    for length in opts.lengths:
+        adapter.geometry(pipe, length, opts.height, opts.width, transformer=transformer)
     return adapter, pipe
 
 

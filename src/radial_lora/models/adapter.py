@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,10 +58,16 @@ class ModelAdapter(ABC):
         spatial = getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) or 8
         return int(temporal), int(spatial)
 
-    def geometry(self, pipe_or_transformer: Any, num_frames: int, height: int, width: int) -> LatentGeometry:
-        """Latent frames and tokens per frame of a ``num_frames x height x width`` video in this model."""
-        transformer = pipe_or_transformer
-        if hasattr(pipe_or_transformer, "components"):
+    def geometry(
+        self, pipe_or_transformer: Any, num_frames: int, height: int, width: int, *, transformer: Any = None
+    ) -> LatentGeometry:
+        """Latent frames and tokens per frame of a ``num_frames x height x width`` video in this model.
+
+        ``transformer``: anything with the transformer's ``config`` (its patch size), for a pipeline loaded
+        without its transformers."""
+        if transformer is None:
+            transformer = pipe_or_transformer
+        if transformer is pipe_or_transformer and hasattr(pipe_or_transformer, "components"):
             found = self.transformers(pipe_or_transformer)
             if not found or found[0] is None:
                 raise ValueError("the pipeline has no transformer: the geometry needs its patch size")
@@ -72,20 +79,36 @@ class ModelAdapter(ABC):
         )  # fmt: skip
 
     # -- loading and encoding --------------------------------------------------------------------
-    def load_pipeline(self, model_id_or_path: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16):
-        """Load a pipeline with the stock ``from_pretrained`` and check it is of this family."""
+    # Components by role: what ``data prepare`` needs (encoding) and what training needs (denoising).
+    encoder_components: tuple[str, ...] = ("text_encoder", "tokenizer", "vae")
+    denoiser_components: tuple[str, ...] = ("transformer", "transformer_2")
+
+    def load_pipeline(
+        self, model_id_or_path: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16, *, skip: Iterable[str] = ()
+    ):
+        """Load a pipeline with the stock ``from_pretrained`` and check it is of this family (from its
+        ``model_index.json``, before any weights load). ``skip``: components not to load (left ``None``), e.g.
+        :attr:`encoder_components` for training, where a 14B Wan's UMT5-XXL text encoder would be 11 GB for
+        nothing, or :attr:`denoiser_components` for ``data prepare``."""
+        import diffusers
         from diffusers import DiffusionPipeline
 
         from radial_lora.models.builtin import resolve_model_id
-        from radial_lora.models.registry import detect_family
+        from radial_lora.models.registry import family_of_index, tag_transformers
 
-        pipe = DiffusionPipeline.from_pretrained(resolve_model_id(model_id_or_path), torch_dtype=torch_dtype)
-        found = detect_family(pipe)
+        path = resolve_model_id(model_id_or_path)
+        index = DiffusionPipeline.load_config(path)
+        found = family_of_index(index, where=str(model_id_or_path))
         if found != self.family:
             raise ValueError(
-                f"{model_id_or_path} holds a {type(pipe).__name__} of family {found!r}, not {self.family!r}; "
+                f"{model_id_or_path} holds a {index.get('_class_name')} of family {found!r}, not {self.family!r}; "
                 f"use --family {found} (or get_adapter({found!r}))"
             )
+        skipped = {name: None for name in skip if isinstance(index.get(name), list | tuple) and index[name][0]}
+        # The concrete class, not DiffusionPipeline: only it knows its optional components (Wan's transformers),
+        # which DiffusionPipeline.from_pretrained would load even when passed None.
+        pipe = getattr(diffusers, self.pipeline_class_name).from_pretrained(path, torch_dtype=torch_dtype, **skipped)
+        tag_transformers(pipe, found)
         return pipe
 
     @abstractmethod

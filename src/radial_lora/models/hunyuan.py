@@ -106,6 +106,7 @@ class HunyuanAdapter(ModelAdapter):
     mask_model_type = "hunyuan"
     default_decay = 0.95
     default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
+    encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     pipeline_class_name = "HunyuanVideoPipeline"
     transformer_class_name = "HunyuanVideoTransformer3DModel"
     max_sequence_length = 256  # the pipeline's default Llama text length (after the template crop)

@@ -53,23 +53,35 @@ def detect_family(pipe_or_transformer: Any) -> str:
         index = Path(resolve_model_id(pipe_or_transformer)) / "model_index.json"
         if not index.is_file():
             raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
-        config = json.loads(index.read_text())
-        name = config.get("_class_name", "")
-        two = bool(config.get("transformer_2") and config["transformer_2"][0] is not None)
-    else:
-        name = type(pipe_or_transformer).__name__
-        two = getattr(pipe_or_transformer, "transformer_2", None) is not None
-    pipeline = any(name == a.pipeline_class_name for a in ADAPTERS.values())
+        return family_of_index(json.loads(index.read_text()), where=str(pipe_or_transformer))
+    name = type(pipe_or_transformer).__name__
+    family = _family_of(name, getattr(pipe_or_transformer, "transformer_2", None) is not None, name)
+    if name in {a.pipeline_class_name for a in ADAPTERS.values()}:
+        tag_transformers(pipe_or_transformer, family)
+    return family
+
+
+def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
+    """The family a ``model_index.json`` describes (its class, and whether a second transformer is there)."""
+    second = index.get("transformer_2")
+    return _family_of(index.get("_class_name", ""), bool(second and second[0] is not None), where)
+
+
+def _family_of(class_name: str, two_transformers: bool, where: str) -> str:
     for adapter in ADAPTERS.values():
-        if name in (adapter.pipeline_class_name, adapter.transformer_class_name) and adapter.two_experts == two:
-            if pipeline and not isinstance(pipe_or_transformer, str | os.PathLike):
-                for attr in ("transformer", "transformer_2"):
-                    module = getattr(pipe_or_transformer, attr, None)
-                    if isinstance(module, nn.Module):
-                        setattr(module, _FAMILY_ATTR, adapter.family)
-            return adapter.family
+        if class_name in (adapter.pipeline_class_name, adapter.transformer_class_name):
+            if adapter.two_experts == two_transformers:
+                return adapter.family
     supported = ", ".join(sorted({a.pipeline_class_name for a in ADAPTERS.values()}))
     raise ValueError(
-        f"cannot tell the model family of {name or pipe_or_transformer!r}; supported: {supported} (Wan2.1, Wan2.2, "
-        "HunyuanVideo) and their transformers"
+        f"cannot tell the model family of {where or class_name!r} ({class_name or 'no class name'}); supported: "
+        f"{supported} (Wan2.1, Wan2.2, HunyuanVideo) and their transformers"
     )
+
+
+def tag_transformers(pipe: Any, family: str) -> None:
+    """Mark a pipeline's transformers with its family, so a lone Wan2.2 expert still reports "wan22"."""
+    for attr in ("transformer", "transformer_2"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            setattr(module, _FAMILY_ATTR, family)

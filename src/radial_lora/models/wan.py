@@ -101,10 +101,11 @@ class WanAdapter(ModelAdapter):
         pt, ph, pw = transformer.config.patch_size
         return int(pt), int(ph), int(pw)
 
-    def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16):
+    def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16, *, skip=()):
         """Stock ``from_pretrained``; the VAE goes to float32 as Wan's model cards recommend."""
-        pipe = super().load_pipeline(model_id_or_path, torch_dtype)
-        pipe.vae.to(torch.float32)
+        pipe = super().load_pipeline(model_id_or_path, torch_dtype, skip=skip)
+        if pipe.vae is not None:
+            pipe.vae.to(torch.float32)
         return pipe
 
     @torch.no_grad()

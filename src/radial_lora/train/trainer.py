@@ -393,8 +393,10 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
             f"dataset {cfg.data.path} was prepared for family {data.dataset.info.get('family')!r}, model is {family!r}"
         )
     adapter = get_adapter(family)
-    if pipe is None:
-        pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=rt.weight_dtype)
+    if pipe is None:  # training reads prepared latents: no text encoder or VAE unless samples are rendered
+        skip = () if cfg.validation.sample_prompts else adapter.encoder_components
+        logger.info("loading %s from %s%s", family, cfg.model.id, f" without {', '.join(skip)}" if skip else "")
+        pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=rt.weight_dtype, skip=skip)
     transformer, sigma_range, expert_meta = _pick_transformer(cfg, adapter, family, pipe)
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
