@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -298,11 +299,12 @@ def fit_flow_matching(
     keeps a weight EMA and leaves the model holding it at the end."""
     adapter = get_adapter("wan")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_decay > 0 else None
+    # diffusers' EMAModel: decay min(ema_decay, (1 + step) / (10 + step)), the warm-up this script used before
+    ema_model = EMAModel(model.parameters(), decay=ema_decay) if ema_decay > 0 else None
     saved = resume(ckpt, model, opt, name)
     state = saved["state"] if saved else {"step": 0, "history": []}
     if ema_model is not None and saved and "ema" in saved:
-        ema_model = saved["ema"]
+        ema_model.load_state_dict(saved["ema"])
     latents, embeds = pool["latents"], pool["embeds"]
     n = len(latents)
     rng = np.random.default_rng(args.seed + seed_offset + state["step"])
@@ -328,10 +330,7 @@ def fit_flow_matching(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if ema_model is not None:
-            with torch.no_grad():
-                decay = min(ema_decay, (1 + step) / (10 + step))
-                for k, v in model.state_dict().items():
-                    ema_model[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            ema_model.step(model.parameters())
         ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
         bar.set_postfix(loss=f"{ema:.4f}")
         state["step"] = step + 1
@@ -341,10 +340,10 @@ def fit_flow_matching(
             snapshot = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
                         "rng": torch.get_rng_state()}  # fmt: skip
             if ema_model is not None:
-                snapshot["ema"] = ema_model
+                snapshot["ema"] = ema_model.state_dict()
             atomic_torch_save(snapshot, ckpt)
     if ema_model is not None:
-        model.load_state_dict(ema_model)  # the exported weights are the EMA
+        ema_model.copy_to(model.parameters())  # the exported weights are the EMA
     model.eval()
     return state["history"][-1] if state["history"] else {}
 

@@ -149,6 +149,9 @@ def save_lora(
         meta_json = json.dumps(dict(metadata), sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"LoRA metadata must be JSON-serialisable: {exc}") from exc
+    # Ours, not the pipelines' save_lora_weights(transformer_lora_adapter_metadata=...): that writes diffusers'
+    # key (the same JSON as below, which tests/test_lora.py loads back through load_lora_weights) but has no
+    # slot for our training metadata, so a second write would be needed to add it, and it is not atomic.
     header = {"format": "pt", METADATA_KEY: meta_json}
     if lora_config is not None:
         header[DIFFUSERS_METADATA_KEY] = json.dumps({PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True)

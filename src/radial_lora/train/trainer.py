@@ -382,6 +382,8 @@ def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) ->
 def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state: dict | None) -> TrainModel:
     """Load the base through its family adapter, attach the LoRA (resumed weights before any sharding),
     install radial attention, then shard (FSDP) or wrap (DDP) for several processes."""
+    from diffusers.training_utils import cast_training_params
+
     from radial_lora.models.builtin import model_identity
     from radial_lora.models.radial import apply_radial_attention
     from radial_lora.models.registry import detect_family, get_adapter
@@ -409,8 +411,7 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
     params = lora_io.add_lora(transformer, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets)
     if state is not None:
         _load_lora_state(transformer, state)
-    for p in params:
-        p.data = p.data.float()  # trainable weights in fp32 even when the base is bf16
+    cast_training_params(transformer, dtype=torch.float32)  # the LoRA in fp32 even when the base is bf16
     r = cfg.radial
     controller = apply_radial_attention(transformer, pattern=r.pattern, dense_layers=r.dense_layers,
                                         decay_factor=r.decay, block_size=r.block_size, backend=r.backend)  # fmt: skip
