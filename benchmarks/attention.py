@@ -234,9 +234,15 @@ def run_cpu(args) -> str:
     for frames in frames_list:
         seq = frames * args.tokens
         cfg = dict(
-            device="cpu", dtype="float32", frames=frames, tokens=args.tokens, heads=args.heads,
-            head_dim=args.head_dim, decay=args.decay, block=128,
-        )  # fmt: skip
+            device="cpu",
+            dtype="float32",
+            frames=frames,
+            tokens=args.tokens,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            decay=args.decay,
+            block=128,
+        )
         mask = _mask(cfg)
         density = mask_density(mask, seq)
         plan = get_plan(mask, seq, 128, torch.device("cpu"))
@@ -279,9 +285,15 @@ def run_cuda(args, on_shape: Callable[[str], None] | None = None) -> str | None:
     for label, frames, tokens, heads, head_dim in shapes:
         seq = frames * tokens
         cfg = dict(
-            device="cuda", dtype="bfloat16", frames=frames, tokens=tokens, heads=heads, head_dim=head_dim,
-            decay=args.cuda_decay, block=128,
-        )  # fmt: skip
+            device="cuda",
+            dtype="bfloat16",
+            frames=frames,
+            tokens=tokens,
+            heads=heads,
+            head_dim=head_dim,
+            decay=args.cuda_decay,
+            block=128,
+        )
         density = mask_density(_mask(cfg), seq)
         mem = {}
         for backend, mode in cells:
@@ -331,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.device == "cuda":
-        partial = None if args.no_write else (lambda b: update_section(args.results, "attention-cuda", "## Attention", b))
+        partial = (
+            None if args.no_write else (lambda b: update_section(args.results, "attention-cuda", "## Attention", b))
+        )
         body, name = run_cuda(args, partial), "attention-cuda"
     else:
         body, name = run_cpu(args), "attention"

@@ -50,13 +50,49 @@ NOTE_CPU = (
 
 def _setup(device: str, quick: bool) -> dict[str, Any]:
     if device == "cuda":
-        return dict(layers=8, heads=12, head_dim=128, ffn=8960, frames=21, lat_h=60, lat_w=104, text=64,
-                    rank=128, dense_layers=1, dtype="bfloat16", repeats=5)  # fmt: skip
+        return dict(
+            layers=8,
+            heads=12,
+            head_dim=128,
+            ffn=8960,
+            frames=21,
+            lat_h=60,
+            lat_w=104,
+            text=64,
+            rank=128,
+            dense_layers=1,
+            dtype="bfloat16",
+            repeats=5,
+        )
     if quick:
-        return dict(layers=2, heads=4, head_dim=64, ffn=512, frames=21, lat_h=16, lat_w=16, text=16,
-                    rank=16, dense_layers=1, dtype="float32", repeats=2)  # fmt: skip
-    return dict(layers=4, heads=2, head_dim=64, ffn=256, frames=81, lat_h=32, lat_w=32, text=16,
-                rank=16, dense_layers=1, dtype="float32", repeats=2)  # fmt: skip
+        return dict(
+            layers=2,
+            heads=4,
+            head_dim=64,
+            ffn=512,
+            frames=21,
+            lat_h=16,
+            lat_w=16,
+            text=16,
+            rank=16,
+            dense_layers=1,
+            dtype="float32",
+            repeats=2,
+        )
+    return dict(
+        layers=4,
+        heads=2,
+        head_dim=64,
+        ffn=256,
+        frames=81,
+        lat_h=32,
+        lat_w=32,
+        text=16,
+        rank=16,
+        dense_layers=1,
+        dtype="float32",
+        repeats=2,
+    )
 
 
 def _rss_kib(field: str) -> int:
@@ -81,10 +117,19 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
     adapter = get_adapter("wan")
     dtype = getattr(torch, s["dtype"])
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=s["heads"], attention_head_dim=s["head_dim"], in_channels=16,
-        out_channels=16, text_dim=64, freq_dim=64, ffn_dim=s["ffn"], num_layers=s["layers"],
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
-    ).to(device=device, dtype=dtype)  # fmt: skip
+        patch_size=(1, 2, 2),
+        num_attention_heads=s["heads"],
+        attention_head_dim=s["head_dim"],
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=s["ffn"],
+        num_layers=s["layers"],
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    ).to(device=device, dtype=dtype)
     params = lora.add_lora(model, rank=s["rank"])
     for p in params:
         p.data = p.data.float()
@@ -121,8 +166,15 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
     density = None
     if pattern == "radial":
         density = mask_density(ctrl.mask(s["frames"], tokens // s["frames"]), tokens, 128)
-    return {"pattern": pattern, "step_s": min(times), "times": times, "peak_mb": peak_mb, "tokens": tokens,
-            "density": density, "loss": loss.item()}  # fmt: skip
+    return {
+        "pattern": pattern,
+        "step_s": min(times),
+        "times": times,
+        "peak_mb": peak_mb,
+        "tokens": tokens,
+        "density": density,
+        "loss": loss.item(),
+    }
 
 
 def _run_worker(pattern: str, device: str, quick: bool) -> dict[str, Any]:
@@ -162,29 +214,34 @@ def main() -> None:
     d, rd = best["dense"], best["radial"]
     speed, mem = d["step_s"] / rd["step_s"], rd["peak_mb"] / max(d["peak_mb"], 1e-9)
     frames = 4 * (s["frames"] - 1) + 1
-    body = "\n".join([
-        f"`python benchmarks/train_step.py{' --quick' if args.quick else ''}{' --device cuda' if args.device == 'cuda' else ''}`"
-        f" - {dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads default"
-        + (f", {__import__('torch').cuda.get_device_name()}" if args.device == "cuda" else ""),
-        "",
-        f"One LoRA training step (forward + backward + AdamW) of a random-weight `WanTransformer3DModel`: "
-        f"{s['layers']} blocks, dim {s['heads'] * s['head_dim']} ({s['heads']} heads x {s['head_dim']}), "
-        f"{frames} frames = {s['frames']} latent frames x {d['tokens'] // s['frames']} tokens = {d['tokens']} tokens, "
-        f"{s['dtype']}, LoRA rank {s['rank']}, radial decay 0.2, 128-token blocks (mask density "
-        f"{rd['density']:.3f}), first {s['dense_layers']} block(s) dense, backend auto. Best of {s['repeats']} steps "
-        f"x {args.rounds} alternating subprocess rounds.",
-        "",
-        "| attention | step time (s) | peak memory (MB) | speed-up vs dense | memory vs dense |",
-        "|---|---|---|---|---|",
-        f"| dense | {d['step_s']:.3f} | {d['peak_mb']:.0f} | 1.00x | 1.00x |",
-        f"| radial | {rd['step_s']:.3f} | {rd['peak_mb']:.0f} | {speed:.2f}x | {mem:.2f}x |",
-        "",
-        "Speed-up = dense step time / radial step time (> 1: radial faster); memory = radial peak / dense peak "
-        "(< 1: radial smaller). Peak memory on CPU is the largest resident-set high-water mark above the "
-        "process's size before the first step (model weights excluded); shared CPUs make absolute times noisy, "
-        "the ratios are measured side by side in one run.",
-        *([""] + [NOTE_CPU] if args.device == "cpu" else []),
-    ])  # fmt: skip
+    body = "\n".join(
+        [
+            f"`python benchmarks/train_step.py{' --quick' if args.quick else ''}"
+            f"{' --device cuda' if args.device == 'cuda' else ''}`"
+            f" - {dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads default"
+            + (f", {__import__('torch').cuda.get_device_name()}" if args.device == "cuda" else ""),
+            "",
+            f"One LoRA training step (forward + backward + AdamW) of a random-weight `WanTransformer3DModel`: "
+            f"{s['layers']} blocks, dim {s['heads'] * s['head_dim']} ({s['heads']} heads x {s['head_dim']}), "
+            f"{frames} frames = {s['frames']} latent frames x {d['tokens'] // s['frames']} tokens = "
+            f"{d['tokens']} tokens, "
+            f"{s['dtype']}, LoRA rank {s['rank']}, radial decay 0.2, 128-token blocks (mask density "
+            f"{rd['density']:.3f}), first {s['dense_layers']} block(s) dense, backend auto. "
+            f"Best of {s['repeats']} steps "
+            f"x {args.rounds} alternating subprocess rounds.",
+            "",
+            "| attention | step time (s) | peak memory (MB) | speed-up vs dense | memory vs dense |",
+            "|---|---|---|---|---|",
+            f"| dense | {d['step_s']:.3f} | {d['peak_mb']:.0f} | 1.00x | 1.00x |",
+            f"| radial | {rd['step_s']:.3f} | {rd['peak_mb']:.0f} | {speed:.2f}x | {mem:.2f}x |",
+            "",
+            "Speed-up = dense step time / radial step time (> 1: radial faster); memory = radial peak / dense peak "
+            "(< 1: radial smaller). Peak memory on CPU is the largest resident-set high-water mark above the "
+            "process's size before the first step (model weights excluded); shared CPUs make absolute times noisy, "
+            "the ratios are measured side by side in one run.",
+            *([""] + [NOTE_CPU] if args.device == "cpu" else []),
+        ]
+    )
     print(body)
     if not args.no_write:
         update_section(RESULTS, SECTION + ("-cuda" if args.device == "cuda" else ""), "## Training step", body)

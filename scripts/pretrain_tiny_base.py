@@ -74,20 +74,47 @@ FPS = 16.0
 BASE_FRAMES = 17  # the only length the base ever sees (5 latent frames)
 Z_DIM = 16  # latent channels of v1-v4, as in Wan2.1 (v5: --z-dim 4)
 FLOW_SHIFT = 2.0
-VAE_CFG = dict(base_dim=16, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-               temperal_downsample=[False, True, True])  # fmt: skip
+VAE_CFG = dict(
+    base_dim=16, z_dim=Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
 # ``--vae-spatial 4`` (v4): two down stages, 4x spatial and 4x temporal: a 32x32 frame is an 8x8 latent (room
 # for corners; the 8x VAE's 4x4 rounds every square and triangle); with ``--patch 2`` the transformer still
 # sees 4x4 = 16 tokens per latent frame (same cost and radial-mask geometry as patch 1 on the 8x VAE).
-VAE_CFG_4X = dict(base_dim=16, z_dim=Z_DIM, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                  scale_factor_spatial=4, scale_factor_temporal=4)  # fmt: skip
+VAE_CFG_4X = dict(
+    base_dim=16,
+    z_dim=Z_DIM,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[True, True],
+    scale_factor_spatial=4,
+    scale_factor_temporal=4,
+)
 TRANSFORMER_CFG = dict(
-    patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=24, in_channels=Z_DIM, out_channels=Z_DIM,
-    text_dim=32, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    patch_size=(1, 1, 1),
+    num_attention_heads=4,
+    attention_head_dim=24,
+    in_channels=Z_DIM,
+    out_channels=Z_DIM,
+    text_dim=32,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
     rope_max_seq_len=1024,
-)  # fmt: skip
-TEXT_CFG = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                relative_attention_max_distance=32, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+)
+TEXT_CFG = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
 
 
 def seed_all(seed: int) -> None:
@@ -135,9 +162,7 @@ def build_components(seed: int, vae_spatial: int = 4, patch: int = 2, z_dim: int
         num_train_timesteps=1000,
         flow_shift=FLOW_SHIFT,
     )
-    return dict(
-        vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
-    )
+    return dict(vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
 
 
 def resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, name: str) -> dict[str, Any] | None:
@@ -236,8 +261,9 @@ def set_latent_stats(vae: AutoencoderKLWan, raw: torch.Tensor) -> tuple[list[flo
     """Per-channel mean/std of the latents -> VAE config; the pipeline decodes with ``z * std + mean``."""
     mean = raw.mean(dim=(0, 2, 3, 4))
     std = raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
-                           latents_std=[round(float(v), 5) for v in std])  # fmt: skip
+    vae.register_to_config(
+        latents_mean=[round(float(v), 5) for v in mean], latents_std=[round(float(v), 5) for v in std]
+    )
     return vae.config.latents_mean, vae.config.latents_std
 
 
@@ -281,18 +307,33 @@ def build_pool(
         chunk = texts[i : i + 64]
         e = adapter.encode_prompts(pipe, chunk)["encoder_hidden_states"]
         embeds.update({t: e[j].clone() for j, t in enumerate(chunk)})
-    pool = {"latents": latents, "captions": captions, "short": short, "embeds": embeds,
-            "latents_mean": mean, "latents_std": std}  # fmt: skip
+    pool = {
+        "latents": latents,
+        "captions": captions,
+        "short": short,
+        "embeds": embeds,
+        "latents_mean": mean,
+        "latents_std": std,
+    }
     atomic_torch_save(pool, path)
-    log.info("pool: %d clips, latents %s, normalised std %.3f", len(latents), tuple(latents.shape[1:]),
-             float(latents.std()))  # fmt: skip
+    log.info(
+        "pool: %d clips, latents %s, normalised std %.3f", len(latents), tuple(latents.shape[1:]), float(latents.std())
+    )
     return pool
 
 
 # ---- phase 3: transformer ----------------------------------------------------------------------------
 def fit_flow_matching(
-    model: WanTransformer3DModel, pool: dict[str, Any], ckpt: Path, args: argparse.Namespace, *,
-    name: str, steps: int, lr: float, seed_offset: int, ema_decay: float = 0.0,
+    model: WanTransformer3DModel,
+    pool: dict[str, Any],
+    ckpt: Path,
+    args: argparse.Namespace,
+    *,
+    name: str,
+    steps: int,
+    lr: float,
+    seed_offset: int,
+    ema_decay: float = 0.0,
 ) -> dict:
     """The transformer's flow-matching loop (both transformer phases): batch ``--dit-batch``, captions
     60% full / 30% short / 10% empty, resumable from ``ckpt`` every 100 steps; with ``ema_decay`` > 0 it
@@ -337,8 +378,12 @@ def fit_flow_matching(
         if (step + 1) % 100 == 0 or step + 1 == steps:
             state["history"].append({"step": step + 1, "loss_ema": ema})
             log.info("%s step %d: flow-matching loss (ema) %.4f", name, step + 1, ema)
-            snapshot = {"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
-                        "rng": torch.get_rng_state()}  # fmt: skip
+            snapshot = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "state": state,
+                "rng": torch.get_rng_state(),
+            }
             if ema_model is not None:
                 snapshot["ema"] = ema_model.state_dict()
             atomic_torch_save(snapshot, ckpt)
@@ -348,11 +393,17 @@ def fit_flow_matching(
     return state["history"][-1] if state["history"] else {}
 
 
-def train_transformer(
-    comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace
-) -> dict:
-    return fit_flow_matching(comp["transformer"], pool, work / "transformer.pt", args, name="transformer",
-                             steps=args.dit_steps, lr=args.dit_lr, seed_offset=1000)  # fmt: skip
+def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, args: argparse.Namespace) -> dict:
+    return fit_flow_matching(
+        comp["transformer"],
+        pool,
+        work / "transformer.pt",
+        args,
+        name="transformer",
+        steps=args.dit_steps,
+        lr=args.dit_lr,
+        seed_offset=1000,
+    )
 
 
 # ---- phase 5 (refine): the VAE again, sharper loss ------------------------------------------------------
@@ -422,9 +473,7 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         state["step"] = step + 1
         if (step + 1) % 25 == 0 or step + 1 in (n_img, total):
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
-            log.info(
-                "decoder step %d: l1(ema) %.4f mse %.4f edge %.4f", step + 1, ema, float(mse), float(edge)
-            )
+            log.info("decoder step %d: l1(ema) %.4f mse %.4f edge %.4f", step + 1, ema, float(mse), float(edge))
             atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
     for p_ in vae.parameters():
         p_.requires_grad_(True)
@@ -443,8 +492,17 @@ def refine_transformer(comp: dict[str, Any], pipe: WanPipeline, work: Path, args
     encoder_moved = args.dec_train_encoder and args.dec_image_steps + args.dec_steps > 0
     keep = not encoder_moved and (args.init_from is not None or args.dit_steps > 0)
     pool = build_pool(comp, pipe, work / "pool_refine.pt", args.refine_pool, args, keep_stats=keep)
-    return fit_flow_matching(model, pool, work / "refine.pt", args, name="refine", steps=args.refine_steps,
-                             lr=args.refine_lr, seed_offset=3000, ema_decay=args.refine_ema)  # fmt: skip
+    return fit_flow_matching(
+        model,
+        pool,
+        work / "refine.pt",
+        args,
+        name="refine",
+        steps=args.refine_steps,
+        lr=args.refine_lr,
+        seed_offset=3000,
+        ema_decay=args.refine_ema,
+    )
 
 
 # ---- phase 4: export + samples -----------------------------------------------------------------------
@@ -482,22 +540,30 @@ def export(pipe: WanPipeline, out: Path) -> None:
 def samples(pipe: WanPipeline, work: Path, seed: int, steps: int) -> list[str]:
     from radial_lora.data.sample import ClipSpec
 
-    specs = [ClipSpec("circle", "red", "black", "right", 0.9, 0.2, 0.5, 0.26),
-             ClipSpec("square", "yellow", "gray", "down", 0.4, 0.5, 0.2, 0.26),
-             ClipSpec("triangle", "blue", "black", "left", 0.9, 0.8, 0.5, 0.26)]  # fmt: skip
+    specs = [
+        ClipSpec("circle", "red", "black", "right", 0.9, 0.2, 0.5, 0.26),
+        ClipSpec("square", "yellow", "gray", "down", 0.4, 0.5, 0.2, 0.26),
+        ClipSpec("triangle", "blue", "black", "left", 0.9, 0.8, 0.5, 0.26),
+    ]
     prompts = []
     for i, spec in enumerate(specs):
         prompt = caption_for(spec, BASE_FRAMES, FPS)
-        video = pipe(prompt=prompt, negative_prompt="", height=SIZE, width=SIZE, num_frames=BASE_FRAMES,
-                     num_inference_steps=steps, guidance_scale=4.0, output_type="np",
-                     generator=torch.Generator().manual_seed(seed + i)).frames[0]  # fmt: skip
+        video = pipe(
+            prompt=prompt,
+            negative_prompt="",
+            height=SIZE,
+            width=SIZE,
+            num_frames=BASE_FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=4.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed + i),
+        ).frames[0]
         gen = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
         real = render_clip(spec, BASE_FRAMES, SIZE, FPS)
         save_strip(np.concatenate([real, gen], axis=1), work / f"sample_{i}.png")
         prompts.append(prompt)
-        log.info(
-            "sample %d (%s): %s (top: rendered truth, bottom: generated)", i, prompt, work / f"sample_{i}.png"
-        )
+        log.info("sample %d (%s): %s (top: rendered truth, bottom: generated)", i, prompt, work / f"sample_{i}.png")
     return prompts
 
 
@@ -520,8 +586,13 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         x = to_video_tensor(truths[i : i + 8])
         rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         recons += list(to_uint8((rec.clamp(-1, 1).permute(0, 2, 3, 4, 1).numpy() + 1) / 2))
-    result: dict[str, Any] = {"tag": tag, "n": len(specs), "seed": args.seed + EVAL_SEED_OFFSET,
-                              "steps": args.eval_steps, "generated": {}}  # fmt: skip
+    result: dict[str, Any] = {
+        "tag": tag,
+        "n": len(specs),
+        "seed": args.seed + EVAL_SEED_OFFSET,
+        "steps": args.eval_steps,
+        "generated": {},
+    }
     result["truth"] = summarise([score_clip(c, s, FPS) for c, s in zip(truths, specs)])
     result["vae_recon"] = summarise([score_clip(c, s, FPS) for c, s in zip(recons, specs)])
     gens: dict[float, list[np.ndarray]] = {}
@@ -529,9 +600,17 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         gens[g] = []
         rows = []
         for i, spec in enumerate(tqdm(specs, desc=f"eval {tag} g={g}")):
-            video = pipe(prompt=caption_for(spec, BASE_FRAMES, FPS), negative_prompt="", height=SIZE, width=SIZE,
-                         num_frames=BASE_FRAMES, num_inference_steps=args.eval_steps, guidance_scale=g,
-                         output_type="np", generator=torch.Generator().manual_seed(args.seed + i)).frames[0]  # fmt: skip
+            video = pipe(
+                prompt=caption_for(spec, BASE_FRAMES, FPS),
+                negative_prompt="",
+                height=SIZE,
+                width=SIZE,
+                num_frames=BASE_FRAMES,
+                num_inference_steps=args.eval_steps,
+                guidance_scale=g,
+                output_type="np",
+                generator=torch.Generator().manual_seed(args.seed + i),
+            ).frames[0]
             gens[g].append(to_uint8(video))
             rows.append(score_clip(gens[g][-1], spec, FPS) | {"caption": caption_for(spec, BASE_FRAMES, FPS)})
         result["generated"][str(g)] = summarise(rows)
@@ -543,15 +622,28 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         gen_row = [gens[args.eval_guidance[0]][i]] if args.eval_guidance else []  # none: recon only
         strip_rows += [truths[i], recons[i], *gen_row]
     save_strip(np.concatenate(strip_rows, axis=1), work / f"eval_{tag}.png", scale=2)
-    np.savez_compressed(work / f"eval_{tag}_videos.npz", truth=np.stack(truths), recon=np.stack(recons),
-                        **{f"gen_{g}": np.stack(v) for g, v in gens.items()})  # fmt: skip
+    np.savez_compressed(
+        work / f"eval_{tag}_videos.npz",
+        truth=np.stack(truths),
+        recon=np.stack(recons),
+        **{f"gen_{g}": np.stack(v) for g, v in gens.items()},
+    )
     (work / f"eval_{tag}.json").write_text(json.dumps(result, indent=1))
     head = ["truth", "vae_recon"] + [f"gen g={g}" for g in args.eval_guidance]
     table = [result["truth"], result["vae_recon"]] + [result["generated"][str(g)] for g in args.eval_guidance]
     for name, s in zip(head, table):
-        log.info("eval %s %-12s colour %.2f direction %.2f speed %.2f shape %.2f all %.2f | shape IoU %.3f "
-                 "colour err %.1f", tag, name, s["colour"], s["direction"], s["speed"], s["shape"], s["all"],
-                 s["shape_iou"], s["colour_err"])  # fmt: skip
+        log.info(
+            "eval %s %-12s colour %.2f direction %.2f speed %.2f shape %.2f all %.2f | shape IoU %.3f colour err %.1f",
+            tag,
+            name,
+            s["colour"],
+            s["direction"],
+            s["speed"],
+            s["shape"],
+            s["all"],
+            s["shape_iou"],
+            s["colour_err"],
+        )
     return result
 
 
@@ -561,27 +653,38 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("src/radial_lora/assets/tiny-wan-base"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)  # 1 beats 2 on shared cores
-    p.add_argument("--vae-spatial", type=int, choices=(8, 4), default=4,
-                   help="VAE spatial factor of a from-scratch build: 4 (v4, v5: dim_mult [1,2,2]) or 8 (v1-v3: [1,2,2,2])")  # fmt: skip
-    p.add_argument("--patch", type=int, choices=(1, 2), default=2,
-                   help="transformer spatial patch of a from-scratch build (v4, v5: 2 with --vae-spatial 4; v1-v3: 1)")  # fmt: skip
-    p.add_argument("--z-dim", type=int, default=4,
-                   help="latent channels of a from-scratch build (v5: 4; v1-v4: 16, as Wan2.1)")  # fmt: skip
-    p.add_argument("--vae-from", type=Path, default=None,
-                   help="skip phase 1: load these VAE weights ({'model': state_dict}, the layout of --vae-spatial)")  # fmt: skip
+    p.add_argument(
+        "--vae-spatial",
+        type=int,
+        choices=(8, 4),
+        default=4,
+        help="VAE spatial factor of a from-scratch build: 4 (v4, v5: dim_mult [1,2,2]) or 8 (v1-v3: [1,2,2,2])",
+    )
+    p.add_argument(
+        "--patch",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="transformer spatial patch of a from-scratch build (v4, v5: 2 with --vae-spatial 4; v1-v3: 1)",
+    )
+    p.add_argument(
+        "--z-dim", type=int, default=4, help="latent channels of a from-scratch build (v5: 4; v1-v4: 16, as Wan2.1)"
+    )
+    p.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="skip phase 1: load these VAE weights ({'model': state_dict}, the layout of --vae-spatial)",
+    )
     p.add_argument("--vae-steps", type=int, default=650)
     p.add_argument("--vae-batch", type=int, default=6)
     p.add_argument("--vae-frames", type=int, default=9)
     p.add_argument("--vae-long-steps", type=int, default=60, help="last VAE steps on 17-frame clips, batch 3")
-    p.add_argument(
-        "--vae-short-steps", type=int, default=150, help="first VAE steps on 5-frame clips, batch 8"
-    )
+    p.add_argument("--vae-short-steps", type=int, default=150, help="first VAE steps on 5-frame clips, batch 8")
     p.add_argument("--vae-lr", type=float, default=1.5e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--vae-fg-weight", type=float, default=5.0, help="loss weight of shape pixels")
-    p.add_argument(
-        "--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training"
-    )
+    p.add_argument("--vae-noise", type=float, default=0.05, help="latent noise (x latent std) in VAE training")
     p.add_argument("--pool", type=int, default=512)
     p.add_argument("--dit-steps", type=int, default=4000)
     p.add_argument("--dit-batch", type=int, default=16)
@@ -594,16 +697,24 @@ def main() -> None:
     )
     p.add_argument("--dec-steps", type=int, default=700, help="refine: VAE steps (17-frame clips, batch 4)")
     p.add_argument("--dec-batch", type=int, default=4)
-    p.add_argument("--dec-image-steps", type=int, default=300,
-                   help="refine: VAE steps on single frames before the --dec-steps clip steps (v5: 300; v2-v3: 0)")  # fmt: skip
+    p.add_argument(
+        "--dec-image-steps",
+        type=int,
+        default=300,
+        help="refine: VAE steps on single frames before the --dec-steps clip steps (v5: 300; v2-v3: 0)",
+    )
     p.add_argument("--dec-image-batch", type=int, default=32, help="refine: frames per image step")
     p.add_argument("--dec-image-lr", type=float, default=1e-3, help="refine: constant lr of the image steps")
-    p.add_argument("--dec-constant-lr", action="store_true",
-                   help="refine: constant --dec-lr for the clip steps (the v4 try) instead of the cosine")  # fmt: skip
+    p.add_argument(
+        "--dec-constant-lr",
+        action="store_true",
+        help="refine: constant --dec-lr for the clip steps (the v4 try) instead of the cosine",
+    )
     p.add_argument("--dec-lr", type=float, default=5e-4)
     p.add_argument("--dec-fg-weight", type=float, default=10.0, help="refine: loss weight of shape pixels")
-    p.add_argument("--dec-edge", type=float, default=3.0,
-                   help="refine: weight of the finite-difference L1 (v5: 3; v2-v3: 1)")  # fmt: skip
+    p.add_argument(
+        "--dec-edge", type=float, default=3.0, help="refine: weight of the finite-difference L1 (v5: 3; v2-v3: 1)"
+    )
     p.add_argument(
         "--dec-freeze-encoder",
         action="store_true",
@@ -612,22 +723,21 @@ def main() -> None:
     p.add_argument("--refine-steps", type=int, default=8000, help="refine: more transformer steps (v5: 8000)")
     p.add_argument("--refine-lr", type=float, default=3e-4)
     p.add_argument("--refine-pool", type=int, default=2048, help="refine: clips in the (bigger) latent pool")
-    p.add_argument(
-        "--refine-ema", type=float, default=0.999, help="refine: EMA decay of the exported weights"
-    )
+    p.add_argument("--refine-ema", type=float, default=0.999, help="refine: EMA decay of the exported weights")
     p.add_argument("--sample-steps", type=int, default=25, help="sampling steps of the sample strips")
     p.add_argument("--no-export", action="store_true")
-    p.add_argument(
-        "--eval", action="store_true", help="only score the pipeline at --eval-model (see evaluate)"
-    )
+    p.add_argument("--eval", action="store_true", help="only score the pipeline at --eval-model (see evaluate)")
     p.add_argument("--eval-model", type=Path, default=None, help="pipeline to score (default: --out)")
-    p.add_argument(
-        "--eval-tag", default=None, help="name of the eval files in --work (default: the model's name)"
-    )
+    p.add_argument("--eval-tag", default=None, help="name of the eval files in --work (default: the model's name)")
     p.add_argument("--eval-n", type=int, default=48, help="eval captions (sample_specs, seed + 300)")
     p.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the eval (the demo's 20)")
-    p.add_argument("--eval-guidance", type=float, nargs="*", default=[4.0],
-                   help="guidance scales (demo: 4); none: score only the VAE reconstructions")  # fmt: skip
+    p.add_argument(
+        "--eval-guidance",
+        type=float,
+        nargs="*",
+        default=[4.0],
+        help="guidance scales (demo: 4); none: score only the VAE reconstructions",
+    )
     args = p.parse_args()
     args.dec_train_encoder = not args.dec_freeze_encoder
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -645,9 +755,7 @@ def main() -> None:
 
     if args.init_from:
         init = WanPipeline.from_pretrained(args.init_from)
-        comp = build_components(
-            args.seed
-        )  # the fresh tokenizer and scheduler; trained parts from --init-from
+        comp = build_components(args.seed)  # the fresh tokenizer and scheduler; trained parts from --init-from
         comp.update({k: getattr(init, k) for k in ("vae", "text_encoder", "transformer")})
         pipe = WanPipeline(**comp)
     else:
@@ -680,10 +788,18 @@ def main() -> None:
     dec_final = timed("decoder_s", lambda: train_decoder(comp, args.work, args))
     refine_final = timed("refine_s", lambda: refine_transformer(comp, pipe, args.work, args))
     prompts = samples(pipe, args.work, args.seed, args.sample_steps)
-    summary = {"vae": vae_final, "transformer": dit_final, "decoder": dec_final, "refine": refine_final,
-               "times_s": times, "sample_prompts": prompts,
-               "latents_mean": comp["vae"].config.latents_mean, "latents_std": comp["vae"].config.latents_std,
-               "args": {k: str(v) for k, v in vars(args).items()}, "wall_this_run_s": time.time() - t0}  # fmt: skip
+    summary = {
+        "vae": vae_final,
+        "transformer": dit_final,
+        "decoder": dec_final,
+        "refine": refine_final,
+        "times_s": times,
+        "sample_prompts": prompts,
+        "latents_mean": comp["vae"].config.latents_mean,
+        "latents_std": comp["vae"].config.latents_std,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "wall_this_run_s": time.time() - t0,
+    }
     (args.work / "summary.json").write_text(json.dumps(summary, indent=1))
     log.info("summary: %s", json.dumps(summary))
     if not args.no_export:

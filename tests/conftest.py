@@ -41,9 +41,18 @@ def tiny_wan_dataset(tiny_wan_dir: Path, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp("tiny_wan_dataset")
     write_sample_dataset(root / "videos", num_videos=6, num_frames=20, size=(64, 64), fps=16, seed=0)
     prepare_dataset(
-        PrepareOptions(input=root / "videos", out=root / "dataset", model=str(tiny_wan_dir), family="wan",
-                       lengths=(9, 17), height=64, width=64, fps=16, dtype="float32")
-    )  # fmt: skip
+        PrepareOptions(
+            input=root / "videos",
+            out=root / "dataset",
+            model=str(tiny_wan_dir),
+            family="wan",
+            lengths=(9, 17),
+            height=64,
+            width=64,
+            fps=16,
+            dtype="float32",
+        )
+    )
     return root / "dataset"
 
 

@@ -62,9 +62,7 @@ SPARSE_KERNELS = {
     "sparse": lambda q, k, v, m, bs, kpm: block_sparse_attention(
         q, k, v, m, block_size=bs, backend="sparse", key_padding_mask=kpm
     ),
-    "auto": lambda q, k, v, m, bs, kpm: block_sparse_attention(
-        q, k, v, m, block_size=bs, key_padding_mask=kpm
-    ),
+    "auto": lambda q, k, v, m, bs, kpm: block_sparse_attention(q, k, v, m, block_size=bs, key_padding_mask=kpm),
 }
 
 
@@ -155,9 +153,7 @@ def test_all_true_mask_equals_dense_sdpa(backend):
     for pad in (None, kpm):
         out = block_sparse_attention(q, k, v, mask, block_size=16, backend=backend, key_padding_mask=pad)
         sdpa_mask = None if pad is None else pad[:, None, None, :]
-        assert torch.allclose(
-            out, F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask), atol=TOL, rtol=0
-        )
+        assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", ["flash", "matmul"])
@@ -171,9 +167,7 @@ def test_query_without_real_keys_gives_zero_not_nan(kernel):
     out = sparse_block_attention(q, k, v, mask, 16, kpm, kernel=kernel)
     out.sum().backward()
     assert torch.equal(out[:, :, :16], torch.zeros_like(out[:, :, :16]))
-    assert torch.allclose(
-        out[:, :, 16:], reference_attention(q, k, v, mask, 16, kpm)[:, :, 16:], atol=TOL, rtol=0
-    )
+    assert torch.allclose(out[:, :, 16:], reference_attention(q, k, v, mask, 16, kpm)[:, :, 16:], atol=TOL, rtol=0)
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
@@ -253,15 +247,11 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\[batch, heads, seq, head_dim\]"):
         block_sparse_attention(q[0], k[0], v[0], mask, block_size=16)
     with pytest.raises(ValueError, match=r"key_padding_mask shape \(1, 39\)"):
-        block_sparse_attention(
-            q, k, v, mask, block_size=16, key_padding_mask=torch.ones(1, 39, dtype=torch.bool)
-        )
+        block_sparse_attention(q, k, v, mask, block_size=16, key_padding_mask=torch.ones(1, 39, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         block_sparse_attention(q, k, v, mask.float(), block_size=16)
     with pytest.raises(ValueError, match="no backward on CPU"):
-        block_sparse_attention(
-            q.float().requires_grad_(), k.float(), v.float(), mask, block_size=16, backend="flex"
-        )
+        block_sparse_attention(q.float().requires_grad_(), k.float(), v.float(), mask, block_size=16, backend="flex")
 
 
 def _mask_cli(argv: list[str]) -> int:

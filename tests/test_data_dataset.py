@@ -22,17 +22,36 @@ def _write_clip(root: Path, cid: str, bucket: int, source: str, latents: torch.T
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": latents, "prompt_embeds": torch.ones(6, 8)}, str(root / rel))
     return Record(
-        id=cid, bucket=bucket, source=source, caption=f"a red circle {cid}", start_frame=0, fps=16.0, height=H,
-        width=W, num_frames=bucket, latent_shape=tuple(latents.shape), file=rel, sha256=sha256_file(root / rel),
-    )  # fmt: skip
+        id=cid,
+        bucket=bucket,
+        source=source,
+        caption=f"a red circle {cid}",
+        start_frame=0,
+        fps=16.0,
+        height=H,
+        width=W,
+        num_frames=bucket,
+        latent_shape=tuple(latents.shape),
+        file=rel,
+        sha256=sha256_file(root / rel),
+    )
 
 
 def make_dataset(root: Path, sources: int = 5, lengths: tuple[int, ...] = (9, 17)) -> Path:
     """Each source gives one clip per length; latents [C, 1+(F-1)//4, H/8, W/8] of N(0, 1) values."""
     root.mkdir(parents=True)
-    info = {"format": FORMAT, "family": "wan", "model": "tiny", "height": H, "width": W, "fps": 16.0,
-            "lengths": list(lengths), "vae_temporal_factor": 4, "vae_spatial_factor": 8,
-            "text_keys": ["prompt_embeds"]}  # fmt: skip
+    info = {
+        "format": FORMAT,
+        "family": "wan",
+        "model": "tiny",
+        "height": H,
+        "width": W,
+        "fps": 16.0,
+        "lengths": list(lengths),
+        "vae_temporal_factor": 4,
+        "vae_spatial_factor": 8,
+        "text_keys": ["prompt_embeds"],
+    }
     (root / "dataset.json").write_text(json.dumps(info))
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -31,8 +31,24 @@ from radial_lora.models.registry import get_adapter
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 2 shared cores: OpenMP spinning, 5-40x slower
 
 H, W = 32, 48
-ARGS = ["--family", "wan", "--lengths", "9,17", "--height", str(H), "--width", str(W), "--fps", "16",
-        "--device", "cpu", "--dtype", "float32", "--batch-size", "2"]  # fmt: skip
+ARGS = [
+    "--family",
+    "wan",
+    "--lengths",
+    "9,17",
+    "--height",
+    str(H),
+    "--width",
+    str(W),
+    "--fps",
+    "16",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +97,24 @@ def test_prepare_folder_skips_bad_input_and_resumes(
     code = main(["data", "prepare", str(sources), "--out", str(out), "--model", str(tiny_wan_dir), *ARGS])
     printed = capsys.readouterr().out
     assert code == 3, printed  # something was skipped
-    for name, why in (("corrupt.mp4", "unreadable"), ("short.mp4", "too short: 6 frames"),
-                      ("nocaption.mp4", "missing caption"), ("emptycaption.mp4", "missing caption")):  # fmt: skip
+    for name, why in (
+        ("corrupt.mp4", "unreadable"),
+        ("short.mp4", "too short: 6 frames"),
+        ("nocaption.mp4", "missing caption"),
+        ("emptycaption.mp4", "missing caption"),
+    ):
         assert f"skipped {name}: {why}" in printed
     assert "skipped 4" in printed
 
     ds = PreparedDataset(out)
     assert ds.info["lengths"] == [9, 17] and ds.info["num_clips"] == {"9": 5, "17": 5}
-    assert {r.source for r in ds.records} == {"sample_0000.mp4", "sample_0001.mp4", "sample_0002.mp4",
-                                              "anim.gif", "clip.webm"}  # fmt: skip
+    assert {r.source for r in ds.records} == {
+        "sample_0000.mp4",
+        "sample_0001.mp4",
+        "sample_0002.mp4",
+        "anim.gif",
+        "clip.webm",
+    }
     assert counting["clips"] == 10 and counting["videos"] == 6  # 5 clips per bucket in batches of 2
     assert counting["prompts"] == 5  # one text encode per unique caption, not per clip
     adapter = get_adapter("wan")
@@ -207,8 +232,10 @@ def test_usage_errors(sources, tiny_wan_dir, tmp_path, capsys) -> None:
     assert "num_frames=16 is not of the form 4k+1" in capsys.readouterr().err
     assert main([*base, "--family", "wan", "--lengths", "17", "--height", "40", "--width", "48"]) == 2
     assert "height=40 must be a positive multiple of 16" in capsys.readouterr().err
-    assert main([*base[:2], str(tmp_path / "missing"), *base[3:], "--family", "wan", "--height", "32",
-                 "--width", "48"]) == 2  # fmt: skip
+    assert (
+        main([*base[:2], str(tmp_path / "missing"), *base[3:], "--family", "wan", "--height", "32", "--width", "48"])
+        == 2
+    )
     assert "input not found" in capsys.readouterr().err
     assert main([*base, "--input", str(sources), "--family", "wan", "--height", "32", "--width", "48"]) == 2
     assert "give the input once" in capsys.readouterr().err
@@ -241,8 +268,24 @@ def test_resampling_cropping_and_clip_plans(tmp_path) -> None:
 
 def test_sliding_clips_and_gif_source(sources, tiny_wan_dir, tmp_path) -> None:
     out = tmp_path / "slide"
-    args = ["--family", "wan", "--lengths", "9", "--height", str(H), "--width", str(W), "--device", "cpu",
-            "--dtype", "float32", "--clip-mode", "sliding", "--stride", "4"]  # fmt: skip
+    args = [
+        "--family",
+        "wan",
+        "--lengths",
+        "9",
+        "--height",
+        str(H),
+        "--width",
+        str(W),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--clip-mode",
+        "sliding",
+        "--stride",
+        "4",
+    ]
     table = tmp_path / "one.jsonl"
     table.write_text(json.dumps({"video": str(sources / "anim.gif"), "caption": "a gif"}) + "\n")
     assert main(["data", "prepare", "--input", str(table), "--out", str(out), "--model", str(tiny_wan_dir), *args]) == 0
@@ -320,7 +363,9 @@ def test_input_layouts_and_their_errors(tmp_path) -> None:
     assert not skips
     # tables: no usable column, bad JSON, unsupported file
     (tmp_path / "t.csv").write_text("clip,words\na.mp4,hello\n")
-    with pytest.raises(ValueError, match=r"t.csv: no video column among \['clip', 'words'\]; name one with --video-column"):
+    with pytest.raises(
+        ValueError, match=r"t.csv: no video column among \['clip', 'words'\]; name one with --video-column"
+    ):
         collect_inputs(tmp_path / "t.csv")
     (tmp_path / "t.jsonl").write_text('{"video": "a.mp4", "caption": "x"}\n{oops\n')
     with pytest.raises(ValueError, match=r"t.jsonl:2: not valid JSON"):
@@ -342,8 +387,17 @@ def test_prepare_with_an_in_memory_pipeline(sources, tmp_path) -> None:
     pipe = build_tiny_pipeline("wan")
     table = tmp_path / "one.jsonl"
     table.write_text(json.dumps({"video": str(sources / "sample_0002.mp4"), "caption": "a blue square"}) + "\n")
-    opts = PrepareOptions(input=table, out=tmp_path / "ds", model="tiny-in-memory", family="wan", lengths=(9,),
-                          height=32, width=32, fps=16.0, dtype="float32")  # fmt: skip
+    opts = PrepareOptions(
+        input=table,
+        out=tmp_path / "ds",
+        model="tiny-in-memory",
+        family="wan",
+        lengths=(9,),
+        height=32,
+        width=32,
+        fps=16.0,
+        dtype="float32",
+    )
     summary = prepare_dataset(opts, pipe=pipe)
     assert summary.exit_code == 0 and summary.encoded[9] == 1
     assert pipe.transformer is not None

@@ -119,11 +119,34 @@ def test_sample_command(tmp_path, capsys) -> None:
     from radial_lora.cli import main
 
     out = tmp_path / "cli"
-    assert main(["data", "sample", "--out", str(out), "--num-videos", "2", "--frames", "9", "--size", "32x48",
-                 "--fps", "8", "--seed", "7"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "data",
+                "sample",
+                "--out",
+                str(out),
+                "--num-videos",
+                "2",
+                "--frames",
+                "9",
+                "--size",
+                "32x48",
+                "--fps",
+                "8",
+                "--seed",
+                "7",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == [
-        "metadata.jsonl", "sample_0000.mp4", "sample_0000.txt", "sample_0001.mp4", "sample_0001.txt"
-    ]  # fmt: skip
+        "metadata.jsonl",
+        "sample_0000.mp4",
+        "sample_0000.txt",
+        "sample_0001.mp4",
+        "sample_0001.txt",
+    ]
     assert read_video(out / "sample_0001.mp4")[0].shape == (9, 32, 48, 3)
     assert (out / "sample_0000.txt").read_text().strip() == caption_for(sample_specs(2, 7)[0], 9, 8)
     with pytest.raises(SystemExit) as exc:  # argparse rejects the size before anything runs
@@ -142,8 +165,10 @@ def test_sample_videos_are_reproducible(tmp_path) -> None:
     import subprocess
     import sys
 
-    script = ("import sys, torch, diffusers; from radial_lora.data.sample import write_sample_dataset; "
-              "write_sample_dataset(sys.argv[1], num_videos=8, num_frames=36, size=32, fps=16, seed=0)")  # fmt: skip
+    script = (
+        "import sys, torch, diffusers; from radial_lora.data.sample import write_sample_dataset; "
+        "write_sample_dataset(sys.argv[1], num_videos=8, num_frames=36, size=32, fps=16, seed=0)"
+    )
     files, frames = [], []
     for run in ("a", "b", "c"):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / run)], check=True, capture_output=True)
@@ -156,6 +181,8 @@ def test_sample_videos_are_reproducible(tmp_path) -> None:
     import av
 
     for video, spec in zip(frames[0], sample_specs(8, seed=0)):
-        held = [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray(format="rgb24")
-                for f in render_clip(spec, 36, (32, 32), 16.0)]  # fmt: skip
+        held = [
+            av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray(format="rgb24")
+            for f in render_clip(spec, 36, (32, 32), 16.0)
+        ]
         assert np.array_equal(video, np.stack(held))

@@ -71,12 +71,35 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def _info(base4: float, lora4: float) -> dict:
     heldout = {v: {BASE: 1.0, DOUBLE: 1.1, QUAD: base4} for v in ("base_dense", "base_radial")}
     heldout["lora_radial"] = {BASE: 1.01, DOUBLE: 1.05, QUAD: lora4}
-    timing = dict(frames=QUAD, latent_frames=17, tokens_per_frame=16, tokens=272, block_size=16, decay=0.2,
-                  mask_density=0.47, dense_layers=1, layers=4, steps_timed=2, batch=2, dense_step_s=1.0,
-                  radial_step_s=0.8, speedup=1.25, attention_flops_dense=4.0, attention_flops_radial=2.0)
+    timing = dict(
+        frames=QUAD,
+        latent_frames=17,
+        tokens_per_frame=16,
+        tokens=272,
+        block_size=16,
+        decay=0.2,
+        mask_density=0.47,
+        dense_layers=1,
+        layers=4,
+        steps_timed=2,
+        batch=2,
+        dense_step_s=1.0,
+        radial_step_s=0.8,
+        speedup=1.25,
+        attention_flops_dense=4.0,
+        attention_flops_radial=2.0,
+    )
     config = {"lora": {"rank": 4}, "data": {"lengths": [17, 65], "weights": [1, 3]}, "train": {"batch_size": 2}}
-    return dict(heldout=heldout, timing=timing, config=config, prompts=["a red circle moves right"],
-                videos={}, strips={}, train={"steps": 2, "losses": [1.0, 0.9]}, times={"train": {"seconds": 1.0}})
+    return dict(
+        heldout=heldout,
+        timing=timing,
+        config=config,
+        prompts=["a red circle moves right"],
+        videos={},
+        strips={},
+        train={"steps": 2, "losses": [1.0, 0.9]},
+        times={"train": {"seconds": 1.0}},
+    )
 
 
 @pytest.mark.parametrize(("base4", "lora4", "says"), [(2.0, 1.5, "lowers"), (2.0, 2.5, "does NOT beat")])

@@ -28,9 +28,19 @@ MODEL_IDS = {"PATH_OR_HUB_ID", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1
 FRAMES = {81: 17, 161: 33, 321: 65}
 SIZE = 32
 LAUNCHERS = ("accelerate", "torchrun")
-TRAIN_SHRINK = ("train.steps=2", "train.batch_size=1", "train.grad_accum=1", "lora.rank=4", "lora.alpha=4",
-                "checkpoint.every=0", "validation.every=0", "validation.sample_prompts=[]",
-                "train.gradient_checkpointing=false", "optimizer.fused=false", "model.dtype=float32")  # fmt: skip
+TRAIN_SHRINK = (
+    "train.steps=2",
+    "train.batch_size=1",
+    "train.grad_accum=1",
+    "lora.rank=4",
+    "lora.alpha=4",
+    "checkpoint.every=0",
+    "validation.every=0",
+    "validation.sample_prompts=[]",
+    "train.gradient_checkpointing=false",
+    "optimizer.fused=false",
+    "model.dtype=float32",
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

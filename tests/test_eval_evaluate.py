@@ -26,20 +26,49 @@ def dataset_32(one_torch_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_data")
     write_sample_dataset(root / "videos", num_videos=2, num_frames=17, size=32, fps=16.0, seed=0)
     prepare_dataset(
-        PrepareOptions(input=root / "videos", out=root / "ds", model=str(tiny_wan_dir), family="wan",
-                       lengths=LENGTHS, height=32, width=32, fps=16.0, dtype="float32")
-    )  # fmt: skip
+        PrepareOptions(
+            input=root / "videos",
+            out=root / "ds",
+            model=str(tiny_wan_dir),
+            family="wan",
+            lengths=LENGTHS,
+            height=32,
+            width=32,
+            fps=16.0,
+            dtype="float32",
+        )
+    )
     return root / "ds"
 
 
 @pytest.fixture(scope="module")
-def grid(
-    one_torch_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory
-) -> Path:
+def grid(one_torch_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "out"
-    argv = ["evaluate", "--model", str(tiny_wan_dir), "--prompt", "a red circle moves right", "--lengths", "9,17",
-            "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1", "--lora", str(tiny_wan_lora),
-            "--dataset", str(dataset_32), "--heldout-max-clips", "2", "--out", str(out)]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_wan_dir),
+        "--prompt",
+        "a red circle moves right",
+        "--lengths",
+        "9,17",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--lora",
+        str(tiny_wan_lora),
+        "--dataset",
+        str(dataset_32),
+        "--heldout-max-clips",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -76,9 +105,7 @@ def test_results_json_complete_and_finite(grid: Path) -> None:
     assert set(cells) == {(v, n) for v in VARIANTS for n in LENGTHS}
     for (variant, _), c in cells.items():
         assert c["wall_time_s"] > 0 and c["peak_memory_bytes"] > 0
-        assert (
-            c["settings"]["block_size"] == 4 and c["settings"]["decay_factor"] == 0.5
-        )  # from the LoRA header
+        assert c["settings"]["block_size"] == 4 and c["settings"]["decay_factor"] == 0.5  # from the LoRA header
         a = c["attention"]
         assert a["attention_flops"] == pytest.approx(a["effective_density"] * a["attention_flops_dense"])
         assert c["reference"] == variant.replace("radial", "dense")
@@ -109,20 +136,37 @@ def test_report_and_pictures(grid: Path) -> None:
     assert report.index("## Summary") < report.index("## 9 frames") < report.index("## 17 frames")
     assert "held-out loss under radial attention is" in report
     assert "| lora_radial |" in report and "## Held-out flow-matching loss" in report
-    for png in ["metrics_vs_length.png", "radial_masks.png"] + [f"strips/{v}_f{n:04d}.png" for v in VARIANTS
-                                                               for n in LENGTHS]:  # fmt: skip
+    for png in ["metrics_vs_length.png", "radial_masks.png"] + [
+        f"strips/{v}_f{n:04d}.png" for v in VARIANTS for n in LENGTHS
+    ]:
         assert f"({png})" in report
         with Image.open(grid / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
 
 
-def test_rerun_reuses_cells(
-    grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tiny_wan_dataset: Path
-) -> None:
+def test_rerun_reuses_cells(grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tiny_wan_dataset: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()}
-    argv = ["evaluate", "--model", str(tiny_wan_dir), "--prompt", "a red circle moves right", "--lengths", "9,17",
-            "--height", "32", "--width", "32", "--steps", "2", "--guidance", "1", "--lora", str(tiny_wan_lora),
-            "--out", str(grid)]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_wan_dir),
+        "--prompt",
+        "a red circle moves right",
+        "--lengths",
+        "9,17",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--lora",
+        str(tiny_wan_lora),
+        "--out",
+        str(grid),
+    ]
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()} == before
     res = json.loads((grid / "results.json").read_text())
@@ -178,7 +222,8 @@ def test_base_length_comes_from_flag_lora_then_family(tiny_wan_dir: Path, tiny_w
     assert base_length(None, (str(recorded), 1.0), None, "hub/id")[0] == 17
     # Without base_length: the family's default length (the LoRA's family, --family, the model folder's).
     assert base_length(None, (str(tiny_wan_lora), 1.0), None, "hub/id") == (
-        81, "the wan default, family from the LoRA's metadata"
+        81,
+        "the wan default, family from the LoRA's metadata",
     )
     assert base_length(None, None, "hunyuan", "hub/id") == (129, "the hunyuan default, family from --family")
     value, source = base_length(None, None, None, str(tiny_wan_dir))

@@ -58,9 +58,7 @@ def test_ssim_properties() -> None:
     assert metrics.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
     assert metrics.ssim(a, b) == pytest.approx(metrics.ssim(b, a), abs=1e-12)  # symmetric
     assert metrics.ssim(a, b) < 0.2  # independent noise is dissimilar
-    noisy = np.clip(a.astype(int) + np.random.default_rng(2).integers(-10, 11, a.shape), 0, 255).astype(
-        np.uint8
-    )
+    noisy = np.clip(a.astype(int) + np.random.default_rng(2).integers(-10, 11, a.shape), 0, 255).astype(np.uint8)
     assert metrics.ssim(a, b) < metrics.ssim(a, noisy) < 1.0  # less noise, more similar
     # tiny frames (smaller than the 11-pixel window) still work
     assert metrics.ssim(a[:, :5, :5], a[:, :5, :5]) == pytest.approx(1.0)

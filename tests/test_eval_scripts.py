@@ -36,8 +36,14 @@ def _stubs(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 def test_full_flow_commands(tmp_path: Path) -> None:
     env, log = _stubs(tmp_path)
-    env.update(VIDEOS="/data/clips", RUN_DIR=str(tmp_path / "run"), NUM_GPUS="4", LENGTHS="161,321",
-               LORA="ignored", TRAIN_SET="train.steps=10 lora.rank=64")  # fmt: skip
+    env.update(
+        VIDEOS="/data/clips",
+        RUN_DIR=str(tmp_path / "run"),
+        NUM_GPUS="4",
+        LENGTHS="161,321",
+        LORA="ignored",
+        TRAIN_SET="train.steps=10 lora.rank=64",
+    )
     done = subprocess.run(["bash", str(SCRIPTS[0])], env=env, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
@@ -48,9 +54,7 @@ def test_full_flow_commands(tmp_path: Path) -> None:
         ["radial-lora", "evaluate", "--model"],
     ]
     assert "--lengths 161,321" in calls[0] and "--num_processes 4" in calls[2]
-    assert "--set data.lengths=[161,321] " in calls[2] and calls[2].endswith(
-        "--set train.steps=10 --set lora.rank=64"
-    )
+    assert "--set data.lengths=[161,321] " in calls[2] and calls[2].endswith("--set train.steps=10 --set lora.rank=64")
     assert f"--lora {tmp_path}/run/lora " in calls[3] and f"--dataset {tmp_path}/run/dataset" in calls[3]
 
 

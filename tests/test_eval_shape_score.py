@@ -1,5 +1,6 @@
 """The tiny base's sample scorer (``radial_lora.eval.shape_score``, used by ``scripts/pretrain_tiny_base.py``),
-which the model card's numbers rest on: the rendered truth must score perfectly, and wrong shapes, colours and motion must not."""
+which the model card's numbers rest on: the rendered truth must score perfectly, and wrong shapes, colours
+and motion must not."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def test_each_wrong_shape_colour_and_direction_is_caught(drawn: str) -> None:
     out = shape_score.score_clip(clip, caption)
     assert out["shape_pred"] == drawn and out["shape"] == (drawn == "square")
     assert out["colour"] and out["direction"] and out["speed"]
-    wrong = shape_score.score_clip(render_clip(replace(caption, colour="blue", direction="up"), FRAMES, SIZE, FPS),
-                                caption)  # fmt: skip
+    wrong = shape_score.score_clip(
+        render_clip(replace(caption, colour="blue", direction="up"), FRAMES, SIZE, FPS), caption
+    )
     assert wrong["colour_pred"] == "blue" and not wrong["colour"]
     assert wrong["direction_pred"] == "up" and not wrong["direction"]
 

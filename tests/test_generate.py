@@ -30,8 +30,15 @@ def pipe(tiny_wan_dir: Path):
 def test_lengths_lora_metadata_and_sidecar(pipe, tiny_wan_lora: Path, tmp_path: Path) -> None:
     out = {}
     for frames in (9, 17):
-        (r,) = generate(pipe, [PROMPT], num_frames=frames, out_dir=tmp_path, loras=[(tiny_wan_lora, 1.0)],
-                        names=[f"lora_{frames}"], **COMMON)  # fmt: skip
+        (r,) = generate(
+            pipe,
+            [PROMPT],
+            num_frames=frames,
+            out_dir=tmp_path,
+            loras=[(tiny_wan_lora, 1.0)],
+            names=[f"lora_{frames}"],
+            **COMMON,
+        )
         out[frames] = r
         video, fps = read_video(r.video_path)
         assert video.shape == (frames, 32, 32, 3) and fps == pytest.approx(8.0)
@@ -39,7 +46,10 @@ def test_lengths_lora_metadata_and_sidecar(pipe, tiny_wan_lora: Path, tmp_path: 
         # The sidecar on disk describes this video (checked field by field, not through the writer's serializer).
         assert r.sidecar_path == r.video_path.with_suffix(".json")
         assert (info["format"], info["prompt"], info["index"], info["video"]) == (
-            "radial-lora-generation/1", PROMPT, 0, f"lora_{frames}.mp4"
+            "radial-lora-generation/1",
+            PROMPT,
+            0,
+            f"lora_{frames}.mp4",
         )
         assert set(info) >= {"settings", "settings_source", "wall_time_s", "peak_memory", "attention", "versions"}
         assert info["versions"]["torch"] and info["versions"]["diffusers"]
@@ -47,8 +57,7 @@ def test_lengths_lora_metadata_and_sidecar(pipe, tiny_wan_lora: Path, tmp_path: 
         # the LoRA's training metadata became the attention defaults
         assert (s["pattern"], s["decay_factor"], s["block_size"], s["dense_layers"]) == ("radial", 0.5, 4, 0)
         assert (
-            info["settings_source"]["block_size"] == "lora"
-            and info["settings_source"]["dense_timesteps"] == "default"
+            info["settings_source"]["block_size"] == "lora" and info["settings_source"]["dense_timesteps"] == "default"
         )
         assert s["loras"] == [[str(tiny_wan_lora), 1.0]] and s["seed"] == 0 and s["num_frames"] == frames
         assert info["wall_time_s"] > 0 and info["peak_memory"]["bytes"] > 0
@@ -81,9 +90,31 @@ def test_radial_dense_lora_effects(pipe, tiny_wan_lora: Path, tmp_path: Path) ->
 def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na blue square\n\na green ball falls\n")
-    argv = ["generate", "--model", str(tiny_wan_dir), "--prompts", str(prompts), "--frames", "9", "--height", "32",
-            "--width", "32", "--steps", "1", "--guidance", "1", "--lora", f"{tiny_wan_lora}:0.5", "--out",
-            str(tmp_path / "out"), "--seed", "7", "--skip-existing", "--vae-tiling"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_wan_dir),
+        "--prompts",
+        str(prompts),
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+        "--lora",
+        f"{tiny_wan_lora}:0.5",
+        "--out",
+        str(tmp_path / "out"),
+        "--seed",
+        "7",
+        "--skip-existing",
+        "--vae-tiling",
+    ]
     assert main(argv) == 0
     sidecars = sorted((tmp_path / "out").glob("*.json"))
     assert [p.stem for p in sidecars] == ["000_a-blue-square", "001_a-green-ball-falls"]
@@ -101,18 +132,20 @@ def test_skip_existing_notices_a_changed_lora(pipe, tiny_wan_lora: Path, tmp_pat
 
     state = load_lora_state(tiny_wan_lora)
     save_lora(tmp_path / "lora", state, {"run": 1})
-    kw = dict(num_frames=9, out_dir=tmp_path / "out", loras=[(tmp_path / "lora", 1.0)], skip_existing=True,
-              block_size=4, **{**COMMON, "steps": 1})  # fmt: skip
+    kw = dict(
+        num_frames=9,
+        out_dir=tmp_path / "out",
+        loras=[(tmp_path / "lora", 1.0)],
+        skip_existing=True,
+        block_size=4,
+        **{**COMMON, "steps": 1},
+    )
     first = generate(pipe, [PROMPT], **kw)[0]
     assert generate(pipe, [PROMPT], **kw)[0].reused
-    save_lora(
-        tmp_path / "lora", {k: 2 * v for k, v in state.items()}, {"run": 2}
-    )  # retrained at the same path
+    save_lora(tmp_path / "lora", {k: 2 * v for k, v in state.items()}, {"run": 2})  # retrained at the same path
     again = generate(pipe, [PROMPT], **kw)[0]
     assert not again.reused and again.info["settings"]["lora_sha256"] != first.info["settings"]["lora_sha256"]
-    assert not np.array_equal(
-        again.frames, first.frames
-    )  # the new weights were loaded, not the cached adapter
+    assert not np.array_equal(again.frames, first.frames)  # the new weights were loaded, not the cached adapter
 
 
 def test_cli_errors(tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,20 +183,33 @@ def test_lora_metadata_defaults_and_precedence(tmp_path: Path) -> None:
         "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 2),
     }
     # the trainer's layout: settings under "attention" (decay spelled "decay")
-    trained = save_lora(tmp_path / "a", state, {"attention": {"pattern": "radial", "decay": 0.3, "block_size": 64,
-                                                             "dense_layers": 2}})  # fmt: skip
+    trained = save_lora(
+        tmp_path / "a", state, {"attention": {"pattern": "radial", "decay": 0.3, "block_size": 64, "dense_layers": 2}}
+    )
     other = save_lora(tmp_path / "b", state, {"pattern": "dense", "decay_factor": 0.9})
     plain = save_lora(tmp_path / "c", state, {"note": "no attention settings"})
-    assert lora_attention_settings(trained) == {"pattern": "radial", "decay_factor": 0.3, "block_size": 64,
-                                                "dense_layers": 2}  # fmt: skip
+    assert lora_attention_settings(trained) == {
+        "pattern": "radial",
+        "decay_factor": 0.3,
+        "block_size": 64,
+        "dense_layers": 2,
+    }
     assert lora_attention_settings(plain) == {}
-    settings, source = resolve_attention_settings(
-        {"block_size": 128}, [(str(trained), 1.0), (str(other), 1.0)]
-    )
-    assert settings == {"pattern": "radial", "decay_factor": 0.3, "block_size": 128, "dense_layers": 2,
-                        "dense_timesteps": 0}  # fmt: skip
-    assert source == {"pattern": "lora", "decay_factor": "lora", "block_size": "user", "dense_layers": "lora",
-                      "dense_timesteps": "default"}  # fmt: skip
+    settings, source = resolve_attention_settings({"block_size": 128}, [(str(trained), 1.0), (str(other), 1.0)])
+    assert settings == {
+        "pattern": "radial",
+        "decay_factor": 0.3,
+        "block_size": 128,
+        "dense_layers": 2,
+        "dense_timesteps": 0,
+    }
+    assert source == {
+        "pattern": "lora",
+        "decay_factor": "lora",
+        "block_size": "user",
+        "dense_layers": "lora",
+        "dense_timesteps": "default",
+    }
 
 
 @pytest.mark.parametrize("family", ["hunyuan", "wan22"])
@@ -180,8 +226,17 @@ def test_other_families(family: str, tmp_path: Path) -> None:
 
 
 def test_dense_layers_and_timesteps_accounting(pipe, tmp_path: Path) -> None:
-    (r,) = generate(pipe, [PROMPT], num_frames=17, out_dir=tmp_path, block_size=4, decay_factor=0.5, dense_layers=1,
-                    dense_timesteps=1, **{**COMMON, "steps": 3})  # fmt: skip
+    (r,) = generate(
+        pipe,
+        [PROMPT],
+        num_frames=17,
+        out_dir=tmp_path,
+        block_size=4,
+        decay_factor=0.5,
+        dense_layers=1,
+        dense_timesteps=1,
+        **{**COMMON, "steps": 3},
+    )
     a = r.info["attention"]
     # 3 steps x 2 layers: step 0 dense everywhere, then layer 0 dense and layer 1 radial
     assert a["calls"] == {"dense": 2 + 2, "sparse": 2}

@@ -61,8 +61,11 @@ def test_cuda_backends_match_reference_fwd_bwd_float32(backend: str, text: int) 
     ref = _fwd_bwd(lambda a, b, c: reference_attention(a, b, c, mask, 128, kpm), q, k, v, dout)
     got = _fwd_bwd(
         lambda a, b, c: block_sparse_attention(a, b, c, mask, block_size=128, backend=backend, key_padding_mask=kpm),
-        q, k, v, dout,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        dout,
+    )
     assert _max_rel_err(got, ref) < 1e-4
 
 
@@ -83,13 +86,20 @@ def test_radial_tiny_wan_on_cuda_bf16_matches_reference_backend() -> None:
     pipe = build_tiny_pipeline("wan").to(CUDA, torch.bfloat16)
     outs = {}
     for backend in ("reference", "flex"):
-        apply_radial_attention(pipe, num_frames=33, height=64, width=64, block_size=16, decay_factor=0.5,
-                               dense_layers=1, backend=backend)  # fmt: skip
+        apply_radial_attention(
+            pipe, num_frames=33, height=64, width=64, block_size=16, decay_factor=0.5, dense_layers=1, backend=backend
+        )
         gen = torch.Generator(device="cuda").manual_seed(0)
         outs[backend] = pipe(
-            "a red circle moves right", num_frames=33, height=64, width=64, num_inference_steps=3,
-            guidance_scale=1.0, generator=gen, output_type="latent",
-        ).frames.float()  # fmt: skip
+            "a red circle moves right",
+            num_frames=33,
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=1.0,
+            generator=gen,
+            output_type="latent",
+        ).frames.float()
     assert torch.isfinite(outs["flex"]).all()
     err = (outs["flex"] - outs["reference"]).abs().max() / outs["reference"].abs().max()
     assert err < 5e-2, err
@@ -100,9 +110,18 @@ def test_quick_config_trains_on_cuda_in_bf16(tiny_wan_dir: Path, tiny_wan_datase
     from radial_lora.train import trainer
     from tiny_config import quick_config
 
-    cfg = quick_config(tiny_wan_dir, tiny_wan_dataset, tmp_path, "train.steps=12", "train.precision=bf16",
-                       "model.dtype=bfloat16", "checkpoint.every=6", "validation.every=6", "validation.max_clips=2",
-                       "optimizer.lr=5e-3")
+    cfg = quick_config(
+        tiny_wan_dir,
+        tiny_wan_dataset,
+        tmp_path,
+        "train.steps=12",
+        "train.precision=bf16",
+        "model.dtype=bfloat16",
+        "checkpoint.every=6",
+        "validation.every=6",
+        "validation.max_clips=2",
+        "optimizer.lr=5e-3",
+    )
     result = trainer.train(cfg)
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     meta = lora.read_lora_metadata(tmp_path)

@@ -68,13 +68,27 @@ def test_saved_lora_loads_in_stock_pipeline(tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("wan")
     with torch.no_grad():
         y_base = pipe.transformer(x, t, e, return_dict=False)[0]
-        video_base = pipe("a red circle", num_frames=5, height=16, width=16, num_inference_steps=2,
-                          generator=torch.Generator().manual_seed(0), output_type="pt").frames
+        video_base = pipe(
+            "a red circle",
+            num_frames=5,
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).frames
     pipe.load_lora_weights(tmp_path / "out")
     with torch.no_grad():
         y_loaded = pipe.transformer(x, t, e, return_dict=False)[0]
-        video_lora = pipe("a red circle", num_frames=5, height=16, width=16, num_inference_steps=2,
-                          generator=torch.Generator().manual_seed(0), output_type="pt").frames
+        video_lora = pipe(
+            "a red circle",
+            num_frames=5,
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).frames
     torch.testing.assert_close(y_loaded, y_trained, rtol=0, atol=1e-6)
     assert (y_loaded - y_base).abs().max() > 1e-2
     assert (video_lora - video_base).abs().max() > 1e-4
@@ -89,8 +103,6 @@ def test_metadata_errors(tmp_path: Path) -> None:
     lora.add_lora(tr, rank=2)
     with pytest.raises(ValueError, match="JSON"):
         lora.save_lora(tmp_path, tr, {"bad": object()})
-
-
 
 
 def test_metadata_of_a_newer_format_is_refused(tmp_path: Path) -> None:

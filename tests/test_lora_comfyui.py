@@ -109,8 +109,10 @@ def _export(family: str, tmp_path: Path, transformer: str = "transformer") -> tu
     return lora.export_comfyui(tmp_path, tmp_path / "comfy.safetensors", single_mlp_dim=mlp), tr
 
 
-@pytest.mark.parametrize("family,transformer", [("wan", "transformer"), ("wan22", "transformer"),
-                                                ("wan22", "transformer_2"), ("hunyuan", "transformer")])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,transformer",
+    [("wan", "transformer"), ("wan22", "transformer"), ("wan22", "transformer_2"), ("hunyuan", "transformer")],
+)
 def test_every_exported_key_lands_on_a_comfyui_weight_of_its_shape(family, transformer, tmp_path: Path) -> None:
     path, tr = _export(family, tmp_path, transformer)
     state = load_file(path)
@@ -146,9 +148,14 @@ def test_hunyuan_fused_slots_follow_comfyui_qkv_order(tmp_path: Path) -> None:
     cases = {
         "diffusion_model.double_blocks.1.img_attn.qkv.weight": ("transformer_blocks.1.attn", ("to_q", "to_k", "to_v")),
         "diffusion_model.txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight": (
-            "context_embedder.token_refiner.refiner_blocks.0.attn", ("to_q", "to_k", "to_v")),
-        "diffusion_model.single_blocks.1.linear1.weight": ("single_transformer_blocks.1.attn", ("to_q", "to_k", "to_v")),
-    }  # fmt: skip
+            "context_embedder.token_refiner.refiner_blocks.0.attn",
+            ("to_q", "to_k", "to_v"),
+        ),
+        "diffusion_model.single_blocks.1.linear1.weight": (
+            "single_transformer_blocks.1.attn",
+            ("to_q", "to_k", "to_v"),
+        ),
+    }
     for weight, (attn, projs) in cases.items():
         fused = patches[weight]
         for i, proj in enumerate(projs):

@@ -22,9 +22,14 @@ CAPTION = "a red circle moves right and bounces off the wall"
 def _call(pipe, frames: int = 17, side: int = 64, steps: int = 2, **kwargs):
     kwargs.setdefault("output_type", "latent")
     return pipe(
-        CAPTION, num_frames=frames, height=side, width=side, num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0), **kwargs,
-    ).frames  # fmt: skip
+        CAPTION,
+        num_frames=frames,
+        height=side,
+        width=side,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).frames
 
 
 @pytest.mark.parametrize(
@@ -161,8 +166,9 @@ def test_per_token_timesteps_of_wan22_ti2v_count_steps():
     assert controller.step == 2 and controller.calls == {"dense": 2 * 2, "sparse": 1 * 2}
 
 
-@pytest.mark.parametrize("family,fixture", [("wan", "tiny_wan_dir"), ("wan22", "tiny_wan22_dir"),
-                                            ("hunyuan", "tiny_hunyuan_dir")])  # fmt: skip
+@pytest.mark.parametrize(
+    "family,fixture", [("wan", "tiny_wan_dir"), ("wan22", "tiny_wan22_dir"), ("hunyuan", "tiny_hunyuan_dir")]
+)
 def test_load_by_role(family, fixture, request):
     """Training loads no text encoder or VAE; data preparation no transformer; the family is checked from
     model_index.json before any weights load."""

@@ -113,9 +113,13 @@ def _token_mask(family: str) -> torch.Tensor:
     adapter = get_adapter(family)
     text = TEXT if family == "hunyuan" else 0
     blocks = radial_block_mask(
-        FRAMES, (SIDE // 2) ** 2, block_size=BLOCK, decay_factor=adapter.default_decay,
-        model_type=adapter.mask_model_type, num_text_tokens=text,
-    )  # fmt: skip
+        FRAMES,
+        (SIDE // 2) ** 2,
+        block_size=BLOCK,
+        decay_factor=adapter.default_decay,
+        model_type=adapter.mask_model_type,
+        num_text_tokens=text,
+    )
     seq = FRAMES * (SIDE // 2) ** 2 + text
     assert mask_density(blocks, seq, BLOCK) < 0.97, "the test geometry must give a really sparse mask"
     return expand_block_mask(blocks, seq, BLOCK)
@@ -254,11 +258,14 @@ def test_fused_qkv_with_lora_is_refused():
 def test_bad_settings_are_named():
     pipe = build_tiny_pipeline("wan")
     for kwargs, word in [
-        ({"pattern": "sliding"}, "pattern"), ({"backend": "triton"}, "backend"),
-        ({"dense_layers": -1}, "dense_layers"), ({"block_size": 0}, "block_size"),
-        ({"decay_factor": 0.0}, "decay_factor"), ({"num_frames": 17}, "num_frames"),
+        ({"pattern": "sliding"}, "pattern"),
+        ({"backend": "triton"}, "backend"),
+        ({"dense_layers": -1}, "dense_layers"),
+        ({"block_size": 0}, "block_size"),
+        ({"decay_factor": 0.0}, "decay_factor"),
+        ({"num_frames": 17}, "num_frames"),
         ({"num_frames": 18, "height": 64, "width": 64}, "num_frames=18"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ValueError, match=word):
             apply_radial_attention(pipe, **kwargs)
     controller = apply_radial_attention(pipe.transformer, block_size=BLOCK)

@@ -21,9 +21,14 @@ CAPTION = "a red circle moves right and bounces off the wall"
 
 def _call(pipe, frames: int = 9):
     return pipe(
-        CAPTION, num_frames=frames, height=32, width=32, num_inference_steps=2,
-        output_type="pt", generator=torch.Generator().manual_seed(0),
-    ).frames  # fmt: skip
+        CAPTION,
+        num_frames=frames,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
 
 
 def test_vocabulary_covers_captions_and_unknown_words_are_unk():
@@ -51,9 +56,12 @@ def test_clip_pools_at_the_end_token():
 
 @pytest.mark.parametrize(
     "family, cls, fixture",
-    [("wan", WanPipeline, "tiny_wan_dir"), ("wan22", WanPipeline, "tiny_wan22_dir"),
-     ("hunyuan", HunyuanVideoPipeline, "tiny_hunyuan_dir")],
-)  # fmt: skip
+    [
+        ("wan", WanPipeline, "tiny_wan_dir"),
+        ("wan22", WanPipeline, "tiny_wan22_dir"),
+        ("hunyuan", HunyuanVideoPipeline, "tiny_hunyuan_dir"),
+    ],
+)
 def test_saved_pipeline_loads_with_stock_from_pretrained_and_matches(family, cls, fixture, request):
     path = request.getfixturevalue(fixture)
     loaded = DiffusionPipeline.from_pretrained(path)

@@ -17,14 +17,24 @@ MINIMAL = {"model": {"id": "m"}, "data": {"path": "d", "lengths": [161], "base_l
 
 def test_every_shipped_config_validates() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"lora_length_extension.json", "lora_quick_test.json", "lora_production.json",
-            "lora_hunyuan_4x.json", "demo_tiny_4x.json"} <= names  # fmt: skip
+    assert {
+        "lora_length_extension.json",
+        "lora_quick_test.json",
+        "lora_production.json",
+        "lora_hunyuan_4x.json",
+        "demo_tiny_4x.json",
+    } <= names
     for path in CONFIGS:
         cfg = load_config(path)
         assert isinstance(cfg, TrainConfig)
         assert max(cfg.data.lengths) > cfg.data.base_length
     paper = load_config(Path(__file__).parents[1] / "configs" / "lora_length_extension.json")
-    assert (paper.data.lengths, paper.data.base_length, paper.lora.rank, paper.radial.dense_layers) == ([161], 81, 128, 2)
+    assert (paper.data.lengths, paper.data.base_length, paper.lora.rank, paper.radial.dense_layers) == (
+        [161],
+        81,
+        128,
+        2,
+    )
     assert (paper.radial.decay, paper.train.steps, paper.train.batch_size) == (0.2, 2500, 8)
     hy = load_config(Path(__file__).parents[1] / "configs" / "lora_hunyuan_4x.json")
     assert (hy.data.lengths, hy.train.steps, hy.radial.decay, hy.model.family) == ([509], 1200, 0.95, "hunyuan")
@@ -112,7 +122,9 @@ def test_config_imports_no_model_library() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, radial_lora.train.config; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'transformers', 'diffusers'}))")  # fmt: skip
+    code = (
+        "import sys, radial_lora.train.config; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'transformers', 'diffusers'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

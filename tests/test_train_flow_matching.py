@@ -33,8 +33,10 @@ def test_noising_and_target() -> None:
     deriv = (fm.add_noise(x0, noise, s + h) - fm.add_noise(x0, noise, s)) / h
     torch.testing.assert_close(deriv, fm.flow_target(x0, noise), rtol=1e-3, atol=1e-3)
     assert fm.flow_matching_loss(fm.flow_target(x0, noise), x0, noise) == 0
-    torch.testing.assert_close(fm.per_sample_loss(torch.zeros_like(x0), x0, noise).mean(),
-                               fm.flow_matching_loss(torch.zeros_like(x0), x0, noise))
+    torch.testing.assert_close(
+        fm.per_sample_loss(torch.zeros_like(x0), x0, noise).mean(),
+        fm.flow_matching_loss(torch.zeros_like(x0), x0, noise),
+    )
 
 
 def test_timestep_units_match_diffusers_scheduler() -> None:
@@ -53,8 +55,9 @@ def test_sampling_reproducible_and_distributed() -> None:
     assert torch.equal(a, b) and a.min() > 0 and a.max() < 1
     # Median of U(0,1) is 0.5 -> shifted median 0.75.
     assert abs(a.median().item() - 0.75) < 0.03
-    ln = fm.sample_sigmas(4000, scheme="logit_normal", logit_mean=1.0, logit_std=0.5,
-                          generator=torch.Generator().manual_seed(1))
+    ln = fm.sample_sigmas(
+        4000, scheme="logit_normal", logit_mean=1.0, logit_std=0.5, generator=torch.Generator().manual_seed(1)
+    )
     assert abs(ln.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.02
     with pytest.raises(ValueError, match="logit_normal"):
         fm.sample_sigmas(2, scheme="beta")
@@ -71,8 +74,14 @@ def test_clip_noise_depends_only_on_clip_timestep_seed() -> None:
 def _clips() -> list[tuple[str, int, dict[str, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(3)
     return [
-        (f"c{i}", frames, {"latents": torch.randn(4, 1 + (frames - 1) // 4, 4, 4, generator=gen),
-                           "encoder_hidden_states": torch.randn(5, 32, generator=gen)})
+        (
+            f"c{i}",
+            frames,
+            {
+                "latents": torch.randn(4, 1 + (frames - 1) // 4, 4, 4, generator=gen),
+                "encoder_hidden_states": torch.randn(5, 32, generator=gen),
+            },
+        )
         for i, frames in enumerate((5, 9, 9))
     ]
 

@@ -22,16 +22,26 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
-    base = ("train.steps=4", "validation.every=2", "validation.max_clips=1", "validation.timesteps=[500]",
-            "checkpoint.every=2", "schedule.warmup_steps=1", "lora.dropout=0.1")  # fmt: skip
+    base = (
+        "train.steps=4",
+        "validation.every=2",
+        "validation.max_clips=1",
+        "validation.timesteps=[500]",
+        "checkpoint.every=2",
+        "schedule.warmup_steps=1",
+        "lora.dropout=0.1",
+    )
     return quick_config(model, data, out, *base, *extra)
 
 
 def test_samples_are_written_and_leave_training_bit_identical(
     tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
 ) -> None:
-    sampling = (f"validation.sample_prompts={json.dumps([PROMPT])}", "validation.sample_steps=2",
-                "validation.sample_dense_timesteps=1")  # fmt: skip
+    sampling = (
+        f"validation.sample_prompts={json.dumps([PROMPT])}",
+        "validation.sample_steps=2",
+        "validation.sample_dense_timesteps=1",
+    )
     plain = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "plain"))
     out = tmp_path / "sampled"
     sampled = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *sampling))
@@ -47,8 +57,10 @@ def test_samples_are_written_and_leave_training_bit_identical(
     assert steps == ["step_000002", "step_000004"]
     for step in (2, 4):
         folder = out / "samples" / f"step_{step:06d}"
-        assert sorted(p.name for p in folder.iterdir()) == ["f17_000_a-red-fox-runs-through-fresh-snow.json",
-                                                            "f17_000_a-red-fox-runs-through-fresh-snow.mp4"]  # fmt: skip
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "f17_000_a-red-fox-runs-through-fresh-snow.json",
+            "f17_000_a-red-fox-runs-through-fresh-snow.mp4",
+        ]
         frames, fps = read_video(folder / "f17_000_a-red-fox-runs-through-fresh-snow.mp4")
         assert frames.shape == (17, 64, 64, 3) and fps == 16
         info = json.loads((folder / "f17_000_a-red-fox-runs-through-fresh-snow.json").read_text())
@@ -57,7 +69,12 @@ def test_samples_are_written_and_leave_training_bit_identical(
         assert info["wall_time_s"] > 0
         s = info["settings"]
         assert (s["steps"], s["dense_timesteps"], s["pattern"], s["block_size"], s["dense_layers"]) == (
-            2, 1, "radial", 16, 1)  # fmt: skip
+            2,
+            1,
+            "radial",
+            16,
+            1,
+        )
         assert info["attention"]["calls"]["sparse"] > 0  # step 2 of 2 is radial, as trained
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -69,8 +86,10 @@ def test_samples_are_written_and_leave_training_bit_identical(
     assert "step 4: 1 sample video(s)" in log and "f17_000_a-red-fox" in log
 
     # Resuming the sampled run from its step-2 checkpoint still reproduces the curve.
-    resumed = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "resumed", *sampling),
-                            resume=str(out / "checkpoints" / "step_000002"))  # fmt: skip
+    resumed = trainer.train(
+        _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "resumed", *sampling),
+        resume=str(out / "checkpoints" / "step_000002"),
+    )
     assert resumed.losses == plain.losses
     assert (tmp_path / "resumed" / "samples" / "step_000004").is_dir()
     assert not (tmp_path / "resumed" / "samples" / "step_000002").exists()
@@ -109,7 +128,14 @@ def test_sample_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert sample_dense_timesteps(cfg.validation) == 1  # 20 steps: round(0.04 x 20), the paper's 2 of 50
     path = tmp_path / "c.json"
     path.write_text(json.dumps(MINIMAL))
-    cfg = load_config(path, ['validation.sample_prompts=["a cat", "a dog"]', "validation.sample_lengths=[81,161]",
-                             "validation.sample_steps=50", "validation.sample_dense_timesteps=null"])  # fmt: skip
+    cfg = load_config(
+        path,
+        [
+            'validation.sample_prompts=["a cat", "a dog"]',
+            "validation.sample_lengths=[81,161]",
+            "validation.sample_steps=50",
+            "validation.sample_dense_timesteps=null",
+        ],
+    )
     assert cfg.validation.sample_prompts == ["a cat", "a dog"] and cfg.validation.sample_lengths == [81, 161]
     assert sample_dense_timesteps(cfg.validation) == 2

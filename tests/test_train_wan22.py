@@ -29,14 +29,33 @@ def wan22_dataset(tiny_wan22_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     root = tmp_path_factory.mktemp("wan22_dataset")
     write_sample_dataset(root / "videos", num_videos=3, num_frames=20, size=(64, 64), fps=16, seed=2)
-    prepare_dataset(PrepareOptions(input=root / "videos", out=root / "ds", model=str(tiny_wan22_dir), family="wan22",
-                                   lengths=(9, 17), height=64, width=64, fps=16, dtype="float32"))  # fmt: skip
+    prepare_dataset(
+        PrepareOptions(
+            input=root / "videos",
+            out=root / "ds",
+            model=str(tiny_wan22_dir),
+            family="wan22",
+            lengths=(9, 17),
+            height=64,
+            width=64,
+            fps=16,
+            dtype="float32",
+        )
+    )
     return root / "ds"
 
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str) -> train_config.TrainConfig:
-    common = ["train.steps=3", "train.batch_size=2", "data.holdout=0.0", "checkpoint.every=0", "validation.every=0",
-              "logging.tensorboard=false", "optimizer.lr=5e-3", "schedule.warmup_steps=0"]  # fmt: skip
+    common = [
+        "train.steps=3",
+        "train.batch_size=2",
+        "data.holdout=0.0",
+        "checkpoint.every=0",
+        "validation.every=0",
+        "logging.tensorboard=false",
+        "optimizer.lr=5e-3",
+        "schedule.warmup_steps=0",
+    ]
     return quick_config(model, data, out, *common, *extra)
 
 
@@ -45,8 +64,13 @@ def _spy_predict(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.nn.Module,
     calls: list[tuple[torch.nn.Module, torch.Tensor]] = []
     real = WanAdapter.predict
 
-    def spy(self: WanAdapter, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-            text: dict[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    def spy(
+        self: WanAdapter,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
         calls.append((transformer, timesteps.detach().clone()))
         return real(self, transformer, latents, timesteps, text)
 
@@ -60,8 +84,16 @@ def _lora_names(module: torch.nn.Module) -> list[str]:
 
 def _latents(pipe: DiffusionPipeline) -> torch.Tensor:
     """A short denoising run: its 4 steps cross the 875 boundary, so both experts run."""
-    return pipe("a red square moving", num_frames=9, height=64, width=64, num_inference_steps=4, guidance_scale=1.0,
-                output_type="latent", generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    return pipe(
+        "a red square moving",
+        num_frames=9,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
 
 
 def test_low_expert_lora_trains_transformer_2_and_loads_there(
@@ -75,8 +107,9 @@ def test_low_expert_lora_trains_transformer_2_and_loads_there(
     calls = _spy_predict(monkeypatch)
     out = tmp_path / "low"
     sampling = ('validation.sample_prompts=["a red square moving"]', "validation.sample_steps=4")
-    result = trainer.train(_cfg(tiny_wan22_dir, wan22_dataset, out, "model.family=wan22", "model.expert=low", *sampling),
-                           pipe=pipe)  # fmt: skip
+    result = trainer.train(
+        _cfg(tiny_wan22_dir, wan22_dataset, out, "model.family=wan22", "model.expert=low", *sampling), pipe=pipe
+    )
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     # Only the low-noise expert ran, and only at the timesteps WanPipeline gives it.
     assert calls and all(tr is pipe.transformer_2 for tr, _ in calls)
@@ -102,8 +135,9 @@ def test_low_expert_lora_trains_transformer_2_and_loads_there(
     base = _latents(stock)
     names = set_loras(stock, [(str(out), 1.0)])
     assert stock.get_list_adapters() == {"transformer_2": names}
-    loaded = {n.replace(f".{names[0]}.", ".default."): p for n, p in stock.transformer_2.named_parameters()
-              if "lora_B" in n}  # fmt: skip
+    loaded = {
+        n.replace(f".{names[0]}.", ".default."): p for n, p in stock.transformer_2.named_parameters() if "lora_B" in n
+    }
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
     with_lora = _latents(stock)
     assert (with_lora - base).abs().max() > 1e-4

@@ -10,8 +10,13 @@ from pathlib import Path
 from radial_lora.train.config import TrainConfig, load_config
 
 QUICK = Path(__file__).parents[1] / "configs" / "lora_quick_test.json"
-TINY_RANDOM = ("resolution.height=64", "resolution.width=64", "data.lengths=[9,17]", "data.base_length=9",
-               "data.if_missing=error")  # fmt: skip
+TINY_RANDOM = (
+    "resolution.height=64",
+    "resolution.width=64",
+    "data.lengths=[9,17]",
+    "data.base_length=9",
+    "data.if_missing=error",
+)
 
 
 def quick_config(model: Path, data: Path, out: Path, *extra: str) -> TrainConfig:

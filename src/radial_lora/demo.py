@@ -58,10 +58,26 @@ class DemoPlan:
     guidance: float
 
 
-FULL = DemoPlan(train_videos=32, heldout_videos=8, train_steps=500, batch_size=4, timing_steps=8,
-                eval_prompts=3, eval_steps=20, guidance=4.0)  # fmt: skip
-QUICK = DemoPlan(train_videos=4, heldout_videos=2, train_steps=4, batch_size=2, timing_steps=2,
-                 eval_prompts=1, eval_steps=2, guidance=4.0)  # fmt: skip
+FULL = DemoPlan(
+    train_videos=32,
+    heldout_videos=8,
+    train_steps=500,
+    batch_size=4,
+    timing_steps=8,
+    eval_prompts=3,
+    eval_steps=20,
+    guidance=4.0,
+)
+QUICK = DemoPlan(
+    train_videos=4,
+    heldout_videos=2,
+    train_steps=4,
+    batch_size=2,
+    timing_steps=2,
+    eval_prompts=1,
+    eval_steps=2,
+    guidance=4.0,
+)
 
 
 @dataclass
@@ -91,8 +107,6 @@ class _Phases:
         self.times[name] = {"seconds": round(time.perf_counter() - t0, 2), "reused": False}
         write_json_atomic(self.path, self.times)
         return result
-
-
 
 
 def _check_model(model: Path) -> None:
@@ -136,8 +150,16 @@ def prepare(out: Path, model: Path) -> None:
     pipe = _load_pipe(model)
     adapter = get_adapter(FAMILY)
     for name, lengths in (("train", (BASE, QUAD)), ("heldout", (BASE, DOUBLE, QUAD))):
-        opts = PrepareOptions(input=out / f"{name}_videos", out=out / name, model=str(model), family=FAMILY,
-                              lengths=lengths, height=SIZE, width=SIZE, fps=FPS)  # fmt: skip
+        opts = PrepareOptions(
+            input=out / f"{name}_videos",
+            out=out / name,
+            model=str(model),
+            family=FAMILY,
+            lengths=lengths,
+            height=SIZE,
+            width=SIZE,
+            fps=FPS,
+        )
         summary = prepare_dataset(opts, adapter=adapter, pipe=pipe)
         log.info("prepared %s: %s", name, summary.format().replace("\n", "; "))
         if summary.skipped:
@@ -148,13 +170,19 @@ def train_config(opts: DemoOptions, plan: DemoPlan) -> Any:
     from radial_lora.train.config import load_config
 
     if not opts.config.is_file():
-        raise FileNotFoundError(f"demo config {opts.config} not found; pass --config with a training config (the default is {DEFAULT_CONFIG})")
+        raise FileNotFoundError(
+            f"demo config {opts.config} not found; pass --config with a training config "
+            f"(the default is {DEFAULT_CONFIG})"
+        )
     overrides = {
-        "model.id": str(opts.model), "data.path": str(opts.out / "data" / "train"),
-        "output_dir": str(opts.out / "lora"), "train.steps": plan.train_steps,
-        "train.batch_size": plan.batch_size, "train.seed": opts.seed,
+        "model.id": str(opts.model),
+        "data.path": str(opts.out / "data" / "train"),
+        "output_dir": str(opts.out / "lora"),
+        "train.steps": plan.train_steps,
+        "train.batch_size": plan.batch_size,
+        "train.seed": opts.seed,
         "checkpoint.every": max(1, plan.train_steps // 3),
-    }  # fmt: skip
+    }
     return load_config(opts.config, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
@@ -197,9 +225,14 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
     transformer.train()
     for i in tqdm(range(steps + 1), desc="time dense vs radial", unit="pair"):
         for pattern in times:
-            apply_radial_attention(transformer, pattern=pattern, dense_layers=cfg.radial.dense_layers,
-                                   decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size,
-                                   backend=cfg.radial.backend)  # fmt: skip
+            apply_radial_attention(
+                transformer,
+                pattern=pattern,
+                dense_layers=cfg.radial.dense_layers,
+                decay_factor=cfg.radial.decay,
+                block_size=cfg.radial.block_size,
+                backend=cfg.radial.backend,
+            )
             t0 = time.perf_counter()
             fm.flow_step(adapter, transformer, latents, text, sigmas, noise).loss.backward()
             opt.step()
@@ -209,36 +242,73 @@ def time_training_steps(model: Path, dataset: Path, cfg: Any, steps: int, seed: 
     geo = adapter.geometry(pipe, QUAD, SIZE, SIZE)
     cfg_t = transformer.config
     decay = cfg.radial.decay if cfg.radial.decay is not None else adapter.default_decay
-    mask = radial_block_mask(geo.latent_frames, geo.tokens_per_frame, block_size=cfg.radial.block_size,
-                             decay_factor=decay, model_type=adapter.mask_model_type)  # fmt: skip
-    cost = attention_cost(mask, geo.video_tokens, head_dim=cfg_t.attention_head_dim,
-                          num_heads=cfg_t.num_attention_heads, block_size=cfg.radial.block_size,
-                          batch=len(records))  # fmt: skip
+    mask = radial_block_mask(
+        geo.latent_frames,
+        geo.tokens_per_frame,
+        block_size=cfg.radial.block_size,
+        decay_factor=decay,
+        model_type=adapter.mask_model_type,
+    )
+    cost = attention_cost(
+        mask,
+        geo.video_tokens,
+        head_dim=cfg_t.attention_head_dim,
+        num_heads=cfg_t.num_attention_heads,
+        block_size=cfg.radial.block_size,
+        batch=len(records),
+    )
     layers = cfg_t.num_layers
     dense_layers = sum(dense_call("radial", b, None, cfg.radial.dense_layers, 0) for b in range(layers))
     dense_s, radial_s = statistics.median(times["dense"]), statistics.median(times["radial"])
     return {
-        "frames": QUAD, "latent_frames": geo.latent_frames, "tokens": geo.video_tokens,
-        "tokens_per_frame": geo.tokens_per_frame, "block_size": cfg.radial.block_size, "decay": decay,
-        "batch": len(records), "steps_timed": steps, "dense_step_s": dense_s, "radial_step_s": radial_s,
-        "speedup": dense_s / radial_s, "dense_step_times": times["dense"], "radial_step_times": times["radial"],
-        "mask_density": cost.density, "layers": layers, "dense_layers": dense_layers,
+        "frames": QUAD,
+        "latent_frames": geo.latent_frames,
+        "tokens": geo.video_tokens,
+        "tokens_per_frame": geo.tokens_per_frame,
+        "block_size": cfg.radial.block_size,
+        "decay": decay,
+        "batch": len(records),
+        "steps_timed": steps,
+        "dense_step_s": dense_s,
+        "radial_step_s": radial_s,
+        "speedup": dense_s / radial_s,
+        "dense_step_times": times["dense"],
+        "radial_step_times": times["radial"],
+        "mask_density": cost.density,
+        "layers": layers,
+        "dense_layers": dense_layers,
         "attention_flops_dense": cost.dense_flops * layers,
         "attention_flops_radial": cost.dense_flops * dense_layers + cost.radial_flops * (layers - dense_layers),
-    }  # fmt: skip
+    }
 
 
 def evaluate(opts: DemoOptions, plan: DemoPlan, lora_path: Path, cfg: Any) -> dict[str, Any]:
     from radial_lora.eval.evaluate import GridOptions, make_variants, run_grid
 
     grid = GridOptions(
-        model=str(opts.model), prompts=heldout_prompts(plan, opts.seed), lengths=[BASE, DOUBLE, QUAD],
-        variants=make_variants(list(VARIANTS), lora=(str(lora_path), 1.0)), out_dir=opts.out / "eval",
-        height=SIZE, width=SIZE, family=FAMILY, dense_layers=cfg.radial.dense_layers, dense_timesteps=0,
-        decay_factor=cfg.radial.decay, block_size=cfg.radial.block_size, backend=cfg.radial.backend,
-        seed=opts.seed, steps=plan.eval_steps, guidance=plan.guidance, fps=FPS, negative_prompt="",
-        device="cpu", dtype="float32", dataset=opts.out / "data" / "heldout", heldout_max_clips=plan.heldout_videos,
-    )  # fmt: skip
+        model=str(opts.model),
+        prompts=heldout_prompts(plan, opts.seed),
+        lengths=[BASE, DOUBLE, QUAD],
+        variants=make_variants(list(VARIANTS), lora=(str(lora_path), 1.0)),
+        out_dir=opts.out / "eval",
+        height=SIZE,
+        width=SIZE,
+        family=FAMILY,
+        dense_layers=cfg.radial.dense_layers,
+        dense_timesteps=0,
+        decay_factor=cfg.radial.decay,
+        block_size=cfg.radial.block_size,
+        backend=cfg.radial.backend,
+        seed=opts.seed,
+        steps=plan.eval_steps,
+        guidance=plan.guidance,
+        fps=FPS,
+        negative_prompt="",
+        device="cpu",
+        dtype="float32",
+        dataset=opts.out / "data" / "heldout",
+        heldout_max_clips=plan.heldout_videos,
+    )
     return run_grid(grid)
 
 
@@ -304,8 +374,10 @@ def _loss_section(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> li
         "|---|---|---|---|---|---|",
     ]
     for n, tag in ((BASE, "1x"), (DOUBLE, "2x"), (QUAD, "4x")):
-        lines.append(f"| {tag} ({n} frames) | {_f(dense[n])} | {_f(base[n])} | {_f(lora[n])} | "
-                     f"{_pct(lora[n], base[n])} | {_pct(lora[n], dense[n])} |")
+        lines.append(
+            f"| {tag} ({n} frames) | {_f(dense[n])} | {_f(base[n])} | {_f(lora[n])} | "
+            f"{_pct(lora[n], base[n])} | {_pct(lora[n], dense[n])} |"
+        )
     verdict = (
         f"At 4x the LoRA lowers the held-out loss from {_f(base[QUAD])} to {_f(lora[QUAD])} "
         f"({_pct(lora[QUAD], base[QUAD])})."
@@ -427,17 +499,28 @@ def _run(opts: DemoOptions, plan: DemoPlan) -> Path:
     cfg = train_config(opts, plan)
     lora_file = out / "lora" / "pytorch_lora_weights.safetensors"
 
-    phases.run("videos", (out / "data" / "heldout_videos" / "metadata.jsonl").is_file(),
-               lambda: make_videos(out / "data", plan, opts.seed))  # fmt: skip
-    phases.run("prepare", (out / "data" / "heldout" / "manifest.jsonl").is_file(),
-               lambda: prepare(out / "data", opts.model))  # fmt: skip
-    trained = phases.run("train", (out / "lora" / "losses.json").is_file() and lora_file.is_file(),
-                         lambda: train_lora(cfg))  # fmt: skip
-    train_info = trained or {"lora": str(lora_file), "steps": cfg.train.steps,
-                             "losses": json.loads((out / "lora" / "losses.json").read_text())}  # fmt: skip
+    phases.run(
+        "videos",
+        (out / "data" / "heldout_videos" / "metadata.jsonl").is_file(),
+        lambda: make_videos(out / "data", plan, opts.seed),
+    )
+    phases.run(
+        "prepare", (out / "data" / "heldout" / "manifest.jsonl").is_file(), lambda: prepare(out / "data", opts.model)
+    )
+    trained = phases.run(
+        "train", (out / "lora" / "losses.json").is_file() and lora_file.is_file(), lambda: train_lora(cfg)
+    )
+    train_info = trained or {
+        "lora": str(lora_file),
+        "steps": cfg.train.steps,
+        "losses": json.loads((out / "lora" / "losses.json").read_text()),
+    }
     timing_file = out / "timing.json"
-    timing = phases.run("timing", timing_file.is_file(), lambda: time_training_steps(
-        opts.model, out / "data" / "train", cfg, plan.timing_steps, opts.seed))  # fmt: skip
+    timing = phases.run(
+        "timing",
+        timing_file.is_file(),
+        lambda: time_training_steps(opts.model, out / "data" / "train", cfg, plan.timing_steps, opts.seed),
+    )
     if timing is not None:
         write_json_atomic(timing_file, timing)
     timing = json.loads(timing_file.read_text())
@@ -446,14 +529,21 @@ def _run(opts: DemoOptions, plan: DemoPlan) -> Path:
     info = {
         "heldout": heldout_table(results),
         "prompts": results["prompts"],
-        "videos": {c["variant"]: [str(Path("eval") / v) for v in c["videos"]]
-                   for c in results["cells"] if c["length"] == QUAD},
-        "strips": strips, "timing": timing, "train": train_info, "config": cfg.to_dict(),
-        "plan": asdict(plan), "times": phases.times,
-    }  # fmt: skip
+        "videos": {
+            c["variant"]: [str(Path("eval") / v) for v in c["videos"]] for c in results["cells"] if c["length"] == QUAD
+        },
+        "strips": strips,
+        "timing": timing,
+        "train": train_info,
+        "config": cfg.to_dict(),
+        "plan": asdict(plan),
+        "times": phases.times,
+    }
     info["times"]["total_this_run"] = {"seconds": round(time.perf_counter() - t0, 2), "reused": False}
-    write_json_atomic(out / "demo.json", {**info, "heldout": {k: {str(n): v for n, v in d.items()} for k, d in
-                                                          info["heldout"].items()}})  # fmt: skip
+    write_json_atomic(
+        out / "demo.json",
+        {**info, "heldout": {k: {str(n): v for n, v in d.items()} for k, d in info["heldout"].items()}},
+    )
     report = write_text_atomic(out / "REPORT.md", render_report(opts, plan, info))
     log.info("demo finished in %.0f s; report: %s", time.perf_counter() - t0, report)
     return report

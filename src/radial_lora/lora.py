@@ -83,8 +83,12 @@ def add_lora(
         p.requires_grad_(True)
     logger.info(
         "LoRA rank %d alpha %s on %s: %d tensors, %.2fM trainable parameters",
-        rank, config.lora_alpha, targets, len(params), sum(p.numel() for p in params) / 1e6,
-    )  # fmt: skip
+        rank,
+        config.lora_alpha,
+        targets,
+        len(params),
+        sum(p.numel() for p in params) / 1e6,
+    )
     return params
 
 
@@ -288,16 +292,22 @@ def _wan_comfy_name(module: str) -> str | None:
 # Values: (comfy module, slot index, slot count) where the fused output is split in equal slots,
 # except single blocks' linear1 = [q, k, v, mlp] whose mlp width is taken from the fused B size.
 _HY_DOUBLE = {
-    "attn.to_q": ("img_attn_qkv", 0), "attn.to_k": ("img_attn_qkv", 1), "attn.to_v": ("img_attn_qkv", 2),
-    "attn.add_q_proj": ("txt_attn_qkv", 0), "attn.add_k_proj": ("txt_attn_qkv", 1),
-    "attn.add_v_proj": ("txt_attn_qkv", 2), "attn.to_out.0": ("img_attn_proj", None),
+    "attn.to_q": ("img_attn_qkv", 0),
+    "attn.to_k": ("img_attn_qkv", 1),
+    "attn.to_v": ("img_attn_qkv", 2),
+    "attn.add_q_proj": ("txt_attn_qkv", 0),
+    "attn.add_k_proj": ("txt_attn_qkv", 1),
+    "attn.add_v_proj": ("txt_attn_qkv", 2),
+    "attn.to_out.0": ("img_attn_proj", None),
     "attn.to_add_out": ("txt_attn_proj", None),
-}  # fmt: skip
+}
 _HY_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2)}
 _HY_REFINER = {
-    "attn.to_q": ("self_attn_qkv", 0), "attn.to_k": ("self_attn_qkv", 1), "attn.to_v": ("self_attn_qkv", 2),
+    "attn.to_q": ("self_attn_qkv", 0),
+    "attn.to_k": ("self_attn_qkv", 1),
+    "attn.to_v": ("self_attn_qkv", 2),
     "attn.to_out.0": ("self_attn_proj", None),
-}  # fmt: skip
+}
 
 
 def _hunyuan_comfy_name(module: str) -> tuple[str, int | None] | None:

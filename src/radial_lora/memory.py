@@ -48,9 +48,7 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
     if _rss_bytes() is None:
         yield out
         scale = 1 if sys.platform == "darwin" else 1024
-        out.update(
-            bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, kind="cpu_ru_maxrss"
-        )
+        out.update(bytes=int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, kind="cpu_ru_maxrss")
         return
     peak = [_rss_bytes() or 0]
     stop = threading.Event()

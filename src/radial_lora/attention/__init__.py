@@ -43,20 +43,17 @@ def _validate(q, k, v, block_mask, block_size, key_padding_mask) -> None:
             raise ValueError(f"{name} must be a [batch, heads, seq, head_dim] tensor, got {shape}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(
-            f"q, k, v must have the same shape (self-attention), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            "q, k, v must have the same shape (self-attention), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise ValueError(
-            f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}"
-        )
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on {q.device}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     seq = q.shape[2]
     nb = -(-seq // block_size)
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-        raise ValueError(
-            f"block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}"
-        )
+        raise ValueError(f"block_mask must be a bool tensor, got {getattr(block_mask, 'dtype', type(block_mask))}")
     if tuple(block_mask.shape) != (nb, nb):
         raise ValueError(
             f"block_mask shape {tuple(block_mask.shape)} does not fit seq={seq} with block_size={block_size}: "

@@ -35,9 +35,7 @@ def compiled_flex_attention():
     return _compiled
 
 
-def _kept_blocks(
-    block_mask: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kept_blocks(block_mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cached (block mask on device, row counts int32 [nb], kept columns first int32 [nb, nb])."""
     _, digest = mask_digest(block_mask)
     key = (digest, str(device))

@@ -12,9 +12,7 @@ def expand_block_mask(block_mask: torch.Tensor, seq_len: int, block_size: int) -
     return block_mask[idx[:, None], idx[None, :]]
 
 
-def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-):
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
     """Plain SDPA over all tokens; ``key_padding_mask`` ``[batch, seq]`` (True = attend) if given."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

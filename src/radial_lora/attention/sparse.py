@@ -359,9 +359,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = _KERNEL_FNS[ctx.kernel][1](
-            _token_major(dout), q, k, v, out, lse, ctx.plan, ctx.pad_bias, ctx.scale
-        )
+        grads = _KERNEL_FNS[ctx.kernel][1](_token_major(dout), q, k, v, out, lse, ctx.plan, ctx.pad_bias, ctx.scale)
         return (*(g.transpose(1, 2) for g in grads), None, None, None)
 
 

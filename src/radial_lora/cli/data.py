@@ -50,12 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--fps", type=float, default=16.0, help="resample every video to this frame rate")
     p.add_argument("--clip-mode", choices=["start", "middle", "sliding"], default="start")
-    p.add_argument("--stride", type=int, default=None, help="sliding mode: frames between clip starts (default: length)")
+    p.add_argument(
+        "--stride", type=int, default=None, help="sliding mode: frames between clip starts (default: length)"
+    )
     p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per video and length")
     p.add_argument("--batch-size", type=int, default=1, help="clips per VAE call")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model weights (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="model weights (default: bfloat16 on GPU, float32 on CPU)",
+    )
     p.add_argument("--video-column", default=None, help="CSV/JSONL column with the video path (default: video, ...)")
     p.add_argument("--caption-column", default=None, help="CSV/JSONL column with the caption (default: caption, ...)")
     p.set_defaults(func=_prepare)
@@ -90,11 +96,23 @@ def _prepare(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     opts = PrepareOptions(
-        input=args.input or args.input_option, out=args.out, model=args.model, family=args.family,
-        lengths=args.lengths, height=args.height, width=args.width, fps=args.fps, clip_mode=args.clip_mode, stride=args.stride,
-        max_clips=args.max_clips, batch_size=args.batch_size, device=device, dtype=dtype,
-        video_column=args.video_column, caption_column=args.caption_column,
-    )  # fmt: skip
+        input=args.input or args.input_option,
+        out=args.out,
+        model=args.model,
+        family=args.family,
+        lengths=args.lengths,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        clip_mode=args.clip_mode,
+        stride=args.stride,
+        max_clips=args.max_clips,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        video_column=args.video_column,
+        caption_column=args.caption_column,
+    )
     summary = prepare_dataset(opts)
     print(summary.format())
     for skip in summary.skipped:

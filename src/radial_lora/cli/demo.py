@@ -18,9 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (a minute or two): a smoke test")
     p.add_argument("--model", type=Path, default=ASSET, help="a tiny Wan pipeline folder (default: the shipped one)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default: the packaged assets/demo_tiny_4x.json)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: fastest for this tiny model on shared cores)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="training config (default: the packaged assets/demo_tiny_4x.json)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: fastest for this tiny model on shared cores)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -28,7 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from radial_lora.demo import DemoOptions, run_demo
 
-    report = run_demo(DemoOptions(out=args.out, quick=args.quick, model=args.model, config=args.config,
-                                  threads=args.threads, seed=args.seed))  # fmt: skip
+    report = run_demo(
+        DemoOptions(
+            out=args.out, quick=args.quick, model=args.model, config=args.config, threads=args.threads, seed=args.seed
+        )
+    )
     print(f"demo report: {report}")
     return 0

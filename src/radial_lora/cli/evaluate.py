@@ -24,28 +24,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "docs/LORA_LENGTH_EXTENSION.md explains the report.",
     )
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)")
     p.add_argument(
-        "--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)"
+        "--lengths",
+        default="1x,2x",
+        help="frame counts (81,161) or multiples of --base-frames (1x,2x,4x); default 1x,2x",
     )
-    p.add_argument("--lengths", default="1x,2x",
-                   help="frame counts (81,161) or multiples of --base-frames (1x,2x,4x); default 1x,2x")  # fmt: skip
     p.add_argument(
-        "--base-frames", type=int, default=None,
+        "--base-frames",
+        type=int,
+        default=None,
         help="length the model was trained for, what 1x means (default: the LoRA's recorded base_length, "
-             "else the family's default: Wan 81, HunyuanVideo 129)",
-    )  # fmt: skip
+        "else the family's default: Wan 81, HunyuanVideo 129)",
+    )
     p.add_argument("--lora", default=None, metavar="PATH[:SCALE]", help="the LoRA under test")
     p.add_argument("--lora2", default=None, metavar="PATH[:SCALE]", help="a second LoRA to compare")
-    p.add_argument("--variants", default=None,
-                   help="comma list of base_dense, base_radial, lora_dense, lora_radial, lora2_dense, lora2_radial "
-                        "(default: base and each given LoRA, dense and radial; lora2 radial only)")  # fmt: skip
     p.add_argument(
-        "--dataset", type=Path, default=None, help="prepared dataset for the held-out loss per length"
+        "--variants",
+        default=None,
+        help="comma list of base_dense, base_radial, lora_dense, lora_radial, lora2_dense, lora2_radial "
+        "(default: base and each given LoRA, dense and radial; lora2 radial only)",
     )
+    p.add_argument("--dataset", type=Path, default=None, help="prepared dataset for the held-out loss per length")
     p.add_argument("--heldout-max-clips", type=int, default=8, help="clips per length for the held-out loss")
-    p.add_argument(
-        "--segments", type=int, default=4, help="time segments for the drift metric (4 = quarters)"
-    )
+    p.add_argument("--segments", type=int, default=4, help="time segments for the drift metric (4 = quarters)")
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
     add_attention_arguments(p)
     p.set_defaults(func=_evaluate, steps=30)
@@ -73,14 +75,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths, base_frames)
     print(f"lengths {args.lengths} = {lengths} frames: 1x is {base_frames} frames ({source})")
     opts = GridOptions(
-        model=args.model, prompts=prompts_from_args(args, DEFAULT_PROMPTS), lengths=lengths,
-        variants=make_variants(names, lora, lora2), out_dir=args.out, height=args.height, width=args.width,
-        family=args.family, dense_layers=args.dense_layers, dense_timesteps=args.dense_timesteps,
-        decay_factor=args.decay, block_size=args.block_size, backend=args.backend, seed=args.seed,
-        steps=args.steps, guidance=args.guidance, fps=args.fps, negative_prompt=args.negative_prompt,
-        device=args.device, dtype=args.dtype, dataset=args.dataset, heldout_max_clips=args.heldout_max_clips,
-        segments=args.segments, offload=args.offload, vae_tiling=args.vae_tiling,
-    )  # fmt: skip
+        model=args.model,
+        prompts=prompts_from_args(args, DEFAULT_PROMPTS),
+        lengths=lengths,
+        variants=make_variants(names, lora, lora2),
+        out_dir=args.out,
+        height=args.height,
+        width=args.width,
+        family=args.family,
+        dense_layers=args.dense_layers,
+        dense_timesteps=args.dense_timesteps,
+        decay_factor=args.decay,
+        block_size=args.block_size,
+        backend=args.backend,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        fps=args.fps,
+        negative_prompt=args.negative_prompt,
+        device=args.device,
+        dtype=args.dtype,
+        dataset=args.dataset,
+        heldout_max_clips=args.heldout_max_clips,
+        segments=args.segments,
+        offload=args.offload,
+        vae_tiling=args.vae_tiling,
+    )
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
     return 0

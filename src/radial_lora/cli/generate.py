@@ -12,15 +12,17 @@ from radial_lora.inference.generate import parse_lora_spec
 def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     """Model, attention and sampling options shared by `generate` and `evaluate` (None = LoRA or default)."""
     p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    p.add_argument("--family", choices=["wan", "wan22", "hunyuan"], default=None,
-                   help="model family (detected from a local folder's model_index.json)")  # fmt: skip
+    p.add_argument(
+        "--family",
+        choices=["wan", "wan22", "hunyuan"],
+        default=None,
+        help="model family (detected from a local folder's model_index.json)",
+    )
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--dense-layers", type=int, default=None, help="first N blocks keep dense attention")
     p.add_argument("--dense-timesteps", type=int, default=None, help="first N denoising steps dense")
-    p.add_argument(
-        "--decay", type=float, default=None, help="mask decay factor (default: LoRA's, else family's)"
-    )
+    p.add_argument("--decay", type=float, default=None, help="mask decay factor (default: LoRA's, else family's)")
     p.add_argument("--block-size", type=int, default=None, help="mask block size in tokens (default 128)")
     p.add_argument("--backend", default="auto", choices=["auto", "flex", "sparse", "dense", "reference"])
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
@@ -29,8 +31,12 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights (default: bfloat16 on GPU, float32 on CPU)",
+    )
     p.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
@@ -57,18 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Settings left out come from the LoRA's training metadata, else the defaults. docs/LORA_LENGTH_EXTENSION.md",
     )
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    p.add_argument(
-        "--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)"
-    )
+    p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)")
     p.add_argument("--frames", type=int, required=True, help="frames, 4k+1 (e.g. 81, 161)")
     p.add_argument("--pattern", choices=["radial", "dense"], default=None, help="attention (default radial)")
-    p.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to apply (repeatable)"
-    )
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to apply (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--skip-existing", action="store_true", help="reuse videos already written with the same settings"
-    )
+    p.add_argument("--skip-existing", action="store_true", help="reuse videos already written with the same settings")
     add_attention_arguments(p)
     p.set_defaults(func=_generate)
 
@@ -77,14 +77,31 @@ def _generate(args: argparse.Namespace) -> int:
     from radial_lora.inference.generate import generate
 
     results = generate(
-        args.model, prompts_from_args(args), num_frames=args.frames, height=args.height, width=args.width,
-        out_dir=args.out, pattern=args.pattern, dense_layers=args.dense_layers,
-        dense_timesteps=args.dense_timesteps, decay_factor=args.decay, block_size=args.block_size,
-        backend=args.backend, loras=[parse_lora_spec(s) for s in args.lora], seed=args.seed, steps=args.steps,
-        guidance=args.guidance, fps=args.fps, family=args.family, negative_prompt=args.negative_prompt,
-        device=args.device, dtype=args.dtype, skip_existing=args.skip_existing, offload=args.offload,
+        args.model,
+        prompts_from_args(args),
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        out_dir=args.out,
+        pattern=args.pattern,
+        dense_layers=args.dense_layers,
+        dense_timesteps=args.dense_timesteps,
+        decay_factor=args.decay,
+        block_size=args.block_size,
+        backend=args.backend,
+        loras=[parse_lora_spec(s) for s in args.lora],
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        fps=args.fps,
+        family=args.family,
+        negative_prompt=args.negative_prompt,
+        device=args.device,
+        dtype=args.dtype,
+        skip_existing=args.skip_existing,
+        offload=args.offload,
         vae_tiling=args.vae_tiling,
-    )  # fmt: skip
+    )
     for r in results:
         a = r.info["attention"]
         print(

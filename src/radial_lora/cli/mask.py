@@ -22,8 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attention FLOPs it saves. Give either --frames/--height/--width (pixels) or "
         "--latent-frames/--tokens-per-frame.",
     )
-    p.add_argument("--model", choices=sorted(DEFAULT_DECAY), default="wan",
-                   help="mask model type: wan (first latent frame is an attention sink) or hunyuan")  # fmt: skip
+    p.add_argument(
+        "--model",
+        choices=sorted(DEFAULT_DECAY),
+        default="wan",
+        help="mask model type: wan (first latent frame is an attention sink) or hunyuan",
+    )
     p.add_argument("--frames", type=int, help="video frames (4k+1, e.g. 81, 161)")
     p.add_argument("--height", type=int, help="video height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
@@ -31,12 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (instead of pixel geometry)")
     p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, hunyuan 0.95)")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument(
-        "--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)"
-    )
-    p.add_argument(
-        "--heads", type=int, default=40, help="attention heads, for FLOPs (default: Wan2.1-14B, 40)"
-    )
+    p.add_argument("--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)")
+    p.add_argument("--heads", type=int, default=40, help="attention heads, for FLOPs (default: Wan2.1-14B, 40)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension, for FLOPs (default 128)")
     p.add_argument("--save-npy", type=Path, help="write the [nb, nb] bool mask as .npy")
     p.add_argument("--save-png", type=Path, help="write a picture of the block pattern")
@@ -50,9 +50,7 @@ def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
     pixels = [args.frames, args.height, args.width]
     latent = [args.latent_frames, args.tokens_per_frame]
     if any(x is not None for x in pixels) and any(x is not None for x in latent):
-        raise ValueError(
-            "give either --frames/--height/--width or --latent-frames/--tokens-per-frame, not both"
-        )
+        raise ValueError("give either --frames/--height/--width or --latent-frames/--tokens-per-frame, not both")
     if all(x is not None for x in pixels):
         geo = latent_geometry(args.frames, args.height, args.width)
         text = (
@@ -124,9 +122,7 @@ def run(args: argparse.Namespace) -> int:
     cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)
     print(f"geometry:      {described}")
     print(f"sequence:      {frames * tokens} video + {text} text = {seq} tokens")
-    print(
-        f"mask:          {mask.shape[0]} x {mask.shape[1]} blocks of {args.block_size} ({args.model}, decay {decay})"
-    )
+    print(f"mask:          {mask.shape[0]} x {mask.shape[1]} blocks of {args.block_size} ({args.model}, decay {decay})")
     print(f"density:       {cost.density:.4f}  (sparsity {1 - cost.density:.4f})")
     print(
         f"attention:     {cost.dense_flops / 1e12:.2f} TFLOPs dense vs {cost.radial_flops / 1e12:.2f} TFLOPs radial "

@@ -14,11 +14,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="JSON or TOML training config (see configs/)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value by dotted key, VALUE parsed as JSON (e.g. --set train.steps=100); repeatable",
-    )  # fmt: skip
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue from the newest checkpoint of output_dir, or from a checkpoint directory")
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="continue from the newest checkpoint of output_dir, or from a checkpoint directory",
+    )
     p.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     p.set_defaults(func=run)
 
@@ -36,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, resume=args.resume)
     if result.lora_path is not None:
-        print(f"LoRA: {result.lora_path} (steps {result.last_step}, final loss {result.losses[-1]:.6f})"
-              if result.losses else f"LoRA: {result.lora_path}")
+        print(
+            f"LoRA: {result.lora_path} (steps {result.last_step}, final loss {result.losses[-1]:.6f})"
+            if result.losses
+            else f"LoRA: {result.lora_path}"
+        )
     return 0

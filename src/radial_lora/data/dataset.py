@@ -59,12 +59,19 @@ class Record:
             raise ValueError(f"{where}: manifest row lacks {missing}; re-run `radial-lora data prepare`")
         try:
             return cls(
-                id=str(row["id"]), bucket=int(row["bucket"]), source=str(row["source"]),
-                caption=str(row["caption"]), start_frame=int(row["start_frame"]), fps=float(row["fps"]),
-                height=int(row["height"]), width=int(row["width"]), num_frames=int(row["num_frames"]),
-                latent_shape=tuple(int(x) for x in row["latent_shape"]), file=str(row["file"]),
+                id=str(row["id"]),
+                bucket=int(row["bucket"]),
+                source=str(row["source"]),
+                caption=str(row["caption"]),
+                start_frame=int(row["start_frame"]),
+                fps=float(row["fps"]),
+                height=int(row["height"]),
+                width=int(row["width"]),
+                num_frames=int(row["num_frames"]),
+                latent_shape=tuple(int(x) for x in row["latent_shape"]),
+                file=str(row["file"]),
                 sha256=str(row["sha256"]),
-            )  # fmt: skip
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad value in manifest row ({exc})") from exc
 
@@ -72,10 +79,6 @@ class Record:
         row = asdict(self)
         row["latent_shape"] = list(self.latent_shape)
         return row
-
-
-
-
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Record]:

@@ -166,9 +166,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     raise ValueError(f"{path}: unsupported metadata file; use a folder, .csv, .jsonl or .json")
 
 
-def _items_from_table(path: Path, video_column: str | None, caption_column: str | None) -> tuple[
-    list[SourceItem], list[Skip]
-]:
+def _items_from_table(
+    path: Path, video_column: str | None, caption_column: str | None
+) -> tuple[list[SourceItem], list[Skip]]:
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
@@ -492,8 +492,15 @@ def _finished_clips(out: Path) -> dict[str, Record]:
     return done
 
 
-def _encode_and_write(clips: list[Any], length: int, encoder: Any, opts: PrepareOptions, manifest: Any,
-                      summary: PrepareSummary, info: dict[str, Any]) -> None:  # fmt: skip
+def _encode_and_write(
+    clips: list[Any],
+    length: int,
+    encoder: Any,
+    opts: PrepareOptions,
+    manifest: Any,
+    summary: PrepareSummary,
+    info: dict[str, Any],
+) -> None:
     """Encode a batch of same-length clips (VAE + text encoder), write each clip's file and manifest line."""
     latents = encoder.videos([c.frames for c in clips])
     texts = encoder.text([c.item.caption for c in clips])
@@ -502,10 +509,19 @@ def _encode_and_write(clips: list[Any], length: int, encoder: Any, opts: Prepare
         tensors = {"latents": latent.contiguous(), **text}
         digest = _save_clip(opts.out / rel, tensors, {"id": clip.id, "source": clip.item.source})
         record = Record(
-            id=clip.id, bucket=length, source=clip.item.source, caption=clip.item.caption,
-            start_frame=clip.start, fps=opts.fps, height=opts.height, width=opts.width, num_frames=length,
-            latent_shape=tuple(latent.shape), file=rel, sha256=digest,
-        )  # fmt: skip
+            id=clip.id,
+            bucket=length,
+            source=clip.item.source,
+            caption=clip.item.caption,
+            start_frame=clip.start,
+            fps=opts.fps,
+            height=opts.height,
+            width=opts.width,
+            num_frames=length,
+            latent_shape=tuple(latent.shape),
+            file=rel,
+            sha256=digest,
+        )
         manifest.append(record)
         summary.encoded[length] += 1
         info.setdefault("latent_shapes", {})[str(length)] = list(latent.shape)
@@ -582,6 +598,9 @@ def prepare_dataset(
     write_json_atomic(info_path, info, indent=2)
     log.info(
         "dataset %s: %d clips encoded, %d already prepared, %d inputs skipped",
-        out, sum(summary.encoded.values()), sum(summary.reused.values()), len(summary.skipped),
-    )  # fmt: skip
+        out,
+        sum(summary.encoded.values()),
+        sum(summary.reused.values()),
+        len(summary.skipped),
+    )
     return summary

@@ -183,8 +183,6 @@ def sample_specs(n: int, seed: int = 0) -> list[ClipSpec]:
     return specs
 
 
-
-
 def write_sample_dataset(
     out_dir: str | os.PathLike[str],
     num_videos: int = 8,
@@ -205,8 +203,16 @@ def write_sample_dataset(
         write_video(out / f"{name}.mp4", render_clip(spec, num_frames, (h, w), fps), fps, reproducible=True)
         write_text_atomic(out / f"{name}.txt", caption + "\n")
         rows.append(
-            {"video": f"{name}.mp4", "caption": caption, "num_frames": num_frames, "fps": fps, "height": h,
-             "width": w, "bounces": count_bounces(spec, num_frames, fps), "spec": asdict(spec)}
+            {
+                "video": f"{name}.mp4",
+                "caption": caption,
+                "num_frames": num_frames,
+                "fps": fps,
+                "height": h,
+                "width": w,
+                "bounces": count_bounces(spec, num_frames, fps),
+                "spec": asdict(spec),
+            }
         )
     write_text_atomic(out / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     log.info("wrote %d sample videos (%d frames, %dx%d, %g fps) to %s", num_videos, num_frames, w, h, fps, out)

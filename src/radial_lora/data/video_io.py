@@ -204,15 +204,30 @@ def write_video(
             raise ValueError(f"odd_size must be 'pad' or 'error', got {odd_size!r}")
         frames = _pad_even(frames)
     with atomic_path(path, suffix=suffix) as tmp:
-        _encode(str(tmp), frames, Fraction(fps).limit_denominator(1001), codec, pix_fmt, crf, container_format(suffix),
-                reproducible)  # fmt: skip
+        _encode(
+            str(tmp),
+            frames,
+            Fraction(fps).limit_denominator(1001),
+            codec,
+            pix_fmt,
+            crf,
+            container_format(suffix),
+            reproducible,
+        )
     return path
 
 
 def container_format(suffix: str) -> str | None:
     """FFmpeg muxer for an extension (the temp file's ``.tmp.mp4`` suffix would confuse the guess)."""
-    return {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
-            ".gif": "gif", ".avi": "avi"}.get(suffix)
+    return {
+        ".mp4": "mp4",
+        ".m4v": "mp4",
+        ".mov": "mov",
+        ".mkv": "matroska",
+        ".webm": "webm",
+        ".gif": "gif",
+        ".avi": "avi",
+    }.get(suffix)
 
 
 def _encode(

@@ -93,13 +93,9 @@ def parse_lengths(text: str, base_frames: int) -> list[int]:
             else:
                 frames = int(part)
         except ValueError:
-            raise ValueError(
-                f"--lengths item {part!r} is neither a frame count (65) nor a multiple (2x)"
-            ) from None
+            raise ValueError(f"--lengths item {part!r} is neither a frame count (65) nor a multiple (2x)") from None
         if frames < 1 or (frames - 1) % 4:
-            raise ValueError(
-                f"--lengths {part!r} gives {frames} frames; video VAEs need 4k+1 frames (17, 33, 81...)"
-            )
+            raise ValueError(f"--lengths {part!r} gives {frames} frames; video VAEs need 4k+1 frames (17, 33, 81...)")
         out.append(frames)
     if not out:
         raise ValueError("--lengths is empty; e.g. --lengths 81,161 or --lengths 1x,2x")
@@ -147,9 +143,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _quality(frames: list[np.ndarray], ref_frames: list[np.ndarray] | None, segments: int) -> dict[str, Any]:
     """Per-prompt metrics and their means (PSNR means over finite values; all-identical stays inf)."""
-    per_prompt = [
-        metrics.summarize(f, r, segments) for f, r in zip(frames, ref_frames or [None] * len(frames))
-    ]
+    per_prompt = [metrics.summarize(f, r, segments) for f, r in zip(frames, ref_frames or [None] * len(frames))]
     out: dict[str, Any] = {
         "temporal_consistency": _mean([p["temporal_consistency"] for p in per_prompt]),
         "per_prompt": per_prompt,
@@ -169,9 +163,7 @@ def _quality(frames: list[np.ndarray], ref_frames: list[np.ndarray] | None, segm
     return out
 
 
-def _heldout(
-    pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: dict[str, Any]
-) -> dict[str, Any]:
+def _heldout(pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: dict[str, Any]) -> dict[str, Any]:
     """Held-out flow-matching loss of one variant on the prepared dataset, per length bucket."""
     from radial_lora.data.dataset import PreparedDataset
     from radial_lora.inference.generate import set_loras
@@ -183,23 +175,35 @@ def _heldout(
     adapter = get_adapter(family)
     set_loras(pipe, list(variant.loras))
     controller = apply_radial_attention(
-        pipe, pattern=variant.pattern, dense_layers=attn["dense_layers"], dense_timesteps=0,
-        decay_factor=attn["decay_factor"], block_size=attn["block_size"], backend=opts.backend,
-    )  # fmt: skip
+        pipe,
+        pattern=variant.pattern,
+        dense_layers=attn["dense_layers"],
+        dense_timesteps=0,
+        decay_factor=attn["decay_factor"],
+        block_size=attn["block_size"],
+        backend=opts.backend,
+    )
     with controller.training_mode():
         result = heldout_loss(adapter, adapter.transformers(pipe)[0], records, seed=opts.seed, dataset=ds)
     return result.to_dict()
 
 
-def _cell(length: int, variant: Variant, ref: Variant | None, results: list[Any], quality: dict[str, Any],
-          out: Path) -> dict[str, Any]:  # fmt: skip
+def _cell(
+    length: int, variant: Variant, ref: Variant | None, results: list[Any], quality: dict[str, Any], out: Path
+) -> dict[str, Any]:
     """One (length, variant) cell of results.json from its generated videos."""
     first = results[0].info
     return {
-        "length": length, "variant": variant.name, "weights": variant.weights, "pattern": variant.pattern,
-        "loras": [list(x) for x in variant.loras], "reference": ref.name if ref is not None else None,
-        "settings": {k: first["settings"][k] for k in ("decay_factor", "block_size", "dense_layers",
-                                                       "dense_timesteps", "steps", "guidance", "backend")},
+        "length": length,
+        "variant": variant.name,
+        "weights": variant.weights,
+        "pattern": variant.pattern,
+        "loras": [list(x) for x in variant.loras],
+        "reference": ref.name if ref is not None else None,
+        "settings": {
+            k: first["settings"][k]
+            for k in ("decay_factor", "block_size", "dense_layers", "dense_timesteps", "steps", "guidance", "backend")
+        },
         "wall_time_s": float(np.mean([r.info["wall_time_s"] for r in results])),
         "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
         "peak_memory_kind": first["peak_memory"].get("kind"),
@@ -207,27 +211,46 @@ def _cell(length: int, variant: Variant, ref: Variant | None, results: list[Any]
         "quality": quality,
         "videos": [str(r.video_path.relative_to(out)) for r in results],
         "reused": all(r.reused for r in results),
-    }  # fmt: skip
+    }
 
 
-def _results_doc(opts: GridOptions, model_name: str | None, family: str, grid_attn: dict[str, Any],
-                 cells: list[dict[str, Any]], heldout: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _results_doc(
+    opts: GridOptions,
+    model_name: str | None,
+    family: str,
+    grid_attn: dict[str, Any],
+    cells: list[dict[str, Any]],
+    heldout: dict[str, Any],
+) -> dict[str, Any]:
     """The whole results.json: the grid's settings, every cell, the held-out losses."""
     return {
-        "format": RESULTS_FORMAT, "model": model_name, "family": family, "prompts": opts.prompts,
+        "format": RESULTS_FORMAT,
+        "model": model_name,
+        "family": family,
+        "prompts": opts.prompts,
         "lengths": opts.lengths,
-        "variants": [{"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
-                     for v in opts.variants],
-        "settings": {"height": opts.height, "width": opts.width, "seed": opts.seed, "steps": opts.steps,
-                     "guidance": opts.guidance, "fps": opts.fps, "segments": opts.segments,
-                     "dataset": str(opts.dataset) if opts.dataset else None, **grid_attn},
+        "variants": [
+            {"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
+            for v in opts.variants
+        ],
+        "settings": {
+            "height": opts.height,
+            "width": opts.width,
+            "seed": opts.seed,
+            "steps": opts.steps,
+            "guidance": opts.guidance,
+            "fps": opts.fps,
+            "segments": opts.segments,
+            "dataset": str(opts.dataset) if opts.dataset else None,
+            **grid_attn,
+        },
         "cells": cells,
         "heldout": heldout,
         "notes": {
             "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
             "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
         },
-    }  # fmt: skip
+    }
 
 
 def run_grid(opts: GridOptions) -> dict[str, Any]:
@@ -243,9 +266,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     if not opts.prompts:
         raise ValueError("no prompts; pass --prompt TEXT or --prompts FILE")
     if opts.dataset is not None and not (Path(opts.dataset) / "dataset.json").is_file():
-        raise FileNotFoundError(
-            f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first"
-        )
+        raise FileNotFoundError(f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first")
     out = Path(opts.out_dir)
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
@@ -264,9 +285,11 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     frames_of: dict[tuple[str, int], list[np.ndarray]] = {}
     cells: list[dict[str, Any]] = []
     user_attn = {
-        "decay_factor": opts.decay_factor, "block_size": opts.block_size, "dense_layers": opts.dense_layers,
+        "decay_factor": opts.decay_factor,
+        "block_size": opts.block_size,
+        "dense_layers": opts.dense_layers,
         "dense_timesteps": opts.dense_timesteps,
-    }  # fmt: skip
+    }
     # One set of mask settings for every variant (the first LoRA's training metadata fills what the user
     # left out), so base and LoRA cells are compared under the same mask.
     first_lora = [s for v in opts.variants for s in v.loras][:1]
@@ -274,12 +297,26 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     grid_attn = {k: attn[k] for k in user_attn}
     for length, variant in tqdm(cells_todo, desc="eval cells", unit="cell"):
         results = generate(
-            pipe, opts.prompts, num_frames=length, height=opts.height, width=opts.width, out_dir=videos,
-            pattern=variant.pattern, loras=variant.loras, backend=opts.backend, seed=opts.seed, steps=opts.steps,
-            guidance=opts.guidance, fps=opts.fps, family=family, negative_prompt=opts.negative_prompt,
-            names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))], save_frames=True,
-            skip_existing=True, **grid_attn,
-        )  # fmt: skip
+            pipe,
+            opts.prompts,
+            num_frames=length,
+            height=opts.height,
+            width=opts.width,
+            out_dir=videos,
+            pattern=variant.pattern,
+            loras=variant.loras,
+            backend=opts.backend,
+            seed=opts.seed,
+            steps=opts.steps,
+            guidance=opts.guidance,
+            fps=opts.fps,
+            family=family,
+            negative_prompt=opts.negative_prompt,
+            names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))],
+            save_frames=True,
+            skip_existing=True,
+            **grid_attn,
+        )
         if any(key[1] != length for key in frames_of):
             frames_of.clear()  # only this length's dense references stay in memory
         frames = [r.frames for r in results]
@@ -290,8 +327,13 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         cell = _cell(length, variant, ref, results, _quality(frames, ref_frames, opts.segments), out)
         cell["strip"] = write_strip(out, cell, frames[0])
         cells.append(cell)
-        logger.info("cell %s @ %d frames: %.1fs, psnr %s", variant.name, length, cell["wall_time_s"],
-                    cell["quality"].get("psnr"))  # fmt: skip
+        logger.info(
+            "cell %s @ %d frames: %.1fs, psnr %s",
+            variant.name,
+            length,
+            cell["wall_time_s"],
+            cell["quality"].get("psnr"),
+        )
 
     heldout: dict[str, Any] = {}
     if opts.dataset is not None:

@@ -54,9 +54,7 @@ def _unit(t: torch.Tensor, name: str) -> torch.Tensor:
             raise ValueError(f"{name} contains NaN or Inf values")
         lo, hi = float(t.min()), float(t.max())
         if lo < -1e-6 or hi > 1 + 1e-6:
-            raise ValueError(
-                f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] (or pass uint8)"
-            )
+            raise ValueError(f"{name} is float with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] (or pass uint8)")
         t = t.clamp(0.0, 1.0)
     return t.permute(0, 3, 1, 2).contiguous()
 

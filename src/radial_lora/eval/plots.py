@@ -69,8 +69,7 @@ def plot_metrics_vs_length(results: dict[str, Any], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles = [
-        plt.Line2D([], [], color=colors[n % len(colors)], marker="o", label=name)
-        for n, name in enumerate(names)
+        plt.Line2D([], [], color=colors[n % len(colors)], marker="o", label=name) for n, name in enumerate(names)
     ]
     fig.legend(handles=handles, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
@@ -119,9 +118,12 @@ def plot_masks(results: dict[str, Any], family: str, path: Path) -> Path | None:
     for ax, (length, cell) in zip(axes.flat, sorted(shown.items())):
         a = cell["attention"]
         mask = radial_block_mask(
-            a["latent_frames"], a["tokens_per_frame"], block_size=cell["settings"]["block_size"],
-            decay_factor=a["decay_factor"], model_type=adapter.mask_model_type,
-        )  # fmt: skip
+            a["latent_frames"],
+            a["tokens_per_frame"],
+            block_size=cell["settings"]["block_size"],
+            decay_factor=a["decay_factor"],
+            model_type=adapter.mask_model_type,
+        )
         ax.imshow(mask.numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{length} frames: density {a['mask_density']:.2f}", fontsize=9)
         ax.set_xlabel("key block")

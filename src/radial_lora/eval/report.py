@@ -67,9 +67,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                     f"{length} frames: temporal consistency LoRA radial {tl:.4f} vs base radial {tb:.4f} "
                     f"(dense reference {_fmt(_q(lora, 'reference_temporal_consistency'), 4)})."
                 )
-    return lines or [
-        "No comparable cells (the grid needs base_dense and a radial variant at the same length)."
-    ]
+    return lines or ["No comparable cells (the grid needs base_dense and a radial variant at the same length)."]
 
 
 _COLUMNS = [

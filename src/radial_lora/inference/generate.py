@@ -41,6 +41,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dense_layers": 0,
     "dense_timesteps": 0,
 }
+
+
 @dataclass
 class GenerationResult:
     """One generated video: where it is, its uint8 ``[F, H, W, 3]`` frames and the sidecar content."""
@@ -83,8 +85,9 @@ def resolve_attention_settings(
             if key not in from_lora:
                 from_lora[key] = value
             elif from_lora[key] != value:
-                logger.warning("LoRA %s was trained with %s=%r; keeping %r from the first LoRA", path, key, value,
-                               from_lora[key])  # fmt: skip
+                logger.warning(
+                    "LoRA %s was trained with %s=%r; keeping %r from the first LoRA", path, key, value, from_lora[key]
+                )
     settings, source = {}, {}
     for key in ATTENTION_KEYS:
         if overrides.get(key) is not None:
@@ -137,9 +140,7 @@ def load_model(
         if Path(resolve_model_id(model)).is_dir():
             family = detect_family(model)
         else:
-            raise ValueError(
-                f"--model {model} is not a local folder; pass --family (wan, wan22, hunyuan) for hub ids"
-            )
+            raise ValueError(f"--model {model} is not a local folder; pass --family (wan, wan22, hunyuan) for hub ids")
     logger.info("loading %s pipeline from %s (%s on %s)", family, model, dtype, device)
     pipe = get_adapter(family).load_pipeline(model, torch_dtype=dtype)
     if offload and device.startswith("cuda"):
@@ -220,14 +221,20 @@ def attention_budget(
     geo = adapter.geometry(pipe, num_frames, height, width)
     decay = adapter.default_decay if settings["decay_factor"] is None else settings["decay_factor"]
     mask = radial_block_mask(
-        geo.latent_frames, geo.tokens_per_frame, block_size=settings["block_size"], decay_factor=decay,
+        geo.latent_frames,
+        geo.tokens_per_frame,
+        block_size=settings["block_size"],
+        decay_factor=decay,
         model_type=adapter.mask_model_type,
-    )  # fmt: skip
+    )
     cfg = transformer.config
     cost = attention_cost(
-        mask, geo.video_tokens, head_dim=int(cfg.attention_head_dim), num_heads=int(cfg.num_attention_heads),
+        mask,
+        geo.video_tokens,
+        head_dim=int(cfg.attention_head_dim),
+        num_heads=int(cfg.num_attention_heads),
         block_size=settings["block_size"],
-    )  # fmt: skip
+    )
     layers = len(adapter.self_attention_modules(transformer))
     passes = 2 if family in ("wan", "wan22") and guidance > 1.0 else 1
     total = dense_total = 0.0
@@ -342,9 +349,15 @@ def render_video(
         controller.new_run()
     generator = torch.Generator("cpu").manual_seed(seed)
     call: dict[str, Any] = dict(
-        prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-        guidance_scale=guidance, generator=generator, output_type="np" if video_path is not None else "latent",
-    )  # fmt: skip
+        prompt=prompt,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type="np" if video_path is not None else "latent",
+    )
     if negative_prompt is not None:
         call["negative_prompt"] = negative_prompt
     mem: dict[str, Any] = {}
@@ -408,23 +421,40 @@ def generate(
 
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
     attn, source = resolve_attention_settings(
-        {"pattern": pattern, "decay_factor": decay_factor, "block_size": block_size, "dense_layers": dense_layers,
-         "dense_timesteps": dense_timesteps},
+        {
+            "pattern": pattern,
+            "decay_factor": decay_factor,
+            "block_size": block_size,
+            "dense_layers": dense_layers,
+            "dense_timesteps": dense_timesteps,
+        },
         lora_list,
-    )  # fmt: skip
+    )
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
     base_settings = {
-        "model": model_name, "family": family, "num_frames": num_frames, "height": height, "width": width, **attn,
-        "backend": backend, "loras": [[p, s] for p, s in lora_list], "lora_sha256": [lora_digest(p) for p, _ in lora_list],
-        "steps": steps, "guidance": float(guidance), "fps": float(fps), "negative_prompt": negative_prompt,
-        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."), "device": str(exec_device),
-    }  # fmt: skip
+        "model": model_name,
+        "family": family,
+        "num_frames": num_frames,
+        "height": height,
+        "width": width,
+        **attn,
+        "backend": backend,
+        "loras": [[p, s] for p, s in lora_list],
+        "lora_sha256": [lora_digest(p) for p, _ in lora_list],
+        "steps": steps,
+        "guidance": float(guidance),
+        "fps": float(fps),
+        "negative_prompt": negative_prompt,
+        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."),
+        "device": str(exec_device),
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budget = attention_budget(pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps,
-                              guidance=guidance)  # fmt: skip
+    budget = attention_budget(
+        pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance
+    )
 
     results: list[GenerationResult] = []
     controller = None
@@ -441,20 +471,45 @@ def generate(
         if controller is None:  # the first video to render: LoRAs and radial attention go in once
             set_loras(pipe, lora_list)
             controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
-        logger.info("generating %s: %d frames %dx%d, %d steps, pattern=%s", stem, num_frames, width, height, steps,
-                    attn["pattern"])  # fmt: skip
+        logger.info(
+            "generating %s: %d frames %dx%d, %d steps, pattern=%s",
+            stem,
+            num_frames,
+            width,
+            height,
+            steps,
+            attn["pattern"],
+        )
         rendered = render_video(
-            pipe, controller, video_path, prompt=prompt, num_frames=num_frames, height=height, width=width,
-            steps=steps, guidance=guidance, seed=seed + i, fps=fps, negative_prompt=negative_prompt, device=exec_device,
-        )  # fmt: skip
+            pipe,
+            controller,
+            video_path,
+            prompt=prompt,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance=guidance,
+            seed=seed + i,
+            fps=fps,
+            negative_prompt=negative_prompt,
+            device=exec_device,
+        )
         if frames_file is not None:
             _save_frames(frames_file, rendered.frames)
         info = {
-            "format": SIDECAR_FORMAT, "prompt": prompt, "index": i, "video": video_path.name,
-            "frames_file": frames_file.name if frames_file is not None else None, "settings": settings,
-            "settings_source": source, "wall_time_s": rendered.wall_time_s, "peak_memory": rendered.peak_memory,
-            "attention": {**budget, "calls": rendered.calls}, "versions": _versions(),
-        }  # fmt: skip
+            "format": SIDECAR_FORMAT,
+            "prompt": prompt,
+            "index": i,
+            "video": video_path.name,
+            "frames_file": frames_file.name if frames_file is not None else None,
+            "settings": settings,
+            "settings_source": source,
+            "wall_time_s": rendered.wall_time_s,
+            "peak_memory": rendered.peak_memory,
+            "attention": {**budget, "calls": rendered.calls},
+            "versions": _versions(),
+        }
         write_json_atomic(sidecar, info)
         results.append(GenerationResult(prompt, i, video_path, sidecar, rendered.frames, jsonable(info)))
     return results
@@ -495,9 +550,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             raise ValueError(f"{p}: expected a JSON list of prompt strings")
         prompts = [x.strip() for x in data if x.strip()]
     else:
-        prompts = [
-            line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-        ]
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"{p} holds no prompts; write one prompt per line")
     return prompts

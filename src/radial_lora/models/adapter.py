@@ -74,9 +74,13 @@ class ModelAdapter(ABC):
             transformer = found[0]
         temporal, spatial = self.vae_factors(pipe_or_transformer)
         return latent_geometry(
-            num_frames, height, width,
-            temporal_factor=temporal, spatial_factor=spatial, patch=self.patch_size(transformer),
-        )  # fmt: skip
+            num_frames,
+            height,
+            width,
+            temporal_factor=temporal,
+            spatial_factor=spatial,
+            patch=self.patch_size(transformer),
+        )
 
     # -- loading and encoding --------------------------------------------------------------------
     # Components by role: what ``data prepare`` needs (encoding) and what training needs (denoising).
@@ -84,7 +88,11 @@ class ModelAdapter(ABC):
     denoiser_components: tuple[str, ...] = ("transformer", "transformer_2")
 
     def load_pipeline(
-        self, model_id_or_path: str | os.PathLike, torch_dtype: torch.dtype = torch.bfloat16, *, skip: Iterable[str] = ()
+        self,
+        model_id_or_path: str | os.PathLike,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        *,
+        skip: Iterable[str] = (),
     ):
         """Load a pipeline with the stock ``from_pretrained`` and check it is of this family (from its
         ``model_index.json``, before any weights load). ``skip``: components not to load (left ``None``), e.g.
@@ -138,4 +146,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _check_videos(videos: torch.Tensor) -> None:
     if videos.ndim != 5 or videos.shape[1] != 3:
-        raise ValueError(f"videos must be [batch, 3, frames, height, width] in [-1, 1]; got shape {tuple(videos.shape)}")
+        raise ValueError(
+            f"videos must be [batch, 3, frames, height, width] in [-1, 1]; got shape {tuple(videos.shape)}"
+        )

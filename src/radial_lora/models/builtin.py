@@ -26,7 +26,9 @@ def resolve_model_id(model: str | os.PathLike[str]) -> str:
         return text
     name = text[len(PREFIX) :]
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {text!r}; built-in models: {', '.join(PREFIX + n for n in BUILTIN_MODELS)}")
+        raise ValueError(
+            f"unknown built-in model {text!r}; built-in models: {', '.join(PREFIX + n for n in BUILTIN_MODELS)}"
+        )
     return str(BUILTIN_MODELS[name])
 
 

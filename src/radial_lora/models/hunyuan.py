@@ -85,10 +85,14 @@ class RadialHunyuanAttnProcessor(HunyuanVideoAttnProcessor2_0):
             key_padding_mask = attention_mask.reshape(batch, -1)
 
         out = self.controller.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            block_index=self.block_index, video_tokens=video_tokens, num_text_tokens=text_tokens,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            block_index=self.block_index,
+            video_tokens=video_tokens,
+            num_text_tokens=text_tokens,
             key_padding_mask=key_padding_mask,
-        )  # fmt: skip
+        )
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         video_out, text_out = out[:, :video_tokens], out[:, video_tokens:]
@@ -167,4 +171,3 @@ class HunyuanAdapter(ModelAdapter):
             guidance=guidance,
             return_dict=False,
         )[0]
-

@@ -121,8 +121,9 @@ class RadialController:
 
     def is_dense(self, block_index: int) -> bool:
         step = None if self._training else self.current_step()
-        return bool(self._force_dense) or dense_call(self.pattern, block_index, step, self.dense_layers,
-                                                     self.dense_timesteps)  # fmt: skip
+        return bool(self._force_dense) or dense_call(
+            self.pattern, block_index, step, self.dense_layers, self.dense_timesteps
+        )
 
     @contextmanager
     def force_dense(self) -> Iterator[RadialController]:
@@ -160,15 +161,22 @@ class RadialController:
             cpu_key = (*key[:3], "cpu")
             if cpu_key not in self._masks:
                 self._masks[cpu_key] = radial_block_mask(
-                    latent_frames, tokens_per_frame, block_size=self.block_size, decay_factor=self.decay_factor,
-                    model_type=self.adapter.mask_model_type, num_text_tokens=num_text_tokens,
-                )  # fmt: skip
+                    latent_frames,
+                    tokens_per_frame,
+                    block_size=self.block_size,
+                    decay_factor=self.decay_factor,
+                    model_type=self.adapter.mask_model_type,
+                    num_text_tokens=num_text_tokens,
+                )
                 seq = latent_frames * tokens_per_frame + num_text_tokens
                 self._densities[cpu_key[:3]] = mask_density(self._masks[cpu_key], seq, self.block_size)
                 logger.debug(
-                    "radial mask f=%d T=%d text=%d: density %.3f", latent_frames, tokens_per_frame, num_text_tokens,
+                    "radial mask f=%d T=%d text=%d: density %.3f",
+                    latent_frames,
+                    tokens_per_frame,
+                    num_text_tokens,
                     self._densities[cpu_key[:3]],
-                )  # fmt: skip
+                )
             self._masks[key] = self._masks[cpu_key].to(dev)
         return self._masks[key]
 
@@ -208,9 +216,14 @@ class RadialController:
         self.calls["sparse"] += 1
         self.last_density = self._densities[(frames, tokens, num_text_tokens)]
         return block_sparse_attention(
-            query, key, value, block_mask,
-            block_size=self.block_size, backend=self.backend, key_padding_mask=key_padding_mask,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            block_mask,
+            block_size=self.block_size,
+            backend=self.backend,
+            key_padding_mask=key_padding_mask,
+        )
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -242,13 +255,18 @@ def apply_radial_attention(
     """
     family = detect_family(pipe_or_transformer)
     adapter = get_adapter(family)
-    transformers = adapter.transformers(pipe_or_transformer) if _is_pipeline(pipe_or_transformer) else [
-        pipe_or_transformer
-    ]
+    transformers = (
+        adapter.transformers(pipe_or_transformer) if _is_pipeline(pipe_or_transformer) else [pipe_or_transformer]
+    )
     controller = RadialController(
-        adapter, pattern=pattern, dense_layers=dense_layers, dense_timesteps=dense_timesteps,
-        decay_factor=decay_factor, block_size=block_size, backend=backend,
-    )  # fmt: skip
+        adapter,
+        pattern=pattern,
+        dense_layers=dense_layers,
+        dense_timesteps=dense_timesteps,
+        decay_factor=decay_factor,
+        block_size=block_size,
+        backend=backend,
+    )
     if (num_frames, height, width) != (None, None, None):
         if None in (num_frames, height, width):
             raise ValueError("pass all of num_frames, height and width (pixels), or none of them")
@@ -281,9 +299,16 @@ def apply_radial_attention(
         setattr(transformer, _STATE_ATTR, (controller, originals, handle))
     logger.info(
         "radial attention on %d %s transformer(s): pattern=%s decay=%.3g block=%d dense_layers=%d "
-        "dense_timesteps=%d backend=%s", len(transformers), family, pattern, controller.decay_factor,
-        block_size, dense_layers, dense_timesteps, backend,
-    )  # fmt: skip
+        "dense_timesteps=%d backend=%s",
+        len(transformers),
+        family,
+        pattern,
+        controller.decay_factor,
+        block_size,
+        dense_layers,
+        dense_timesteps,
+        backend,
+    )
     return controller
 
 

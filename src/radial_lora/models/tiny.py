@@ -138,23 +138,39 @@ def build_tokenizer(kind: str, vocab: list[str] | None = None) -> PreTrainedToke
     vocab = caption_vocabulary() if vocab is None else vocab
     if kind == "umt5":
         return _word_tokenizer(
-            vocab, _UMT5_SPECIALS, "<unk>", _WORD_SPLIT, ("$A </s>", "$A </s> $B </s>"),
-            pad_token="<pad>", eos_token="</s>", model_max_length=512,
+            vocab,
+            _UMT5_SPECIALS,
+            "<unk>",
+            _WORD_SPLIT,
+            ("$A </s>", "$A </s> $B </s>"),
+            pad_token="<pad>",
+            eos_token="</s>",
+            model_max_length=512,
         )
     if kind == "llama":
         return _word_tokenizer(
-            vocab, _LLAMA_SPECIALS, "<unk>", _LLAMA_SPLIT,
+            vocab,
+            _LLAMA_SPECIALS,
+            "<unk>",
+            _LLAMA_SPLIT,
             ("<|begin_of_text|> $A", "<|begin_of_text|> $A <|begin_of_text|> $B"),
-            pad_token="<|end_of_text|>", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            pad_token="<|end_of_text|>",
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
             model_max_length=1024,
-        )  # fmt: skip
+        )
     if kind == "clip":
         return _word_tokenizer(
-            vocab, _CLIP_SPECIALS, "<unk>", _WORD_SPLIT,
+            vocab,
+            _CLIP_SPECIALS,
+            "<unk>",
+            _WORD_SPLIT,
             ("<|startoftext|> $A <|endoftext|>", "<|startoftext|> $A <|endoftext|> $B <|endoftext|>"),
-            pad_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
             model_max_length=77,
-        )  # fmt: skip
+        )
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of 'umt5', 'llama', 'clip'")
 
 

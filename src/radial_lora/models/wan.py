@@ -71,9 +71,12 @@ class RadialWanAttnProcessor(WanAttnProcessor):
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         out = self.controller.attend(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            block_index=self.block_index, video_tokens=hidden_states.shape[1],
-        )  # fmt: skip
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            block_index=self.block_index,
+            video_tokens=hidden_states.shape[1],
+        )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -111,9 +114,11 @@ class WanAdapter(ModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _ = pipe.encode_prompt(
-            prompt=list(prompts), do_classifier_free_guidance=False,
-            max_sequence_length=self.max_sequence_length, device=pipe._execution_device,
-        )  # fmt: skip
+            prompt=list(prompts),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+            device=pipe._execution_device,
+        )
         return {"encoder_hidden_states": embeds}
 
     def _stats(self, pipe: DiffusionPipeline, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +187,9 @@ class Wan22Adapter(WanAdapter):
         if expert == "high":
             return pipe.transformer
         if getattr(pipe, "transformer_2", None) is None or self.boundary_timestep(pipe) is None:
-            raise ValueError("the low-noise expert needs a pipeline with transformer_2 and boundary_ratio (Wan2.2 A14B)")
+            raise ValueError(
+                "the low-noise expert needs a pipeline with transformer_2 and boundary_ratio (Wan2.2 A14B)"
+            )
         return pipe.transformer_2
 
     def expert_sigma_range(self, pipe: DiffusionPipeline, expert: str, margin: float = 1e-6) -> tuple[float, float]:
@@ -197,4 +204,3 @@ class Wan22Adapter(WanAdapter):
             return (0.0, 1.0)
         b = boundary / pipe.scheduler.config.num_train_timesteps
         return (b + margin, 1.0) if expert == "high" else (0.0, b - margin)
-

@@ -127,7 +127,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     from radial_lora.lora import load_lora_state
 
-    missing = [n for n in (LORA_FILENAME, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (p / n).is_file()]
+    missing = [
+        n for n in (LORA_FILENAME, "optimizer.pt", "scheduler.pt", "rng.pt", STATE_FILE) if not (p / n).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"checkpoint {p} is incomplete: missing {missing}")
     return {

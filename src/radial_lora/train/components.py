@@ -35,8 +35,9 @@ class Loggers:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(out / LOG_FILE, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                                    "%Y-%m-%d %H:%M:%S"))  # fmt: skip
+        self.handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+        )
         logging.getLogger("radial_lora").addHandler(self.handler)
         logging.getLogger("radial_lora").setLevel(logging.INFO)
         if cfg.logging.tensorboard:
@@ -71,13 +72,27 @@ class Loggers:
         """Every ``logging.every`` steps and at the last: the scalars and a log line; the bar every step."""
         steps = self.cfg.train.steps
         if self.enabled and (step % self.cfg.logging.every == 0 or step == steps):
-            scalars = {"loss": stats.loss, f"loss/f{stats.bucket}": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                       "step_time_s": seconds, "peak_memory_mb": peak_memory_mb}  # fmt: skip
+            scalars = {
+                "loss": stats.loss,
+                f"loss/f{stats.bucket}": stats.loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "step_time_s": seconds,
+                "peak_memory_mb": peak_memory_mb,
+            }
             if self.cfg.train.consistency_weight > 0:
                 scalars["consistency_loss"] = stats.consistency
             self.scalars(scalars, step)
-            logger.info("step %d/%d f%d loss %.6f lr %.3g grad %.3g %.2fs", step, steps, stats.bucket, stats.loss,
-                        lr, stats.grad_norm, seconds)  # fmt: skip
+            logger.info(
+                "step %d/%d f%d loss %.6f lr %.3g grad %.3g %.2fs",
+                step,
+                steps,
+                stats.bucket,
+                stats.loss,
+                lr,
+                stats.grad_norm,
+                seconds,
+            )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{stats.loss:.4f}", f=stats.bucket, s_per_step=f"{seconds:.2f}")
 
@@ -99,8 +114,9 @@ class Checkpointer:
 
     Under FSDP gathering the LoRA and optimizer state is collective: every process calls :meth:`save`."""
 
-    def __init__(self, cfg: TrainConfig, rt: Any, data: Any, m: Any, optimizer: Any, scheduler: Any,
-                 losses: list[float]) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: TrainConfig, rt: Any, data: Any, m: Any, optimizer: Any, scheduler: Any, losses: list[float]
+    ) -> None:
         self.cfg, self.rt, self.data, self.m = cfg, rt, data, m
         self.optimizer, self.scheduler, self.losses = optimizer, scheduler, losses
         self.out = Path(cfg.output_dir)
@@ -118,18 +134,26 @@ class Checkpointer:
         optimizer_state = full_optimizer_state(self.optimizer) if m.fsdp else self.optimizer.state_dict()
         if rt.main:
             ckpt.save_checkpoint(
-                self.out, step, lora_state=lora_state, lora_config=m.lora_config, metadata=self._metadata(step),
-                optimizer_state=optimizer_state, scheduler_state=self.scheduler.state_dict(), rng_states=rng_states,
+                self.out,
+                step,
+                lora_state=lora_state,
+                lora_config=m.lora_config,
+                metadata=self._metadata(step),
+                optimizer_state=optimizer_state,
+                scheduler_state=self.scheduler.state_dict(),
+                rng_states=rng_states,
                 trainer_state={"sampler": self.data.sampler.state_dict(), "losses": self.losses},
                 keep_last=self.cfg.checkpoint.keep_last,
-            )  # fmt: skip
+            )
         rt.acc.wait_for_everyone()
 
     def diverged_message(self, loss: float, step: int, bucket: int) -> str:
         last = ckpt.list_checkpoints(self.out)
         where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-        return (f"loss is {loss} at step {step} (bucket {bucket} frames); stopping without an optimizer step. "
-                f"{where}; lower optimizer.lr or check the data, then --resume latest")  # fmt: skip
+        return (
+            f"loss is {loss} at step {step} (bucket {bucket} frames); stopping without an optimizer step. "
+            f"{where}; lower optimizer.lr or check the data, then --resume latest"
+        )
 
     def export(self, step: int) -> Path | None:
         """The trained LoRA in the diffusers format, its ComfyUI twin and ``losses.json``; the path on the main
@@ -156,8 +180,9 @@ class Validator:
     def __init__(self, cfg: TrainConfig, rt: Any, data: Any, m: Any, loggers: Loggers) -> None:
         self.cfg, self.rt, self.data, self.m, self.loggers = cfg, rt, data, m, loggers
         lo_hi = m.sigma_range
-        self.timesteps = [x for x in cfg.validation.timesteps
-                          if lo_hi is None or lo_hi[0] <= x / fm.NUM_TRAIN_TIMESTEPS <= lo_hi[1]]  # fmt: skip
+        self.timesteps = [
+            x for x in cfg.validation.timesteps if lo_hi is None or lo_hi[0] <= x / fm.NUM_TRAIN_TIMESTEPS <= lo_hi[1]
+        ]
         if cfg.validation.every and data.holdout and not self.timesteps:
             expert, t_range = m.expert_meta or (None, "")
             raise ConfigError(
@@ -173,12 +198,19 @@ class Validator:
         res = None
         if rt.main or m.fsdp:  # a sharded model's forward needs every process
             with m.controller.training_mode(), rt.acc.autocast():
-                res = fm.heldout_loss(m.adapter, m.transformer, self.clips, self.timesteps,
-                                      self.cfg.validation.seed, dataset=self.data.dataset)  # fmt: skip
+                res = fm.heldout_loss(
+                    m.adapter,
+                    m.transformer,
+                    self.clips,
+                    self.timesteps,
+                    self.cfg.validation.seed,
+                    dataset=self.data.dataset,
+                )
         if rt.main:
             logger.info("step %d held-out loss %.6f per bucket %s", step, res.mean, res.per_bucket)
-            self.loggers.scalars({"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}},
-                                 step)  # fmt: skip
+            self.loggers.scalars(
+                {"heldout/mean": res.mean, **{f"heldout/f{b}": v for b, v in res.per_bucket.items()}}, step
+            )
         rt.acc.wait_for_everyone()
         return None if res is None else res.to_dict()
 
@@ -212,17 +244,34 @@ class SampleRenderer:
 
         v, r = cfg.validation, cfg.radial
         sampler = ValidationSampler(
-            m.sample_pipe, m.transformer, m.controller, Path(cfg.output_dir), prompts=list(v.sample_prompts),
-            lengths=list(v.sample_lengths) or [max(data.lengths)], height=cfg.resolution.height,
-            width=cfg.resolution.width, steps=v.sample_steps, guidance=v.sample_guidance, seed=v.sample_seed,
-            dense_timesteps=sample_dense_timesteps(v), fps=float(data.dataset.info.get("fps") or 16.0),
+            m.sample_pipe,
+            m.transformer,
+            m.controller,
+            Path(cfg.output_dir),
+            prompts=list(v.sample_prompts),
+            lengths=list(v.sample_lengths) or [max(data.lengths)],
+            height=cfg.resolution.height,
+            width=cfg.resolution.width,
+            steps=v.sample_steps,
+            guidance=v.sample_guidance,
+            seed=v.sample_seed,
+            dense_timesteps=sample_dense_timesteps(v),
+            fps=float(data.dataset.info.get("fps") or 16.0),
             device=rt.device,
-            settings={"model": cfg.model.id, "family": m.family, "expert": m.expert_meta[0] if m.expert_meta else None,
-                      "pattern": r.pattern, "decay_factor": m.controller.decay_factor, "block_size": r.block_size,
-                      "dense_layers": r.dense_layers, "backend": r.backend,
-                      "dtype": str(rt.weight_dtype).removeprefix("torch."), "device": str(rt.device)},
+            settings={
+                "model": cfg.model.id,
+                "family": m.family,
+                "expert": m.expert_meta[0] if m.expert_meta else None,
+                "pattern": r.pattern,
+                "decay_factor": m.controller.decay_factor,
+                "block_size": r.block_size,
+                "dense_layers": r.dense_layers,
+                "backend": r.backend,
+                "dtype": str(rt.weight_dtype).removeprefix("torch."),
+                "device": str(rt.device),
+            },
             write=rt.main,
-        )  # fmt: skip
+        )
         return cls(cfg, rt, m, sampler, loggers)
 
     def maybe_render(self, step: int) -> None:

@@ -237,15 +237,27 @@ def _one_of(value: Any, allowed: tuple, key: str) -> None:
 
 def check_expert_family(expert: str | None, family: str) -> None:
     """``model.expert`` picks one of Wan2.2 A14B's two experts; other families have one transformer."""
-    _check(expert is None or family == "wan22", "model.expert",
-           f"{expert!r} is only for model.family 'wan22' (Wan2.2 A14B's high/low-noise experts); "
-           f"the {family!r} model has one transformer - remove model.expert")  # fmt: skip
+    _check(
+        expert is None or family == "wan22",
+        "model.expert",
+        f"{expert!r} is only for model.family 'wan22' (Wan2.2 A14B's high/low-noise experts); "
+        f"the {family!r} model has one transformer - remove model.expert",
+    )
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Raise :class:`ConfigError` naming the first impossible value (section by section); returns ``cfg``."""
-    for check in (_validate_model, _validate_data, _validate_resolution, _validate_lora, _validate_radial,
-                  _validate_optimizer, _validate_schedule, _validate_train, _validate_outputs):  # fmt: skip
+    for check in (
+        _validate_model,
+        _validate_data,
+        _validate_resolution,
+        _validate_lora,
+        _validate_radial,
+        _validate_optimizer,
+        _validate_schedule,
+        _validate_train,
+        _validate_outputs,
+    ):
         check(cfg)
     return cfg
 
@@ -271,14 +283,21 @@ def _validate_data(cfg: TrainConfig) -> None:
     for i, n in enumerate(d.lengths):
         _check(n >= 1 and (n - 1) % 4 == 0, f"data.lengths[{i}]", f"{n} frames is not 4k+1 (e.g. 81, 161, 321)")
     _check(len(set(d.lengths)) == len(d.lengths), "data.lengths", "contains duplicates")
-    _check(d.base_length >= 1 and (d.base_length - 1) % 4 == 0, "data.base_length",
-           f"{d.base_length} frames is not 4k+1")  # fmt: skip
+    _check(
+        d.base_length >= 1 and (d.base_length - 1) % 4 == 0, "data.base_length", f"{d.base_length} frames is not 4k+1"
+    )
     if d.lengths:
-        _check(max(d.lengths) > d.base_length, "data.lengths",
-               f"no length is longer than data.base_length={d.base_length}: nothing to extend to")  # fmt: skip
+        _check(
+            max(d.lengths) > d.base_length,
+            "data.lengths",
+            f"no length is longer than data.base_length={d.base_length}: nothing to extend to",
+        )
     if d.weights:
-        _check(len(d.weights) == len(d.lengths), "data.weights",
-               f"has {len(d.weights)} entries but data.lengths has {len(d.lengths)}")  # fmt: skip
+        _check(
+            len(d.weights) == len(d.lengths),
+            "data.weights",
+            f"has {len(d.weights)} entries but data.lengths has {len(d.lengths)}",
+        )
         for i, w in enumerate(d.weights):
             _check(w >= 0, f"data.weights[{i}]", f"{w} is negative")
         _check(sum(d.weights) > 0, "data.weights", "all zero")
@@ -291,8 +310,11 @@ def _validate_resolution(cfg: TrainConfig) -> None:
     """The ``resolution`` checks of :func:`validate`."""
     r = cfg.resolution
     for key, px in (("resolution.height", r.height), ("resolution.width", r.width)):
-        _check(px > 0 and px % SPATIAL_FACTOR == 0, key,
-               f"{px} is not a positive multiple of {SPATIAL_FACTOR} (VAE 8 x patch 2)")  # fmt: skip
+        _check(
+            px > 0 and px % SPATIAL_FACTOR == 0,
+            key,
+            f"{px} is not a positive multiple of {SPATIAL_FACTOR} (VAE 8 x patch 2)",
+        )
 
 
 def _validate_lora(cfg: TrainConfig) -> None:
@@ -319,12 +341,18 @@ def _validate_optimizer(cfg: TrainConfig) -> None:
     o = cfg.optimizer
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     if o.name == "adamw8bit":
-        _check(importlib.util.find_spec("bitsandbytes") is not None, "optimizer.name",
-               "'adamw8bit' needs bitsandbytes, which is not installed (pip install bitsandbytes, CUDA only) "
-               "- or use 'adamw'")  # fmt: skip
+        _check(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            "optimizer.name",
+            "'adamw8bit' needs bitsandbytes, which is not installed (pip install bitsandbytes, CUDA only) "
+            "- or use 'adamw'",
+        )
     _check(o.lr > 0, "optimizer.lr", f"{o.lr} must be > 0")
-    _check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optimizer.betas",
-           f"{o.betas} must be two numbers in [0, 1)")  # fmt: skip
+    _check(
+        len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+        "optimizer.betas",
+        f"{o.betas} must be two numbers in [0, 1)",
+    )
     _check(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(o.eps > 0, "optimizer.eps", "must be > 0")
 
@@ -343,16 +371,22 @@ def _validate_train(cfg: TrainConfig) -> None:
     _check(t.steps >= 1, "train.steps", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
-           f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")  # fmt: skip
+    _check(
+        t.batch_size % t.grad_accum == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+    )
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
     _one_of(t.precision, PRECISIONS, "train.precision")
     _one_of(t.timestep_sampling, TIMESTEP_SCHEMES, "train.timestep_sampling")
     _check(t.logit_std > 0, "train.logit_std", "must be > 0")
     _check(t.consistency_weight >= 0, "train.consistency_weight", "must be >= 0 (0 = off)")
     _one_of(t.distributed, DISTRIBUTED, "train.distributed")
-    _check(t.distributed != "fsdp" or o.name == "adamw", "train.distributed",
-           "'fsdp' needs optimizer.name 'adamw' (bitsandbytes' 8-bit AdamW does not take sharded parameters)")  # fmt: skip
+    _check(
+        t.distributed != "fsdp" or o.name == "adamw",
+        "train.distributed",
+        "'fsdp' needs optimizer.name 'adamw' (bitsandbytes' 8-bit AdamW does not take sharded parameters)",
+    )
 
 
 def _validate_outputs(cfg: TrainConfig) -> None:
@@ -361,26 +395,38 @@ def _validate_outputs(cfg: TrainConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0 = only at the end)")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _check(v.every >= 0, "validation.every", "must be >= 0 (0 = off)")
-    _check(bool(v.timesteps) and all(0 < x <= 1000 for x in v.timesteps), "validation.timesteps",
-           "must be a non-empty list of values in (0, 1000]")  # fmt: skip
+    _check(
+        bool(v.timesteps) and all(0 < x <= 1000 for x in v.timesteps),
+        "validation.timesteps",
+        "must be a non-empty list of values in (0, 1000]",
+    )
     _check(v.max_clips >= 1, "validation.max_clips", "must be >= 1")
     for i, prompt in enumerate(v.sample_prompts):
         _check(bool(prompt.strip()), f"validation.sample_prompts[{i}]", "is empty; write a prompt or drop it")
     for i, n in enumerate(v.sample_lengths):
-        _check(n >= 1 and (n - 1) % 4 == 0, f"validation.sample_lengths[{i}]",
-               f"{n} frames is not 4k+1 (e.g. 81, 161, 321)")  # fmt: skip
+        _check(
+            n >= 1 and (n - 1) % 4 == 0,
+            f"validation.sample_lengths[{i}]",
+            f"{n} frames is not 4k+1 (e.g. 81, 161, 321)",
+        )
     _check(len(set(v.sample_lengths)) == len(v.sample_lengths), "validation.sample_lengths", "has duplicates")
     _check(v.sample_every >= 0, "validation.sample_every", "must be >= 0 (0 = at every validation step)")
     _check(v.sample_steps >= 1, "validation.sample_steps", f"{v.sample_steps} must be >= 1")
     _check(v.sample_guidance >= 0, "validation.sample_guidance", f"{v.sample_guidance} must be >= 0")
     if v.sample_dense_timesteps is not None:
-        _check(0 <= v.sample_dense_timesteps <= v.sample_steps, "validation.sample_dense_timesteps",
-               f"{v.sample_dense_timesteps} must be in [0, validation.sample_steps={v.sample_steps}] "
-               "(or null for the paper's rule)")  # fmt: skip
+        _check(
+            0 <= v.sample_dense_timesteps <= v.sample_steps,
+            "validation.sample_dense_timesteps",
+            f"{v.sample_dense_timesteps} must be in [0, validation.sample_steps={v.sample_steps}] "
+            "(or null for the paper's rule)",
+        )
     _check(lg.every >= 1, "logging.every", "must be >= 1")
     if lg.wandb:
-        _check(importlib.util.find_spec("wandb") is not None, "logging.wandb",
-               "wandb is not installed (pip install wandb) - or set it to false")  # fmt: skip
+        _check(
+            importlib.util.find_spec("wandb") is not None,
+            "logging.wandb",
+            "wandb is not installed (pip install wandb) - or set it to false",
+        )
     _check(bool(cfg.output_dir), "output_dir", "required")
 
 

@@ -72,9 +72,14 @@ def sample_sigmas(
 
 
 def _sample_sigmas_in_range(
-    batch_size: int, scheme: str, shift: float, logit_mean: float, logit_std: float,
-    generator: torch.Generator | None, sigma_range: tuple[float, float],
-) -> torch.Tensor:  # fmt: skip
+    batch_size: int,
+    scheme: str,
+    shift: float,
+    logit_mean: float,
+    logit_std: float,
+    generator: torch.Generator | None,
+    sigma_range: tuple[float, float],
+) -> torch.Tensor:
     """Truncated sampling: map the range back through the shift (and the logit-normal CDF), draw inside it."""
     lo, hi = (max(1e-5, float(sigma_range[0])), min(1.0 - 1e-5, float(sigma_range[1])))
     if not lo < hi:

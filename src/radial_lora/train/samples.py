@@ -143,29 +143,58 @@ class ValidationSampler:
                     video = folder / f"{stem}.mp4" if self.write else None
                     seed = self.seed + i
                     rendered = render_video(
-                        self.pipe, self.controller, video, prompt=prompt, num_frames=num_frames,
-                        height=self.height, width=self.width, steps=self.steps, guidance=self.guidance, seed=seed,
-                        fps=self.fps, device=self.device,
+                        self.pipe,
+                        self.controller,
+                        video,
+                        prompt=prompt,
+                        num_frames=num_frames,
+                        height=self.height,
+                        width=self.width,
+                        steps=self.steps,
+                        guidance=self.guidance,
+                        seed=seed,
+                        fps=self.fps,
+                        device=self.device,
                         measure_memory=self.device.type != "cuda",  # a CUDA reset would break the run's peak
-                    )  # fmt: skip
+                    )
                     if video is None:
                         continue
                     settings = {
-                        **self.settings, "num_frames": num_frames, "height": self.height, "width": self.width,
-                        "steps": self.steps, "guidance": self.guidance, "dense_timesteps": self.dense_timesteps,
-                        "fps": self.fps, "prompt": prompt, "seed": seed,
-                    }  # fmt: skip
+                        **self.settings,
+                        "num_frames": num_frames,
+                        "height": self.height,
+                        "width": self.width,
+                        "steps": self.steps,
+                        "guidance": self.guidance,
+                        "dense_timesteps": self.dense_timesteps,
+                        "fps": self.fps,
+                        "prompt": prompt,
+                        "seed": seed,
+                    }
                     info = {
-                        "format": SAMPLE_FORMAT, "step": step, "prompt": prompt, "index": i,
-                        "num_frames": num_frames, "seed": seed, "video": video.name, "settings": settings,
-                        "wall_time_s": rendered.wall_time_s, "peak_memory": rendered.peak_memory,
-                        "attention": {"calls": rendered.calls}, "versions": _versions(),
-                    }  # fmt: skip
+                        "format": SAMPLE_FORMAT,
+                        "step": step,
+                        "prompt": prompt,
+                        "index": i,
+                        "num_frames": num_frames,
+                        "seed": seed,
+                        "video": video.name,
+                        "settings": settings,
+                        "wall_time_s": rendered.wall_time_s,
+                        "peak_memory": rendered.peak_memory,
+                        "attention": {"calls": rendered.calls},
+                        "versions": _versions(),
+                    }
                     write_json_atomic(video.with_suffix(".json"), info)
                     if image_logger is not None:
                         image_logger(f"samples/f{num_frames}_{i:03d}", frame_strip(rendered.frames), step)
                     written.append(video)
         if self.write:
-            logger.info("step %d: %d sample video(s) in %.1fs: %s", step, len(written), time.perf_counter() - start,
-                        ", ".join(str(p) for p in written))  # fmt: skip
+            logger.info(
+                "step %d: %d sample video(s) in %.1fs: %s",
+                step,
+                len(written),
+                time.perf_counter() - start,
+                ", ".join(str(p) for p in written),
+            )
         return written

@@ -16,9 +16,10 @@ Data parallelism: each process holds the (frozen) base model and computes its sh
 batch; torch's ``DistributedDataParallel`` averages the LoRA gradients while backward runs, skipping the
 sync (``no_sync``) on all but the last accumulation step (``accelerate`` sets up the process group:
 ``accelerate launch`` / ``torchrun``, gloo on CPU, NCCL on GPU). The adapters call the wrapper and read
-``config``/``dtype`` from the model inside (``models.adapter.unwrap``). ``train.distributed="fsdp"`` instead shards the base and the LoRA with torch's FSDP2
-``fully_shard`` (called directly: accelerate 1.15 ignores its FSDP plugin on CPU and wraps in DDP, so
-this is the one path that also runs, and is tested, with gloo); FSDP averages the LoRA gradients itself.
+``config``/``dtype`` from the model inside (``models.adapter.unwrap``). ``train.distributed="fsdp"``
+instead shards the base and the LoRA with torch's FSDP2 ``fully_shard`` (called directly: accelerate 1.15
+ignores its FSDP plugin on CPU and wraps in DDP, so this is the one path that also runs, and is tested, with
+gloo); FSDP averages the LoRA gradients itself.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from radial_lora.train.config import (
 from radial_lora.train.distributed import shard_model, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
-
 
 
 class TrainingDiverged(ValueError):
@@ -173,9 +173,25 @@ def _resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, tor
 
 
 # Settings whose change makes a resumed run differ from the run it continues (dotted config keys).
-RESULT_KEYS = ("model.id", "model.expert", "data.path", "data.lengths", "data.weights", "data.base_length",
-               "resolution", "lora", "radial", "optimizer", "schedule", "train.steps", "train.batch_size",
-               "train.grad_accum", "train.seed", "train.timestep_sampling", "train.consistency_weight")  # fmt: skip
+RESULT_KEYS = (
+    "model.id",
+    "model.expert",
+    "data.path",
+    "data.lengths",
+    "data.weights",
+    "data.base_length",
+    "resolution",
+    "lora",
+    "radial",
+    "optimizer",
+    "schedule",
+    "train.steps",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.seed",
+    "train.timestep_sampling",
+    "train.consistency_weight",
+)
 
 
 def record_config(out: Path, cfg: TrainConfig, *, resumed: bool) -> list[str]:
@@ -196,8 +212,12 @@ def record_config(out: Path, cfg: TrainConfig, *, resumed: bool) -> list[str]:
 
         changed = [k for k in RESULT_KEYS if get(old, k) != get(new, k)]
         for k in changed:
-            logger.warning("resuming with %s = %s; the run being resumed used %s (results will differ from an "
-                           "uninterrupted run)", k, json.dumps(get(new, k)), json.dumps(get(old, k)))  # fmt: skip
+            logger.warning(
+                "resuming with %s = %s; the run being resumed used %s (results will differ from an uninterrupted run)",
+                k,
+                json.dumps(get(new, k)),
+                json.dumps(get(old, k)),
+            )
         if changed:
             write_json_atomic(out / "config.previous.json", old, indent=2)
     write_json_atomic(path, new, indent=2)
@@ -226,13 +246,27 @@ def ensure_dataset(cfg: TrainConfig) -> None:
     family = cfg.model.family or detect_family(cfg.model.id)
     videos = path.with_name(path.name + "_videos")
     num_videos = 8
-    logger.info("data.path %s has no prepared dataset: writing %d sample videos to %s and preparing them at %s "
-                "frames (data.if_missing='sample')", path, num_videos, videos, lengths)  # fmt: skip
+    logger.info(
+        "data.path %s has no prepared dataset: writing %d sample videos to %s and preparing them at %s "
+        "frames (data.if_missing='sample')",
+        path,
+        num_videos,
+        videos,
+        lengths,
+    )
     write_sample_dataset(videos, num_videos=num_videos, num_frames=max(d.lengths) + 3, size=(r.height, r.width))
-    summary = prepare_dataset(PrepareOptions(
-        input=videos, out=path, model=cfg.model.id, family=family, lengths=tuple(d.lengths), height=r.height,
-        width=r.width, dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
-    ))  # fmt: skip
+    summary = prepare_dataset(
+        PrepareOptions(
+            input=videos,
+            out=path,
+            model=cfg.model.id,
+            family=family,
+            lengths=tuple(d.lengths),
+            height=r.height,
+            width=r.width,
+            dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+        )
+    )
     logger.info("%s", summary.format())
 
 
@@ -327,7 +361,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
             f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro_total} samples per "
             f"micro-step cannot be split over {world} processes; make it a multiple of {world}"
         )
-    return Runtime(acc, device, world, acc.process_index, acc.is_main_process, mixed, weight_dtype, micro_total // world)
+    return Runtime(
+        acc, device, world, acc.process_index, acc.is_main_process, mixed, weight_dtype, micro_total // world
+    )
 
 
 def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
@@ -356,8 +392,11 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
             "prepare those lengths or change data.lengths"
         )
     if cfg.validation.every and not holdout:
-        logger.warning("validation.every=%d but the holdout split is empty (data.holdout=%g): no validation",
-                       cfg.validation.every, cfg.data.holdout)  # fmt: skip
+        logger.warning(
+            "validation.every=%d but the holdout split is empty (data.holdout=%g): no validation",
+            cfg.validation.every,
+            cfg.data.holdout,
+        )
     weights = dict(zip(lengths, cfg.data.weights or [1.0] * len(lengths)))
     sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, cfg.train.seed)
     return TrainData(dataset, by_bucket, holdout, lengths, weights, sampler)
@@ -408,13 +447,25 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
     if rt.device.type == "cpu":
         _own_aligned_weights(transformer)
     lo = cfg.lora
-    params = lora_io.add_lora(transformer, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets)
+    # The LoRA's random A matrices come from train.seed alone: before, they took whatever the global RNG held
+    # after loading, so loading one component less (the text encoder's random init draws) changed the run.
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        params = lora_io.add_lora(
+            transformer, rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.targets
+        )
     if state is not None:
         _load_lora_state(transformer, state)
     cast_training_params(transformer, dtype=torch.float32)  # the LoRA in fp32 even when the base is bf16
     r = cfg.radial
-    controller = apply_radial_attention(transformer, pattern=r.pattern, dense_layers=r.dense_layers,
-                                        decay_factor=r.decay, block_size=r.block_size, backend=r.backend)  # fmt: skip
+    controller = apply_radial_attention(
+        transformer,
+        pattern=r.pattern,
+        dense_layers=r.dense_layers,
+        decay_factor=r.decay,
+        block_size=r.block_size,
+        backend=r.backend,
+    )
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -424,16 +475,34 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
         shard_model(transformer)
         params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded DTensors
         here = sum(p.to_local().numel() for p in transformer.parameters())
-        logger.info("FSDP: transformer sharded over %d processes, %d of %d parameters held per process",
-                    rt.world, here, sum(p.numel() for p in transformer.parameters()))  # fmt: skip
+        logger.info(
+            "FSDP: transformer sharded over %d processes, %d of %d parameters held per process",
+            rt.world,
+            here,
+            sum(p.numel() for p in transformer.parameters()),
+        )
     elif cfg.train.distributed == "fsdp":
         logger.info("train.distributed='fsdp' with one process: nothing to shard")
     # DDP: torch's DistributedDataParallel averages the gradients while backward runs (the LoRA's only;
     # the frozen base has none); accumulation steps skip the sync (no_sync) until the last one.
     ddp = rt.world > 1 and not fsdp
     model = torch.nn.parallel.DistributedDataParallel(transformer, broadcast_buffers=False) if ddp else transformer
-    return TrainModel(family, adapter, transformer, model, controller, params, lora_config, identity, shift,
-                      sigma_range, expert_meta, sample_pipe, fsdp, ddp)  # fmt: skip
+    return TrainModel(
+        family,
+        adapter,
+        transformer,
+        model,
+        controller,
+        params,
+        lora_config,
+        identity,
+        shift,
+        sigma_range,
+        expert_meta,
+        sample_pipe,
+        fsdp,
+        ddp,
+    )
 
 
 def _load_lora_state(transformer: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -442,8 +511,9 @@ def _load_lora_state(transformer: torch.nn.Module, state: dict[str, Any]) -> Non
     sd = {k[len(lora_io.PREFIX) :]: v for k, v in state["lora_state"].items()}
     result = set_peft_model_state_dict(transformer, sd)
     if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"checkpoint {state['path']} does not match this LoRA config: unexpected "
-                         f"{result.unexpected_keys[:3]}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {state['path']} does not match this LoRA config: unexpected {result.unexpected_keys[:3]}"
+        )
 
 
 def setup_optimizer(cfg: TrainConfig, m: TrainModel) -> tuple[torch.optim.Optimizer, Any]:
@@ -456,8 +526,9 @@ def setup_optimizer(cfg: TrainConfig, m: TrainModel) -> tuple[torch.optim.Optimi
     return optimizer, scheduler
 
 
-def restore(state: dict | None, rt: Runtime, data: TrainData, m: TrainModel, optimizer: Any, scheduler: Any,
-            steps: int) -> tuple[int, list[float]]:  # fmt: skip
+def restore(
+    state: dict | None, rt: Runtime, data: TrainData, m: TrainModel, optimizer: Any, scheduler: Any, steps: int
+) -> tuple[int, list[float]]:
     """Resume, part 2: optimizer (full tensors in the file, re-sharded under FSDP), schedule, sampler, RNG;
     returns the step reached and the losses so far."""
     if state is None:
@@ -500,10 +571,20 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
             mine = records[first : first + rt.micro]
             latents, text = collate([data.dataset.load(r) for r in mine], f"{cfg.data.path} bucket f{bucket}")
             gens = [sample_generator(t.seed, step, first + j) for j in range(rt.micro)]
-            sigmas = torch.cat([
-                fm.sample_sigmas(1, scheme=t.timestep_sampling, shift=m.shift, logit_mean=t.logit_mean,
-                                 logit_std=t.logit_std, generator=g, sigma_range=m.sigma_range) for g in gens
-            ])  # fmt: skip
+            sigmas = torch.cat(
+                [
+                    fm.sample_sigmas(
+                        1,
+                        scheme=t.timestep_sampling,
+                        shift=m.shift,
+                        logit_mean=t.logit_mean,
+                        logit_std=t.logit_std,
+                        generator=g,
+                        sigma_range=m.sigma_range,
+                    )
+                    for g in gens
+                ]
+            )
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
             text = {k: v.to(rt.device) for k, v in text.items()}
             with m.model.no_sync() if m.ddp and a < t.grad_accum - 1 else nullcontext():
@@ -563,9 +644,19 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         samples = SampleRenderer.maybe(cfg, rt, data, m, loggers)
         logger.info(
             "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
-            "pattern %s, precision %s on %s", m.family, t.steps, t.batch_size, rt.world, rt.micro, t.grad_accum,
-            data.lengths, [data.weights[n] for n in data.lengths], cfg.radial.pattern, rt.mixed, rt.device,
-        )  # fmt: skip
+            "pattern %s, precision %s on %s",
+            m.family,
+            t.steps,
+            t.batch_size,
+            rt.world,
+            rt.micro,
+            t.grad_accum,
+            data.lengths,
+            [data.weights[n] for n in data.lengths],
+            cfg.radial.pattern,
+            rt.mixed,
+            rt.device,
+        )
         heldout = None
         bar = loggers.progress(t.steps, start)
         for step in range(start + 1, t.steps + 1):
@@ -577,8 +668,13 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(stats.loss)
-            loggers.step(step, stats, lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - t0,
-                         peak_memory_mb=process_peak_mb(rt.device))
+            loggers.step(
+                step,
+                stats,
+                lr=scheduler.get_last_lr()[0],
+                seconds=time.perf_counter() - t0,
+                peak_memory_mb=process_peak_mb(rt.device),
+            )
             bar.update(1)
             if cfg.validation.every and step % cfg.validation.every == 0:
                 heldout = validator(step)
