@@ -16,10 +16,12 @@ from radial_lora.cli import main
 from radial_lora.data import prepare as prepare_module
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.prepare import (
+    PrepareOptions,
     clip_id,
     clip_starts,
     collect_inputs,
     load_resampled,
+    prepare_dataset,
     resize_center_crop,
 )
 from radial_lora.data.sample import render_clip, sample_specs, write_sample_dataset
@@ -402,3 +404,22 @@ def test_prepare_with_an_in_memory_pipeline(sources, tmp_path) -> None:
     assert summary.exit_code == 0 and summary.encoded[9] == 1
     assert pipe.transformer is not None
     assert PreparedDataset(tmp_path / "ds").info["model"] == "tiny-in-memory"
+
+
+def test_offload_on_cpu_is_a_logged_no_op(tiny_wan_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_sample_dataset(tmp_path / "v", num_videos=1, num_frames=20, size=(64, 64), fps=16, seed=4)
+    caplog.set_level("INFO", logger="radial_lora")
+    summary = prepare_dataset(
+        PrepareOptions(
+            input=tmp_path / "v",
+            out=tmp_path / "d",
+            model=str(tiny_wan_dir),
+            family="wan",
+            lengths=(17,),
+            height=64,
+            width=64,
+            offload=True,
+        )
+    )
+    assert summary.exit_code == 0 and sum(summary.encoded.values()) == 1
+    assert any("nothing to offload to on cpu" in r.getMessage() for r in caplog.records)

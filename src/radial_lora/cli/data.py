@@ -64,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--video-column", default=None, help="CSV/JSONL column with the video path (default: video, ...)")
     p.add_argument("--caption-column", default=None, help="CSV/JSONL column with the caption (default: caption, ...)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="GPU: keep the VAE and text encoder(s) on the CPU, each on the GPU only while it encodes (when they "
+        "do not fit together; the transformer is never loaded)",
+    )
     p.set_defaults(func=_prepare)
 
     s = sub.add_parser("sample", help="write the synthetic bouncing-shapes video dataset (folder format)")
@@ -112,6 +118,7 @@ def _prepare(args: argparse.Namespace) -> int:
         dtype=dtype,
         video_column=args.video_column,
         caption_column=args.caption_column,
+        offload=args.offload,
     )
     summary = prepare_dataset(opts)
     print(summary.format())

@@ -89,6 +89,7 @@ class PrepareOptions:
     dtype: str = "float32"
     video_column: str | None = None
     caption_column: str | None = None
+    offload: bool = False  # GPU: each model on the GPU only while it encodes (VAE and text encoder need not fit)
 
     def __post_init__(self) -> None:  # callers from Python may pass str paths and lists
         self.input, self.out = Path(self.input), Path(self.out)
@@ -473,7 +474,12 @@ def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[
         transformer_class = getattr(diffusers, adapter.transformer_class_name)
         config = transformer_class.load_config(resolve_model_id(opts.model), subfolder="transformer")
         transformer = SimpleNamespace(config=FrozenDict(config))
-        pipe.to(opts.device)
+        if opts.offload and opts.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=opts.device)  # diffusers moves each model in while it runs
+        else:
+            if opts.offload:
+                log.info("--offload: nothing to offload to on %s; the models stay where they are", opts.device)
+            pipe.to(opts.device)
     for length in opts.lengths:
         adapter.geometry(pipe, length, opts.height, opts.width, transformer=transformer)
     return adapter, pipe
