@@ -16,7 +16,7 @@ from radial_lora import lora as lora_io
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
 from radial_lora.train.config import ConfigError, TrainConfig, sample_dense_timesteps, sample_every
-from radial_lora.train.distributed import full_optimizer_state
+from radial_lora.train.distributed import optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Checkpointer:
         rt, m = self.rt, self.m
         rng_states = gather_object([ckpt.capture_rng_state()]) if rt.world > 1 else [ckpt.capture_rng_state()]
         lora_state = lora_io.lora_state_dict(m.transformer) if rt.main or m.fsdp else None
-        optimizer_state = full_optimizer_state(self.optimizer) if m.fsdp else self.optimizer.state_dict()
+        opt_state = optimizer_state(m.transformer, self.optimizer)  # collective under FSDP
         if rt.main:
             ckpt.save_checkpoint(
                 self.out,
@@ -139,7 +139,7 @@ class Checkpointer:
                 lora_state=lora_state,
                 lora_config=m.lora_config,
                 metadata=self._metadata(step),
-                optimizer_state=optimizer_state,
+                optimizer_state=opt_state,
                 scheduler_state=self.scheduler.state_dict(),
                 rng_states=rng_states,
                 trainer_state={"sampler": self.data.sampler.state_dict(), "losses": self.losses},

@@ -1,5 +1,5 @@
-"""Several processes: FSDP2 sharding of the transformer and its optimizer state (DDP needs nothing here:
-torch's DistributedDataParallel wraps the model in the recipe)."""
+"""Several processes: FSDP2 sharding of the transformer, and optimizer state that reads and writes the same
+under one process, DDP and FSDP (torch.distributed.checkpoint's state-dict helpers)."""
 
 from __future__ import annotations
 
@@ -23,27 +23,17 @@ def shard_model(transformer: torch.nn.Module) -> None:
     fully_shard(transformer)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded tensors gathered (collective), so a checkpoint is the same
-    file under DDP and FSDP and resumes on any number of processes."""
-    from torch.distributed.tensor import DTensor
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as one full, CPU, parameter-name-keyed dict (torch.distributed.checkpoint's
+    ``get_optimizer_state_dict``): the same file from one process, DDP or FSDP (collective under FSDP; the
+    full dict lands on rank 0), and it resumes on any number of processes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    sd = optimizer.state_dict()
-    sd["state"] = {
-        i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()} for i, st in sd["state"].items()
-    }
-    return sd
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict`` of full tensors: shard each per-parameter tensor like its parameter."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an :func:`optimizer_state` dict, sharding it like the parameters under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not isinstance(p, DTensor):
-                continue
-            st = optimizer.state.get(p, {})
-            for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

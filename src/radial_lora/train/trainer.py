@@ -48,7 +48,7 @@ from radial_lora.train.config import (
     TrainConfig,
     check_expert_family,
 )
-from radial_lora.train.distributed import shard_model, shard_optimizer_state
+from radial_lora.train.distributed import load_optimizer_state, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -529,13 +529,11 @@ def setup_optimizer(cfg: TrainConfig, m: TrainModel) -> tuple[torch.optim.Optimi
 def restore(
     state: dict | None, rt: Runtime, data: TrainData, m: TrainModel, optimizer: Any, scheduler: Any, steps: int
 ) -> tuple[int, list[float]]:
-    """Resume, part 2: optimizer (full tensors in the file, re-sharded under FSDP), schedule, sampler, RNG;
+    """Resume, part 2: optimizer (a full, name-keyed dict in the file, sharded under FSDP), schedule, sampler, RNG;
     returns the step reached and the losses so far."""
     if state is None:
         return 0, []
-    optimizer.load_state_dict(state["optimizer"])
-    if m.fsdp:
-        shard_optimizer_state(optimizer)
+    load_optimizer_state(m.transformer, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     data.sampler.load_state_dict(state["state"]["sampler"])
     rngs = state["rng"]
