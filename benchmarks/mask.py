@@ -42,11 +42,7 @@ def time_config(model: str, frames: int, height: int, width: int, decay: float, 
         mask_mod._pair_blocks.cache_clear()
         t0 = time.perf_counter()
         mask = mask_mod.radial_block_mask(
-            geo.latent_frames,
-            geo.tokens_per_frame,
-            decay_factor=decay,
-            model_type=model,
-            num_text_tokens=text,
+            geo.latent_frames, geo.tokens_per_frame, decay_factor=decay, model_type=model, num_text_tokens=text
         )
         best = min(best, time.perf_counter() - t0)
     return best, mask, geo

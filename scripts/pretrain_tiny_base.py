@@ -157,10 +157,7 @@ def build_components(seed: int, vae_spatial: int = 4, patch: int = 2, z_dim: int
         **(TRANSFORMER_CFG | {"patch_size": (1, patch, patch), "in_channels": z_dim, "out_channels": z_dim})
     )
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        num_train_timesteps=1000,
-        flow_shift=FLOW_SHIFT,
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=FLOW_SHIFT
     )
     return dict(vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler)
 
@@ -236,13 +233,7 @@ def train_vae(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dic
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "kl": float(kl)})
             log.info("vae step %d: l1(ema) %.4f mse %.4f kl/elem %.4f", step + 1, ema, float(mse), float(kl))
             atomic_torch_save(
-                {
-                    "model": vae.state_dict(),
-                    "opt": opt.state_dict(),
-                    "state": state,
-                    "rng": torch.get_rng_state(),
-                },
-                ckpt,
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "state": state, "rng": torch.get_rng_state()}, ckpt
             )
     vae.eval()
     return state["history"][-1]
@@ -269,12 +260,7 @@ def set_latent_stats(vae: AutoencoderKLWan, raw: torch.Tensor) -> tuple[list[flo
 
 # ---- phase 2: latent pool ----------------------------------------------------------------------------
 def build_pool(
-    comp: dict[str, Any],
-    pipe: WanPipeline,
-    path: Path,
-    n: int,
-    args: argparse.Namespace,
-    keep_stats: bool = False,
+    comp: dict[str, Any], pipe: WanPipeline, path: Path, n: int, args: argparse.Namespace, keep_stats: bool = False
 ) -> dict[str, Any]:
     """``n`` encoded 17-frame clips + caption embeddings; ``keep_stats`` normalises with the VAE config's
     ``latents_mean``/``latents_std`` (a refine stage) instead of measuring them (phase 2)."""

@@ -72,10 +72,7 @@ def tiny_wan_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if "lora_B" in name:
             param.data = 0.3 * torch.randn(param.shape, generator=gen)
     out = tmp_path_factory.mktemp("tiny_lora") / "lora"
-    meta = {
-        "family": "wan",
-        "radial": {"pattern": "radial", "decay": 0.5, "block_size": 4, "dense_layers": 0},
-    }
+    meta = {"family": "wan", "radial": {"pattern": "radial", "decay": 0.5, "block_size": 4, "dense_layers": 0}}
     lora.save_lora(out, pipe.transformer, meta)
     return out
 

@@ -185,10 +185,7 @@ def test_lengths_and_variants_parsing(tmp_path: Path) -> None:
         make_variants(["lora_radial"])
     with pytest.raises(ValueError, match="unknown variant"):
         make_variants(["base_sparse"])
-    assert [v.loras for v in make_variants(["base_dense", "lora2_radial"], None, ("x", 0.5))] == [
-        (),
-        (("x", 0.5),),
-    ]
+    assert [v.loras for v in make_variants(["base_dense", "lora2_radial"], None, ("x", 0.5))] == [(), (("x", 0.5),)]
 
 
 def test_prompt_defaults(tmp_path: Path) -> None:

@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = [
-    ROOT / "scripts" / "train_lora_length_extension.sh",
-    ROOT / "scripts" / "evaluate_lora_comprehensive.sh",
-]
+SCRIPTS = [ROOT / "scripts" / "train_lora_length_extension.sh", ROOT / "scripts" / "evaluate_lora_comprehensive.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

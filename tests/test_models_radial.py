@@ -14,12 +14,7 @@ from peft import LoraConfig
 
 from radial_lora.attention.reference import expand_block_mask
 from radial_lora.mask import mask_density, radial_block_mask
-from radial_lora.models import (
-    apply_radial_attention,
-    build_tiny_pipeline,
-    get_adapter,
-    remove_radial_attention,
-)
+from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_adapter, remove_radial_attention
 from radial_lora.models.hunyuan import RadialHunyuanAttnProcessor
 from radial_lora.models.wan import RadialWanAttnProcessor
 

@@ -7,12 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, HunyuanVideoPipeline, WanPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-from radial_lora.models.tiny import (
-    build_tiny_pipeline,
-    build_tokenizer,
-    caption_vocabulary,
-    save_tiny_pipeline,
-)
+from radial_lora.models.tiny import build_tiny_pipeline, build_tokenizer, caption_vocabulary, save_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -54,13 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from radial_lora.eval.evaluate import (
-        GridOptions,
-        default_variant_names,
-        make_variants,
-        parse_lengths,
-        run_grid,
-    )
+    from radial_lora.eval.evaluate import GridOptions, default_variant_names, make_variants, parse_lengths, run_grid
 
     lora = parse_lora_spec(args.lora) if args.lora else None
     lora2 = parse_lora_spec(args.lora2) if args.lora2 else None

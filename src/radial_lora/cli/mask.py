@@ -59,10 +59,7 @@ def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
         )
         return geo.latent_frames, geo.tokens_per_frame, text
     if all(x is not None for x in latent):
-        for name, value in (
-            ("--latent-frames", args.latent_frames),
-            ("--tokens-per-frame", args.tokens_per_frame),
-        ):
+        for name, value in (("--latent-frames", args.latent_frames), ("--tokens-per-frame", args.tokens_per_frame)):
             if value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         return (
@@ -111,12 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     mask = radial_block_mask(
-        frames,
-        tokens,
-        block_size=args.block_size,
-        decay_factor=decay,
-        model_type=args.model,
-        num_text_tokens=text,
+        frames, tokens, block_size=args.block_size, decay_factor=decay, model_type=args.model, num_text_tokens=text
     )
     seq = frames * tokens + text
     cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)

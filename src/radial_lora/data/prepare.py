@@ -30,13 +30,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from radial_lora.data.dataset import (
-    DATASET_JSON,
-    FORMAT,
-    MANIFEST,
-    Record,
-    read_manifest,
-)
+from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, Record, read_manifest
 from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
 from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
@@ -535,12 +529,7 @@ def _encode_and_write(
             info["text_keys"] = sorted(text)
 
 
-def prepare_dataset(
-    opts: PrepareOptions,
-    *,
-    adapter: Any | None = None,
-    pipe: Any | None = None,
-) -> PrepareSummary:
+def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: Any | None = None) -> PrepareSummary:
     """Run the whole job; see the module docstring. ``adapter``/``pipe`` may be given already loaded
     (the demo passes its in-memory tiny pipeline); otherwise they come from ``opts.family``/``opts.model``.
     """

@@ -257,11 +257,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
     from radial_lora.eval.plots import write_plots, write_strip
     from radial_lora.eval.report import write_report
-    from radial_lora.inference.generate import (
-        generate,
-        load_model,
-        resolve_attention_settings,
-    )
+    from radial_lora.inference.generate import generate, load_model, resolve_attention_settings
 
     if not opts.prompts:
         raise ValueError("no prompts; pass --prompt TEXT or --prompts FILE")
@@ -271,12 +267,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     videos = out / "videos"
     videos.mkdir(parents=True, exist_ok=True)
     pipe, family = load_model(
-        opts.model,
-        opts.family,
-        device=opts.device,
-        dtype=opts.dtype,
-        offload=opts.offload,
-        vae_tiling=opts.vae_tiling,
+        opts.model, opts.family, device=opts.device, dtype=opts.dtype, offload=opts.offload, vae_tiling=opts.vae_tiling
     )
     model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
     # Dense references first, so every radial cell can be compared as soon as it is done.

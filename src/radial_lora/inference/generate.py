@@ -432,30 +432,14 @@ def generate(
     )
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
-    model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
-    base_settings = {
-        "model": model_name,
-        "family": family,
-        "num_frames": num_frames,
-        "height": height,
-        "width": width,
-        **attn,
-        "backend": backend,
-        "loras": [[p, s] for p, s in lora_list],
-        "lora_sha256": [lora_digest(p) for p, _ in lora_list],
-        "steps": steps,
-        "guidance": float(guidance),
-        "fps": float(fps),
-        "negative_prompt": negative_prompt,
-        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."),
-        "device": str(exec_device),
-    }
+    call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
+    call |= dict(negative_prompt=negative_prompt, device=exec_device)
+    base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = attention_budget(
         pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance
     )
-
     results: list[GenerationResult] = []
     controller = None
     for i, prompt in enumerate(prompts):
@@ -472,47 +456,63 @@ def generate(
             set_loras(pipe, lora_list)
             controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
         logger.info(
-            "generating %s: %d frames %dx%d, %d steps, pattern=%s",
-            stem,
-            num_frames,
-            width,
-            height,
-            steps,
-            attn["pattern"],
+            "generating %s: %d frames %dx%d, %d steps, %s", stem, num_frames, width, height, steps, attn["pattern"]
         )
-        rendered = render_video(
-            pipe,
-            controller,
-            video_path,
-            prompt=prompt,
-            num_frames=num_frames,
-            height=height,
-            width=width,
-            steps=steps,
-            guidance=guidance,
-            seed=seed + i,
-            fps=fps,
-            negative_prompt=negative_prompt,
-            device=exec_device,
-        )
+        rendered = render_video(pipe, controller, video_path, prompt=prompt, seed=seed + i, **call)
         if frames_file is not None:
             _save_frames(frames_file, rendered.frames)
-        info = {
-            "format": SIDECAR_FORMAT,
-            "prompt": prompt,
-            "index": i,
-            "video": video_path.name,
-            "frames_file": frames_file.name if frames_file is not None else None,
-            "settings": settings,
-            "settings_source": source,
-            "wall_time_s": rendered.wall_time_s,
-            "peak_memory": rendered.peak_memory,
-            "attention": {**budget, "calls": rendered.calls},
-            "versions": _versions(),
-        }
+        info = _sidecar(prompt, i, video_path, frames_file, settings, source, rendered, budget)
         write_json_atomic(sidecar, info)
         results.append(GenerationResult(prompt, i, video_path, sidecar, rendered.frames, jsonable(info)))
     return results
+
+
+def _base_settings(
+    model: Any, pipe: Any, family: str, attn: dict, backend: str, loras: list, call: dict
+) -> dict[str, Any]:
+    """What a generated video depends on (its sidecar's ``settings``; a rerun with the same ones is reused)."""
+    model_name = str(model) if isinstance(model, str | os.PathLike) else getattr(pipe, "name_or_path", None)
+    return {
+        "model": model_name,
+        "family": family,
+        **{k: call[k] for k in ("num_frames", "height", "width")},
+        **attn,
+        "backend": backend,
+        "loras": [[p, s] for p, s in loras],
+        "lora_sha256": [lora_digest(p) for p, _ in loras],
+        "steps": call["steps"],
+        "guidance": float(call["guidance"]),
+        "fps": float(call["fps"]),
+        "negative_prompt": call["negative_prompt"],
+        "dtype": str(next(pipe.transformer.parameters()).dtype).removeprefix("torch."),
+        "device": str(call["device"]),
+    }
+
+
+def _sidecar(
+    prompt: str,
+    index: int,
+    video: Path,
+    frames_file: Path | None,
+    settings: dict,
+    source: dict,
+    rendered: Any,
+    budget: dict,
+) -> dict[str, Any]:
+    """The JSON written beside a video: its settings and where each came from, time, memory, attention cost."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "prompt": prompt,
+        "index": index,
+        "video": video.name,
+        "frames_file": frames_file.name if frames_file is not None else None,
+        "settings": settings,
+        "settings_source": source,
+        "wall_time_s": rendered.wall_time_s,
+        "peak_memory": rendered.peak_memory,
+        "attention": {**budget, "calls": rendered.calls},
+        "versions": _versions(),
+    }
 
 
 def _checked_inputs(

@@ -15,7 +15,7 @@ from typing import Any
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUILTIN_MODELS: dict[str, Path] = {
-    "tiny-wan-base": ASSETS / "tiny-wan-base",  # WanPipeline, 17 frames 32x32 (its README is the model card)
+    "tiny-wan-base": ASSETS / "tiny-wan-base"  # WanPipeline, 17 frames 32x32 (its README is the model card)
 }
 
 

@@ -105,12 +105,7 @@ def caption_vocabulary(texts: Iterable[str] = ()) -> list[str]:
 
 
 def _word_tokenizer(
-    vocab: list[str],
-    specials: list[str],
-    unk: str,
-    split: str,
-    template: tuple[str, str] | None,
-    **token_kwargs: str,
+    vocab: list[str], specials: list[str], unk: str, split: str, template: tuple[str, str] | None, **token_kwargs: str
 ) -> PreTrainedTokenizerFast:
     """A lowercase WordLevel tokenizer; ``template`` = (single, pair) post-processing with specials."""
     ids = {tok: i for i, tok in enumerate(specials)}
@@ -260,12 +255,7 @@ def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, An
         # Wan2.2 A14B: `transformer` denoises t >= boundary, `transformer_2` the low-noise rest.
         kwargs = {"transformer_2": _wan_transformer(seed + 3, cfg), "boundary_ratio": 0.875}
     return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-        **kwargs,
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer, **kwargs
     )
 
 

@@ -43,11 +43,7 @@ from radial_lora.memory import process_peak_mb
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
 from radial_lora.train.components import Checkpointer, Loggers, SampleRenderer, Validator
-from radial_lora.train.config import (
-    ConfigError,
-    TrainConfig,
-    check_expert_family,
-)
+from radial_lora.train.config import ConfigError, TrainConfig, check_expert_family
 from radial_lora.train.distributed import load_optimizer_state, shard_model
 
 logger = logging.getLogger(__name__)
