@@ -44,10 +44,18 @@ def dataset_32(one_torch_thread, tiny_wan_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grid(one_torch_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "out"
-    argv = [
+    argv = [*_grid_args(tiny_wan_dir, tiny_wan_lora), "--dataset", str(dataset_32), "--heldout-max-clips", "2"]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    return out
+
+
+def _grid_args(model: Path, lora: Path) -> list[str]:
+    """The evaluate command of the grid fixture and its rerun: 2 lengths, base and LoRA, 2 steps."""
+    return [
         "evaluate",
         "--model",
-        str(tiny_wan_dir),
+        str(model),
         "--prompt",
         "a red circle moves right",
         "--lengths",
@@ -61,16 +69,8 @@ def grid(one_torch_thread, tiny_wan_dir: Path, tiny_wan_lora: Path, dataset_32: 
         "--guidance",
         "1",
         "--lora",
-        str(tiny_wan_lora),
-        "--dataset",
-        str(dataset_32),
-        "--heldout-max-clips",
-        "2",
-        "--out",
-        str(out),
+        str(lora),
     ]
-    assert main(argv) == 0
-    return out
 
 
 def _strict(text: str) -> dict:
@@ -146,27 +146,7 @@ def test_report_and_pictures(grid: Path) -> None:
 
 def test_rerun_reuses_cells(grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tiny_wan_dataset: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()}
-    argv = [
-        "evaluate",
-        "--model",
-        str(tiny_wan_dir),
-        "--prompt",
-        "a red circle moves right",
-        "--lengths",
-        "9,17",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--steps",
-        "2",
-        "--guidance",
-        "1",
-        "--lora",
-        str(tiny_wan_lora),
-        "--out",
-        str(grid),
-    ]
+    argv = [*_grid_args(tiny_wan_dir, tiny_wan_lora), "--out", str(grid)]
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()} == before
     res = json.loads((grid / "results.json").read_text())

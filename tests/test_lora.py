@@ -21,6 +21,14 @@ def _randomise(params: list[torch.nn.Parameter], seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
+def _tiny_video(pipe) -> torch.Tensor:
+    """A 5-frame 16x16 video from the stock pipeline call, fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        "a red circle", num_frames=5, height=16, width=16, num_inference_steps=2, generator=generator, output_type="pt"
+    ).frames
+
+
 def _wan_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.randn(1, 4, 3, 8, 8, generator=gen), torch.tensor([500.0]), torch.randn(1, 6, 32, generator=gen)
@@ -68,27 +76,11 @@ def test_saved_lora_loads_in_stock_pipeline(tmp_path: Path) -> None:
     pipe = build_tiny_pipeline("wan")
     with torch.no_grad():
         y_base = pipe.transformer(x, t, e, return_dict=False)[0]
-        video_base = pipe(
-            "a red circle",
-            num_frames=5,
-            height=16,
-            width=16,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).frames
+        video_base = _tiny_video(pipe)
     pipe.load_lora_weights(tmp_path / "out")
     with torch.no_grad():
         y_loaded = pipe.transformer(x, t, e, return_dict=False)[0]
-        video_lora = pipe(
-            "a red circle",
-            num_frames=5,
-            height=16,
-            width=16,
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="pt",
-        ).frames
+        video_lora = _tiny_video(pipe)
     torch.testing.assert_close(y_loaded, y_trained, rtol=0, atol=1e-6)
     assert (y_loaded - y_base).abs().max() > 1e-2
     assert (video_lora - video_base).abs().max() > 1e-4
