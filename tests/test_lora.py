@@ -105,3 +105,8 @@ def test_metadata_of_a_newer_format_is_refused(tmp_path: Path) -> None:
     lora.save_lora(tmp_path / "later", tr, {"format": "radial-lora/2", "family": "wan"})
     with pytest.raises(ValueError, match=r"format 'radial-lora/2' is not 'radial-lora/1'.*update radial-lora"):
         lora.read_lora_metadata(tmp_path / "later")
+    # The readers that treat "no metadata" as "use the defaults" do not take a newer format for that.
+    for reader in (lora.lora_expert, lora.lora_attention_settings):
+        with pytest.raises(lora.LoraFormatError):
+            reader(tmp_path / "later")
+    assert lora.lora_expert(tmp_path / "now") is None

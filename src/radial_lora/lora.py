@@ -179,6 +179,11 @@ def _header(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+class LoraFormatError(ValueError):
+    """A LoRA whose metadata is of a newer format than this radial-lora reads: an error everywhere, never taken
+    for "no metadata" (a Wan2.2 low-noise LoRA would otherwise load into the wrong expert)."""
+
+
 def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """Our training metadata (``radial_lora`` header JSON) of a LoRA file or directory."""
     p = _lora_file(path)
@@ -191,7 +196,7 @@ def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{p}: header key '{METADATA_KEY}' is not valid JSON: {exc}") from exc
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt is not None and fmt != LORA_FORMAT:
-        raise ValueError(
+        raise LoraFormatError(
             f"{p}: metadata format {fmt!r} is not {LORA_FORMAT!r}, the one this radial-lora reads; "
             "update radial-lora (pip install -U radial-lora) or retrain the LoRA"
         )
@@ -206,6 +211,8 @@ def lora_attention_settings(path: str | os.PathLike) -> dict[str, Any]:
     """
     try:
         meta = read_lora_metadata(path)
+    except LoraFormatError:
+        raise
     except ValueError as exc:
         logger.info("LoRA %s has no radial-lora training metadata (%s); using the given settings", path, exc)
         return {}
@@ -229,6 +236,8 @@ def lora_expert(path: str | os.PathLike) -> str | None:
     """
     try:
         expert = read_lora_metadata(path).get("expert")
+    except LoraFormatError:
+        raise
     except ValueError:
         return None
     if expert not in (None, "high", "low"):

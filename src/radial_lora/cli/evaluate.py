@@ -107,10 +107,12 @@ def base_length(given: int | None, lora: tuple[str, float] | None, family: str |
         return given, "--base-frames"
     meta: dict = {}
     if lora is not None:
-        from radial_lora.lora import read_lora_metadata
+        from radial_lora.lora import LoraFormatError, read_lora_metadata
 
         try:
             meta = read_lora_metadata(lora[0])
+        except LoraFormatError:
+            raise
         except (ValueError, FileNotFoundError):
             meta = {}
     value = meta.get("base_length")
