@@ -49,12 +49,11 @@ class Loggers:
 
             self.wandb = wandb.init(project=cfg.logging.wandb_project, config=cfg.to_dict(), dir=str(out))
 
-    def progress(self, total: int, initial: int) -> Any:
-        """The tqdm bar of the loop; console log lines go above it."""
+    def progress(self, total: int, initial: int) -> None:
+        """Start the loop's tqdm bar (advanced by :meth:`step`); console log lines go above it."""
         if self.enabled:
             self.console.enter_context(logging_redirect_tqdm())
         self.bar = tqdm(total=total, initial=initial, disable=not self.enabled, desc="train", dynamic_ncols=True)
-        return self.bar
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.tb is not None:
@@ -95,6 +94,7 @@ class Loggers:
             )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{stats.loss:.4f}", f=stats.bucket, s_per_step=f"{seconds:.2f}")
+            self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:

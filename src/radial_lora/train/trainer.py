@@ -620,10 +620,10 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
     out, t = Path(cfg.output_dir), cfg.train
     rt = setup_runtime(cfg)
     loggers = Loggers(cfg, out, rt.main)
-    if rt.main:
-        record_config(out, cfg, resumed=resume is not None)
-    set_seed(t.seed)
     try:
+        if rt.main:
+            record_config(out, cfg, resumed=resume is not None)
+        set_seed(t.seed)
         data = setup_data(cfg, rt)
         state = None
         if resume:
@@ -652,7 +652,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             rt.device,
         )
         heldout = None
-        bar = loggers.progress(t.steps, start)
+        loggers.progress(t.steps, start)
         for step in range(start + 1, t.steps + 1):
             t0 = time.perf_counter()
             stats = train_step(cfg, rt, data, m, step)
@@ -669,7 +669,6 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
                 seconds=time.perf_counter() - t0,
                 peak_memory_mb=process_peak_mb(rt.device),
             )
-            bar.update(1)
             if cfg.validation.every and step % cfg.validation.every == 0:
                 heldout = validator(step)
             if samples is not None:
