@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from radial_lora.cli import main
-from radial_lora.demo import ASSET, BASE, DOUBLE, QUAD, QUICK, DemoOptions, render_report, run_demo
+from radial_lora.demo import ASSET, BASE, DOUBLE, QUAD, QUICK, VARIANTS, DemoOptions, goals, run_demo, summarise_runs
 
 
 def test_shipped_base_is_a_wan_pipeline_with_unit_latents() -> None:
@@ -32,82 +32,88 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     report = (out / "REPORT.md").read_text()
     info = json.loads((out / "demo.json").read_text())
 
-    # Held-out loss of every variant at 1x, 2x and 4x: finite, positive, and printed in the report.
-    for variant in ("base_dense", "base_radial", "lora_radial"):
+    # Every Table 2 row at 1x, 2x and 4x: a sample score in [0, 1] and a finite held-out loss, in the report.
+    assert set(info["sample_scores"]) == set(VARIANTS) and set(info["heldout_loss"]) == set(VARIANTS)
+    for variant in VARIANTS:
         for n in (BASE, DOUBLE, QUAD):
-            value = info["heldout"][variant][str(n)]
-            assert math.isfinite(value) and value > 0
-            assert f"{value:.4f}" in report
-    base4, lora4 = info["heldout"]["base_radial"][str(QUAD)], info["heldout"]["lora_radial"][str(QUAD)]
-    assert ("lowers the held-out loss" in report) == (lora4 < base4)
-    assert ("does NOT beat the base" in report) == (lora4 >= base4)
+            score, loss = info["sample_scores"][variant][str(n)], info["heldout_loss"][variant][str(n)]
+            assert 0.0 <= score <= 1.0 and math.isfinite(loss) and loss > 0
+            assert f"{loss:.4f}" in report
+        assert info["seeds"][variant] == (1 if variant.startswith("lora") else 0)
+    # RIFLEx leaves the trained length alone: its 1x loss is the original model's, exactly.
+    assert info["heldout_loss"]["base_riflex"][str(BASE)] == info["heldout_loss"]["base_dense"][str(BASE)]
+    assert info["heldout_loss"]["base_riflex"][str(QUAD)] != info["heldout_loss"]["base_dense"][str(QUAD)]
+    # Radial rows compute fewer attention FLOPs at 4x than dense rows.
+    flops = info["attention_flops"]
+    assert flops["lora_radial"][str(QUAD)] < flops["lora_dense"][str(QUAD)] == flops["base_riflex"][str(QUAD)]
+    assert set(info["vae_roundtrip"]) == {str(n) for n in (BASE, DOUBLE, QUAD)}
+    # The report leads with the verdicts, then samples, then loss, then cost.
+    heads = [report.index(h) for h in ("## What held", "## Samples", "## Held-out", "## Cost")]
+    assert heads == sorted(heads)
+    for goal in info["goals"]:
+        assert f"**{'held' if goal['held'] else 'did NOT hold'}**: {goal['claim']}" in report
 
-    # The LoRA, its training losses, and the side-by-side timing.
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert len(info["train"]["losses"]) == QUICK.train_steps
-    assert all(math.isfinite(x) for x in info["train"]["losses"])
+    # Both LoRAs, their training losses, and the side-by-side timing.
+    for variant in ("lora_radial", "lora_dense"):
+        run = info["train"][f"{variant}_seed0"]
+        assert (out / "lora" / f"{variant}_seed0" / "pytorch_lora_weights.safetensors").is_file()
+        assert len(run["losses"]) == QUICK.train_steps and all(math.isfinite(x) for x in run["losses"])
+    assert info["config"]["radial"]["pattern"] == "radial"
     t = info["timing"]
     assert t["tokens"] == 17 * 16 and t["steps_timed"] == QUICK.timing_steps
     assert t["dense_step_s"] > 0 and t["radial_step_s"] > 0
     assert 0.3 < t["mask_density"] < 0.6  # the 4x mask is really sparse
-    assert t["attention_flops_radial"] < t["attention_flops_dense"]
 
-    # Generated 4x videos of base and LoRA (same prompt, seed) and their frame strips.
-    for variant in ("base_radial", "lora_radial"):
+    # Generated 4x videos of every row (same prompt, seed) and their frame strips.
+    for variant in VARIANTS:
         video = out / info["videos"][variant][0]
         assert video.is_file() and video.stat().st_size > 0
         strip = Image.open(out / info["strips"][variant][0])
         assert strip.width > strip.height
         assert info["videos"][variant][0] in report and info["strips"][variant][0] in report
 
-    # A rerun resumes: finished steps are skipped (the LoRA is not trained again), the report is rewritten.
-    lora_mtime = (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    # A rerun resumes: finished steps are skipped (no LoRA is trained again), the numbers are the same.
+    lora_file = out / "lora" / "lora_radial_seed0" / "pytorch_lora_weights.safetensors"
+    lora_mtime = lora_file.stat().st_mtime_ns
     assert run_demo(DemoOptions(out=out, quick=True)) == out / "REPORT.md"
-    assert (out / "lora" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == lora_mtime
+    assert lora_file.stat().st_mtime_ns == lora_mtime
     again = json.loads((out / "demo.json").read_text())
-    assert again["heldout"] == info["heldout"] and again["timing"] == info["timing"]
+    for key in ("heldout_loss", "sample_scores", "timing", "vae_roundtrip"):
+        assert again[key] == info[key]
 
 
-def _info(base4: float, lora4: float) -> dict:
-    heldout = {v: {BASE: 1.0, DOUBLE: 1.1, QUAD: base4} for v in ("base_dense", "base_radial")}
-    heldout["lora_radial"] = {BASE: 1.01, DOUBLE: 1.05, QUAD: lora4}
-    timing = dict(
-        frames=QUAD,
-        latent_frames=17,
-        tokens_per_frame=16,
-        tokens=272,
-        block_size=16,
-        decay=0.2,
-        mask_density=0.47,
-        dense_layers=1,
-        layers=4,
-        steps_timed=2,
-        batch=2,
-        dense_step_s=1.0,
-        radial_step_s=0.8,
-        speedup=1.25,
-        attention_flops_dense=4.0,
-        attention_flops_radial=2.0,
-    )
-    config = {"lora": {"rank": 4}, "data": {"lengths": [17, 65], "weights": [1, 3]}, "train": {"batch_size": 2}}
-    return dict(
-        heldout=heldout,
-        timing=timing,
-        config=config,
-        prompts=["a red circle moves right"],
-        videos={},
-        strips={},
-        train={"steps": 2, "losses": [1.0, 0.9]},
-        times={"train": {"seconds": 1.0}},
-    )
+def _per_seed(scores: dict[str, dict[int, list[float]]]) -> dict:
+    """collect()'s shape from ``{variant: {frames: [all-right score per seed]}}`` (parts = the same value)."""
+    return {
+        v: {
+            str(n): {
+                "score": [dict.fromkeys(("all", "colour", "shape", "direction", "speed"), x) for x in xs],
+                "loss": [1.0 + 0.01 * i for i in range(len(xs))],
+                "flops": [1.0],
+            }
+            for n, xs in by_len.items()
+        }
+        for v, by_len in scores.items()
+    }
 
 
-@pytest.mark.parametrize(("base4", "lora4", "says"), [(2.0, 1.5, "lowers"), (2.0, 2.5, "does NOT beat")])
-def test_report_says_honestly_whether_the_lora_wins(base4: float, lora4: float, says: str, tmp_path: Path) -> None:
-    text = render_report(DemoOptions(out=tmp_path), QUICK, _info(base4, lora4))
-    assert says in text
-    assert f"{100 * (lora4 - base4) / base4:+.1f}%" in text
-    assert "+1.0%" in text  # the 1x change vs the base is reported too (1.00 -> 1.01)
+def test_tables_average_seeds_and_goals_say_what_held() -> None:
+    good = {BASE: [0.70], DOUBLE: [0.5], QUAD: [0.25]}
+    scores = {v: good for v in ("base_dense", "base_radial", "base_riflex")}
+    scores["lora_radial"] = {BASE: [0.70, 0.68], DOUBLE: [0.6, 0.6], QUAD: [0.70, 0.60]}
+    scores["lora_dense"] = {BASE: [0.60, 0.60], DOUBLE: [0.5, 0.5], QUAD: [0.60, 0.70]}
+    tables = summarise_runs(_per_seed(scores), prompts=24)
+    assert tables["sample_scores"]["lora_radial"][str(QUAD)] == pytest.approx(0.65)
+    assert tables["sample_spread"]["lora_radial"][str(QUAD)] == pytest.approx(np.std([0.7, 0.6], ddof=1))
+    assert tables["heldout_loss"]["lora_radial"][str(BASE)] == pytest.approx(1.005)
+    assert tables["seeds"] == {"base_dense": 0, "base_radial": 0, "base_riflex": 0, "lora_radial": 2, "lora_dense": 2}
+    assert [g["held"] for g in goals(tables, prompts=24)] == [True, True, True, True, True]
+    # A LoRA that loses 1x samples, and a dense LoRA far ahead at 4x: those goals fail, the others stay.
+    scores["lora_radial"] = {**scores["lora_radial"], BASE: [0.5, 0.5]}
+    scores["lora_dense"] = {**scores["lora_dense"], QUAD: [1.0, 1.0]}
+    verdicts = goals(summarise_runs(_per_seed(scores), prompts=24), prompts=24)
+    assert [g["held"] for g in verdicts] == [True, True, False, False, True]
+    assert verdicts[3]["numbers"] == "0.50 vs 0.70"
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:

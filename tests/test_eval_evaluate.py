@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -187,7 +188,7 @@ def test_base_length_comes_from_flag_lora_then_family(tiny_wan_dir: Path, tiny_w
     import shutil
 
     from radial_lora import lora as lora_io
-    from radial_lora.cli.evaluate import base_length
+    from radial_lora.cli.generate import base_length
 
     assert base_length(33, (str(tiny_wan_lora), 1.0), None, "any") == (33, "--base-frames")
     # A radial-lora LoRA records the length it extends from.
@@ -207,3 +208,51 @@ def test_base_length_comes_from_flag_lora_then_family(tiny_wan_dir: Path, tiny_w
     assert value == 81 and "model_index.json" in source
     with pytest.raises(ValueError, match="--base-frames"):
         base_length(None, None, None, "some-org/some-model")
+
+
+def test_riflex_variant_and_sample_scores(one_torch_thread, tiny_wan_dir: Path, tmp_path: Path) -> None:
+    """base_riflex is the base under dense attention with RIFLEx: identical to base_dense at the training length
+    (RIFLEx keeps a covered length's frequency), different beyond it; sample captions get a sample score.
+    The tiny model's component 1 has a period of 6.3 latent frames: 9 frames (3) and 17 (5) are covered, 33 (9)
+    is not."""
+    from radial_lora.data.sample import caption_for, sample_specs
+    from radial_lora.eval.evaluate import GridOptions, run_grid
+
+    prompts = [caption_for(s) for s in sample_specs(2, seed=5)]
+    opts = GridOptions(
+        model=str(tiny_wan_dir),
+        prompts=prompts,
+        lengths=[9, 33],
+        variants=make_variants(["base_dense", "base_riflex"]),
+        out_dir=tmp_path / "eval",
+        height=32,
+        width=32,
+        steps=2,
+        guidance=1.0,
+        base_frames=9,
+    )
+    results = run_grid(opts)
+    cells = {(c["variant"], c["length"]): c for c in results["cells"]}
+    assert cells["base_riflex", 9]["settings"]["riflex_k"] == 1
+    assert cells["base_dense", 9]["settings"]["riflex_k"] is None
+
+    def frames(cell):
+        return [np.load(tmp_path / "eval" / Path(v).with_suffix(".npz"))["frames"] for v in cell["videos"]]
+
+    assert all(np.array_equal(a, b) for a, b in zip(frames(cells["base_dense", 9]), frames(cells["base_riflex", 9])))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(frames(cells["base_dense", 33]), frames(cells["base_riflex", 33]))
+    )
+    for cell in cells.values():
+        score = cell["sample_score"]
+        assert score["n"] == 2 and len(score["per_prompt"]) == 2 and 0.0 <= score["all"] <= 1.0
+    assert set(results["sample_scores"]) == {"base_dense", "base_riflex"}
+    assert set(results["sample_scores"]["base_riflex"]) == {"9", "33"}
+    assert "## Samples: do the videos show their captions?" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(ValueError, match="--base-frames"):
+        run_grid(GridOptions(**{**opts.__dict__, "base_frames": None}))
+
+
+def test_sample_scores_are_left_out_for_free_text_prompts(grid: Path) -> None:
+    results = json.loads((grid / "results.json").read_text())
+    assert results["sample_scores"] == {} and all(c["sample_score"] is None for c in results["cells"])

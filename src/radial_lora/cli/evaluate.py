@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from radial_lora.cli.generate import add_attention_arguments, prompts_from_args
+from radial_lora.cli.generate import add_attention_arguments, base_length, prompts_from_args
 from radial_lora.inference.generate import parse_lora_spec
 
 # Used when no prompt is given: varied motion, so temporal quality differences show.
@@ -30,20 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="1x,2x",
         help="frame counts (81,161) or multiples of --base-frames (1x,2x,4x); default 1x,2x",
     )
-    p.add_argument(
-        "--base-frames",
-        type=int,
-        default=None,
-        help="length the model was trained for, what 1x means (default: the LoRA's recorded base_length, "
-        "else the family's default: Wan 81, HunyuanVideo 129)",
-    )
     p.add_argument("--lora", default=None, metavar="PATH[:SCALE]", help="the LoRA under test")
     p.add_argument("--lora2", default=None, metavar="PATH[:SCALE]", help="a second LoRA to compare")
     p.add_argument(
         "--variants",
         default=None,
-        help="comma list of base_dense, base_radial, lora_dense, lora_radial, lora2_dense, lora2_radial "
-        "(default: base and each given LoRA, dense and radial; lora2 radial only)",
+        help="comma list of WEIGHTS_ATTENTION: weights base, lora or lora2; attention dense, radial, riflex "
+        "(dense attention + RIFLEx) or radial_riflex, e.g. base_dense,base_riflex,lora_radial (default: base "
+        "and each given LoRA, dense and radial; lora2 radial only)",
     )
     p.add_argument("--dataset", type=Path, default=None, help="prepared dataset for the held-out loss per length")
     p.add_argument("--heldout-max-clips", type=int, default=8, help="clips per length for the held-out loss")
@@ -94,40 +88,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         segments=args.segments,
         offload=args.offload,
         vae_tiling=args.vae_tiling,
+        base_frames=base_frames,
+        riflex_k=args.riflex_k,
     )
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
     return 0
-
-
-def base_length(given: int | None, lora: tuple[str, float] | None, family: str | None, model: str) -> tuple[int, str]:
-    """What 1x means, and where that came from: ``--base-frames``, else the ``base_length`` a radial-lora LoRA
-    records, else the default length of the model family (``--family``, the LoRA's, or the model folder's)."""
-    if given is not None:
-        return given, "--base-frames"
-    meta: dict = {}
-    if lora is not None:
-        from radial_lora.lora import LoraFormatError, read_lora_metadata
-
-        try:
-            meta = read_lora_metadata(lora[0])
-        except LoraFormatError:
-            raise
-        except (ValueError, FileNotFoundError):
-            meta = {}
-    value = meta.get("base_length")
-    if isinstance(value, int) and value > 0:
-        return value, f"the LoRA's base_length, {lora[0]}"
-    from radial_lora.models.registry import detect_family, get_adapter
-
-    how = "--family" if family else "the LoRA's metadata" if meta.get("family") else "the model's model_index.json"
-    family = family or meta.get("family")
-    if family is None:
-        try:
-            family = detect_family(model)
-        except ValueError:
-            raise ValueError(
-                f"cannot tell what 1x means for {model}: pass --base-frames N (the length it was trained for) "
-                "or --family wan|wan22|hunyuan"
-            ) from None
-    return get_adapter(family).default_frames, f"the {family} default, family from {how}"

@@ -37,6 +37,20 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="weights (default: bfloat16 on GPU, float32 on CPU)",
     )
+    p.add_argument(
+        "--base-frames",
+        type=int,
+        default=None,
+        help="length the model was trained for: what 1x means, and what RIFLEx extends from (default: the "
+        "LoRA's recorded base_length, else the family's default: Wan 81, HunyuanVideo 129)",
+    )
+    p.add_argument(
+        "--riflex-k",
+        type=int,
+        default=None,
+        help="RIFLEx: the temporal RoPE component to slow down (default: the first whose period covers "
+        "--base-frames; HunyuanVideo 4)",
+    )
     p.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
@@ -69,6 +83,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to apply (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="reuse videos already written with the same settings")
+    p.add_argument(
+        "--riflex",
+        action="store_true",
+        help="training-free length extrapolation (RIFLEx, Zhao et al. 2025): slow the temporal RoPE component "
+        "that repeats; with or without a LoRA",
+    )
     add_attention_arguments(p)
     p.set_defaults(func=_generate)
 
@@ -76,6 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from radial_lora.inference.generate import generate
 
+    loras = [parse_lora_spec(s) for s in args.lora]
+    riflex_base = None
+    if args.riflex:
+        riflex_base = base_length(args.base_frames, loras[0] if loras else None, args.family, args.model)[0]
     results = generate(
         args.model,
         prompts_from_args(args),
@@ -89,7 +113,7 @@ def _generate(args: argparse.Namespace) -> int:
         decay_factor=args.decay,
         block_size=args.block_size,
         backend=args.backend,
-        loras=[parse_lora_spec(s) for s in args.lora],
+        loras=loras,
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
@@ -101,6 +125,8 @@ def _generate(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing,
         offload=args.offload,
         vae_tiling=args.vae_tiling,
+        riflex_base_frames=riflex_base,
+        riflex_k=args.riflex_k,
     )
     for r in results:
         a = r.info["attention"]
@@ -110,3 +136,36 @@ def _generate(args: argparse.Namespace) -> int:
         )
     print(json.dumps({"videos": [str(r.video_path) for r in results]}))
     return 0
+
+
+def base_length(given: int | None, lora: tuple[str, float] | None, family: str | None, model: str) -> tuple[int, str]:
+    """What 1x means, and where that came from: ``--base-frames``, else the ``base_length`` a radial-lora LoRA
+    records, else the default length of the model family (``--family``, the LoRA's, or the model folder's)."""
+    if given is not None:
+        return given, "--base-frames"
+    meta: dict = {}
+    if lora is not None:
+        from radial_lora.lora import LoraFormatError, read_lora_metadata
+
+        try:
+            meta = read_lora_metadata(lora[0])
+        except LoraFormatError:
+            raise
+        except (ValueError, FileNotFoundError):
+            meta = {}
+    value = meta.get("base_length")
+    if isinstance(value, int) and value > 0:
+        return value, f"the LoRA's base_length, {lora[0]}"
+    from radial_lora.models.registry import detect_family, get_adapter
+
+    how = "--family" if family else "the LoRA's metadata" if meta.get("family") else "the model's model_index.json"
+    family = family or meta.get("family")
+    if family is None:
+        try:
+            family = detect_family(model)
+        except ValueError:
+            raise ValueError(
+                f"cannot tell what 1x means for {model}: pass --base-frames N (the length it was trained for) "
+                "or --family wan|wan22|hunyuan"
+            ) from None
+    return get_adapter(family).default_frames, f"the {family} default, family from {how}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -157,6 +158,32 @@ def caption_for(spec: ClipSpec, num_frames: int | None = None, fps: float | None
         elif bounces > 1:
             text += " and bounces between the walls"
     return text
+
+
+_CAPTION_RE = re.compile(
+    rf"^a ({'|'.join(PALETTE)}) ({'|'.join(SHAPES)}) on a ({'|'.join(BACKGROUNDS)}) background "
+    rf"moves ({'|'.join(DIRECTIONS)}) ({'|'.join(SPEEDS)})( and bounces (off the wall|between the walls))?$"
+)
+
+
+def spec_from_caption(caption: str) -> ClipSpec | None:
+    """The parts of a :func:`caption_for` caption (shape, colour, background, direction, speed adverb) as a
+    spec; None for any other text. Start and radius are not in a caption: the middle of the sampled range.
+
+    Why: evaluation scores generated videos against their prompts when the prompts are sample captions.
+    """
+    m = _CAPTION_RE.match(" ".join(caption.lower().split()))
+    if m is None:
+        return None
+    colour, shape, background, direction, adverb = m.groups()[:5]
+    return ClipSpec(
+        shape=shape,
+        colour=colour,
+        background=background,
+        direction=direction,
+        speed=SPEEDS[adverb],
+        radius=sum(RADIUS_RANGE) / 2,
+    )
 
 
 def sample_specs(n: int, seed: int = 0) -> list[ClipSpec]:

@@ -25,21 +25,24 @@ from tqdm import tqdm
 
 import radial_lora.eval.metrics as metrics
 from radial_lora import files
+from radial_lora.eval import shape_score
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "radial-lora-eval/1"
-_VARIANT_RE = re.compile(r"^(base|lora|lora2)_(dense|radial)$")
+_VARIANT_RE = re.compile(r"^(base|lora|lora2)_(dense|radial|riflex|radial_riflex)$")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One column of the grid: which weights (base, LoRA, second LoRA) under which attention pattern."""
+    """One column of the grid: which weights (base, LoRA, second LoRA) under which attention pattern, with or
+    without RIFLEx (``base_riflex``: the base, dense attention, RIFLEx RoPE; ``lora_radial_riflex``)."""
 
     name: str
     weights: str  # "base", "lora", "lora2"
     pattern: str  # "dense", "radial"
     loras: tuple[tuple[str, float], ...] = ()
+    riflex: bool = False
 
 
 def make_variants(
@@ -51,15 +54,16 @@ def make_variants(
         m = _VARIANT_RE.match(name)
         if m is None:
             raise ValueError(
-                f"unknown variant {name!r}; use base_dense, base_radial, lora_dense, lora_radial, lora2_dense, "
-                "lora2_radial"
+                f"unknown variant {name!r}; use WEIGHTS_ATTENTION with weights base, lora or lora2 and attention "
+                "dense, radial, riflex or radial_riflex (e.g. base_dense, base_riflex, lora_radial)"
             )
-        weights, pattern = m.groups()
+        weights, attention = m.groups()
         spec = {"base": None, "lora": lora, "lora2": lora2}[weights]
         if weights != "base" and spec is None:
             flag = "--lora" if weights == "lora" else "--lora2"
             raise ValueError(f"variant {name} needs {flag} PATH[:SCALE]")
-        out.append(Variant(name, weights, pattern, () if spec is None else (spec,)))
+        pattern = "radial" if attention.startswith("radial") else "dense"
+        out.append(Variant(name, weights, pattern, () if spec is None else (spec,), "riflex" in attention))
     if len({v.name for v in out}) != len(out):
         raise ValueError(f"variant listed twice in {list(names)}")
     return out
@@ -131,6 +135,8 @@ class GridOptions:
     segments: int = 4
     offload: bool = False
     vae_tiling: bool = False
+    base_frames: int | None = None  # what RIFLEx variants extend from
+    riflex_k: int | None = None  # their RoPE component (default: the RIFLEx rule for base_frames)
 
 
 def _cell_name(variant: Variant, length: int, prompt_index: int) -> str:
@@ -168,6 +174,7 @@ def _heldout(pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: 
     from radial_lora.data.dataset import PreparedDataset
     from radial_lora.inference.generate import set_loras
     from radial_lora.models import apply_radial_attention, get_adapter
+    from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
     from radial_lora.train.flow_matching import heldout_loss
 
     ds = PreparedDataset(opts.dataset)
@@ -183,7 +190,9 @@ def _heldout(pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: 
         block_size=attn["block_size"],
         backend=opts.backend,
     )
-    with controller.training_mode():
+    ropes = pipeline_ropes(adapter, pipe) if variant.riflex else []
+    k = resolve_component(ropes, opts.base_frames, opts.riflex_k, adapter.vae_factors(pipe)[0]) if ropes else None
+    with controller.training_mode(), riflex(ropes, k):
         result = heldout_loss(adapter, adapter.transformers(pipe)[0], records, seed=opts.seed, dataset=ds)
     return result.to_dict()
 
@@ -202,7 +211,16 @@ def _cell(
         "reference": ref.name if ref is not None else None,
         "settings": {
             k: first["settings"][k]
-            for k in ("decay_factor", "block_size", "dense_layers", "dense_timesteps", "steps", "guidance", "backend")
+            for k in (
+                "decay_factor",
+                "block_size",
+                "dense_layers",
+                "dense_timesteps",
+                "riflex_k",
+                "steps",
+                "guidance",
+                "backend",
+            )
         },
         "wall_time_s": float(np.mean([r.info["wall_time_s"] for r in results])),
         "peak_memory_bytes": max(int(r.info["peak_memory"].get("bytes", 0)) for r in results),
@@ -230,7 +248,13 @@ def _results_doc(
         "prompts": opts.prompts,
         "lengths": opts.lengths,
         "variants": [
-            {"name": v.name, "weights": v.weights, "pattern": v.pattern, "loras": [list(x) for x in v.loras]}
+            {
+                "name": v.name,
+                "weights": v.weights,
+                "pattern": v.pattern,
+                "riflex": v.riflex,
+                "loras": [list(x) for x in v.loras],
+            }
             for v in opts.variants
         ],
         "settings": {
@@ -246,11 +270,23 @@ def _results_doc(
         },
         "cells": cells,
         "heldout": heldout,
+        "sample_scores": _sample_table(cells),
         "notes": {
             "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
             "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
+            "sample_scores": "fraction of videos whose colour, shape and direction all match their sample caption "
+            "(radial_lora.eval.shape_score); empty when the prompts are not sample captions",
         },
     }
+
+
+def _sample_table(cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{variant: {frames: fraction all right}}`` over the cells that have a sample score."""
+    table: dict[str, dict[str, float]] = {}
+    for cell in cells:
+        if cell.get("sample_score"):
+            table.setdefault(cell["variant"], {})[str(cell["length"])] = cell["sample_score"]["all"]
+    return table
 
 
 def run_grid(opts: GridOptions) -> dict[str, Any]:
@@ -261,6 +297,8 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
 
     if not opts.prompts:
         raise ValueError("no prompts; pass --prompt TEXT or --prompts FILE")
+    if any(v.riflex for v in opts.variants) and opts.base_frames is None and opts.riflex_k is None:
+        raise ValueError("RIFLEx variants need the length the model was trained for (--base-frames) or --riflex-k")
     if opts.dataset is not None and not (Path(opts.dataset) / "dataset.json").is_file():
         raise FileNotFoundError(f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first")
     out = Path(opts.out_dir)
@@ -306,6 +344,8 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))],
             save_frames=True,
             skip_existing=True,
+            riflex_base_frames=opts.base_frames if variant.riflex else None,
+            riflex_k=opts.riflex_k if variant.riflex else None,
             **grid_attn,
         )
         if any(key[1] != length for key in frames_of):
@@ -316,6 +356,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         ref = reference_for(variant, opts.variants)
         ref_frames = frames_of.get((ref.name, length)) if ref is not None else None
         cell = _cell(length, variant, ref, results, _quality(frames, ref_frames, opts.segments), out)
+        cell["sample_score"] = shape_score.score_prompts(frames, opts.prompts, opts.fps)
         cell["strip"] = write_strip(out, cell, frames[0])
         cells.append(cell)
         logger.info(

@@ -27,6 +27,7 @@ _PANELS = [
     (("wall_time_s",), "wall time per video (s)"),
     (("peak_memory_bytes",), "peak memory (GiB)"),
     (("heldout_loss",), "held-out flow-matching loss"),
+    (("sample_score", "all"), "samples showing their caption"),
 ]
 
 

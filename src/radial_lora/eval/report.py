@@ -85,6 +85,33 @@ _COLUMNS = [
 ]
 
 
+def sample_lines(results: dict[str, Any]) -> list[str]:
+    """The sample-score table (variant x length: all right, and colour / shape / direction), or nothing."""
+    scored = [c for c in results["cells"] if c.get("sample_score")]
+    if not scored:
+        return []
+    lengths = sorted({c["length"] for c in scored})
+    variants = list(dict.fromkeys(c["variant"] for c in scored))
+    out = [
+        "## Samples: do the videos show their captions?",
+        "",
+        f"Each video scored against its sample caption ({scored[0]['sample_score']['n']} per cell): colour, shape "
+        "and direction all right (in brackets colour / shape / direction alone).",
+        "",
+        "| variant | " + " | ".join(f"{n} frames" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+    for name in variants:
+        row = []
+        for n in lengths:
+            cell = _cell(results, name, n)
+            sc = cell.get("sample_score") if cell else None
+            parts = " / ".join(f"{sc[k]:.2f}" for k in ("colour", "shape", "direction")) if sc else ""
+            row.append(f"**{sc['all']:.2f}** ({parts})" if sc else "-")
+        out.append(f"| {name} | " + " | ".join(row) + " |")
+    return out + [""]
+
+
 def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
     """The markdown text of the report (``results_json`` as written, inf as the string "inf")."""
     results = from_jsonable(results_json)
@@ -101,6 +128,7 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in summary_lines(results)],
         "",
+        *sample_lines(results),
     ]
     for length in results["lengths"]:
         cells = [c for c in results["cells"] if c["length"] == length]

@@ -406,6 +406,8 @@ def generate(
     skip_existing: bool = False,
     offload: bool = False,
     vae_tiling: bool = False,
+    riflex_base_frames: int | None = None,
+    riflex_k: int | None = None,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -416,8 +418,11 @@ def generate(
     ``save_frames`` also writes the exact uint8 frames (``NAME.npz``, lossless, for metrics);
     ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
     ``offload``/``vae_tiling``: memory savers when ``model`` is loaded here (see :func:`load_model`).
+    ``riflex_base_frames``: apply RIFLEx (:mod:`radial_lora.models.riflex`) for a model trained at that many
+    frames; ``riflex_k`` picks its component (and turns it on by itself).
     """
-    from radial_lora.models import apply_radial_attention
+    from radial_lora.models import apply_radial_attention, get_adapter
+    from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
 
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
     attn, source = resolve_attention_settings(
@@ -432,6 +437,9 @@ def generate(
     )
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    ropes = pipeline_ropes(get_adapter(family), pipe) if riflex_base_frames or riflex_k else []
+    temporal_factor = int(getattr(pipe, "vae_scale_factor_temporal", None) or 4)
+    attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, temporal_factor)
     call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
     call |= dict(negative_prompt=negative_prompt, device=exec_device)
     base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call)
@@ -458,7 +466,8 @@ def generate(
         logger.info(
             "generating %s: %d frames %dx%d, %d steps, %s", stem, num_frames, width, height, steps, attn["pattern"]
         )
-        rendered = render_video(pipe, controller, video_path, prompt=prompt, seed=seed + i, **call)
+        with riflex(ropes, attn["riflex_k"]):
+            rendered = render_video(pipe, controller, video_path, prompt=prompt, seed=seed + i, **call)
         if frames_file is not None:
             _save_frames(frames_file, rendered.frames)
         info = _sidecar(prompt, i, video_path, frames_file, settings, source, rendered, budget)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
     from radial_lora.models.radial import RadialController
+    from radial_lora.models.riflex import TemporalRope
 
 
 class ModelAdapter(ABC):
@@ -50,6 +51,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def patch_size(self, transformer: nn.Module) -> tuple[int, int, int]:
         """The transformer's ``(temporal, height, width)`` patch size."""
+
+    @abstractmethod
+    def temporal_rope(self, transformer: nn.Module) -> TemporalRope:
+        """The transformer's RoPE module and its temporal layout (what RIFLEx changes)."""
 
     # -- geometry --------------------------------------------------------------------------------
     def vae_factors(self, pipe_or_transformer: Any) -> tuple[int, int]:

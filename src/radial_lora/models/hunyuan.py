@@ -20,6 +20,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from torch import nn
 
 from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
+from radial_lora.models.riflex import TemporalRope
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -131,6 +132,10 @@ class HunyuanAdapter(ModelAdapter):
     def patch_size(self, transformer: nn.Module) -> tuple[int, int, int]:
         p, pt = int(transformer.config.patch_size), int(transformer.config.patch_size_t)
         return pt, p, p
+
+    def temporal_rope(self, transformer: nn.Module) -> TemporalRope:
+        rope = unwrap(transformer).rope  # HunyuanVideoRotaryPosEmbed: rope_dim [t, h, w], theta 256
+        return TemporalRope(rope, float(rope.theta), int(rope.rope_dim[0]), int(rope.patch_size_t))
 
     @torch.no_grad()
     def encode_prompts(self, pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from radial_lora.constants import EXPERTS
 from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
+from radial_lora.models.riflex import TemporalRope
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -103,6 +104,10 @@ class WanAdapter(ModelAdapter):
     def patch_size(self, transformer: nn.Module) -> tuple[int, int, int]:
         pt, ph, pw = transformer.config.patch_size
         return int(pt), int(ph), int(pw)
+
+    def temporal_rope(self, transformer: nn.Module) -> TemporalRope:
+        rope = unwrap(transformer).rope  # WanRotaryPosEmbed: [t | h | w] channels, theta 10000 (diffusers' default)
+        return TemporalRope(rope, float(getattr(rope, "theta", 10000.0)), int(rope.t_dim), int(rope.patch_size[0]))
 
     def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16, *, skip=()):
         """Stock ``from_pretrained``; the VAE goes to float32 as Wan's model cards recommend."""
