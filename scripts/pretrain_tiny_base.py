@@ -466,6 +466,73 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
     return state["history"][-1]
 
 
+# ---- phase 5b (refine): the decoder on long clips, encoder frozen ---------------------------------------------
+def train_long_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Teach the decoder every length the demo decodes (up to 65 frames), keeping the latent space.
+
+    Why: trained on clips of at most 17 frames, the causal decoder's later chunks drifted in colour on a
+    65-frame video (its round trip scored 0.60 all-right vs 0.90 at 17 frames), so every 4x sample measured the
+    VAE. Only the decoder (+ ``post_quant_conv``) trains: the encoder, the latent statistics and the transformer
+    stay valid. Steps cycle through ``--long-dec-lengths`` (batch ``68 // frames``, at least 1) with the decoder
+    phase's loss (shape pixels 10x, edge L1 x ``--dec-edge``), cosine from ``--long-dec-lr``.
+    """
+    if args.long_dec_steps <= 0:
+        return {}
+    vae: AutoencoderKLWan = comp["vae"]
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    ckpt = work / "long_decoder.pt"
+    opt = torch.optim.AdamW(params, lr=args.long_dec_lr, weight_decay=0.0)
+    saved = resume(ckpt, vae, opt, "long_decoder")
+    state = saved["state"] if saved else {"step": 0, "history": []}
+    total = args.long_dec_steps
+    if state["step"] >= total:
+        return state["history"][-1] if state["history"] else {}
+    specs = sample_specs(4096, seed=args.seed + 100)
+    vae.eval()
+    for p_ in vae.parameters():
+        p_.requires_grad_(False)
+    for p_ in params:
+        p_.requires_grad_(True)
+    bar = tqdm(range(state["step"], total), desc="long_decoder", initial=state["step"], total=total)
+    ema = None
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, total, args.long_dec_lr, warmup=20)
+        rng = np.random.default_rng((args.seed, 9000 + step))
+        frames = args.long_dec_lengths[step % len(args.long_dec_lengths)]
+        clips, fg = [], []
+        for i in rng.integers(len(specs), size=max(1, 68 // frames)):
+            start = int(rng.integers(0, 12))
+            clip = render_clip(specs[i], start + frames, SIZE, FPS)[start:]
+            clips.append(clip)
+            fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
+        x = to_video_tensor(clips)
+        w = 1.0 + (args.dec_fg_weight - 1.0) * torch.from_numpy(np.stack(fg)).float().unsqueeze(1)
+        w = w / w.mean()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+            z = z + args.vae_noise * z.std() * torch.randn_like(z)
+        rec = vae.decode(z).sample
+        l1 = ((rec - x).abs() * w).mean()
+        mse = (((rec - x) ** 2) * w).mean()
+        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in (2, 3, 4))
+        loss = 0.5 * l1 + 2.0 * mse + args.dec_edge * edge
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = float(l1.detach()) if ema is None else 0.9 * ema + 0.1 * float(l1.detach())
+        bar.set_postfix(l1=f"{ema:.4f}", frames=frames)
+        state["step"] = step + 1
+        if (step + 1) % 25 == 0 or step + 1 == total:
+            state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
+            log.info("long_decoder step %d (%d frames): l1(ema) %.4f", step + 1, frames, ema)
+            atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+    for p_ in vae.parameters():
+        p_.requires_grad_(True)
+    return state["history"][-1]
+
+
 # ---- phase 6 (refine): more transformer steps from its weights, lower lr, bigger pool, weight EMA -------
 def refine_transformer(comp: dict[str, Any], pipe: WanPipeline, work: Path, args: argparse.Namespace) -> dict:
     """Continue flow matching from the trained weights on a larger pool (``--refine-pool`` clips, encoded
@@ -565,7 +632,7 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
 def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """Generate ``--eval-n`` captions (fixed seeds) and score them and the VAE reconstructions of the truth."""
     specs = sample_specs(args.eval_n, seed=args.seed + EVAL_SEED_OFFSET)
-    truths = [render_clip(s, BASE_FRAMES, SIZE, FPS) for s in specs]
+    truths = [render_clip(s, args.eval_frames, SIZE, FPS) for s in specs]
     t0 = time.time()
     recons = []
     for i in range(0, len(truths), 8):
@@ -577,6 +644,7 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         "n": len(specs),
         "seed": args.seed + EVAL_SEED_OFFSET,
         "steps": args.eval_steps,
+        "frames": args.eval_frames,
         "generated": {},
     }
     result["truth"] = summarise([score_clip(c, s, FPS) for c, s in zip(truths, specs)])
@@ -587,18 +655,18 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         rows = []
         for i, spec in enumerate(tqdm(specs, desc=f"eval {tag} g={g}")):
             video = pipe(
-                prompt=caption_for(spec, BASE_FRAMES, FPS),
+                prompt=caption_for(spec, args.eval_frames, FPS),
                 negative_prompt="",
                 height=SIZE,
                 width=SIZE,
-                num_frames=BASE_FRAMES,
+                num_frames=args.eval_frames,
                 num_inference_steps=args.eval_steps,
                 guidance_scale=g,
                 output_type="np",
                 generator=torch.Generator().manual_seed(args.seed + i),
             ).frames[0]
             gens[g].append(to_uint8(video))
-            rows.append(score_clip(gens[g][-1], spec, FPS) | {"caption": caption_for(spec, BASE_FRAMES, FPS)})
+            rows.append(score_clip(gens[g][-1], spec, FPS) | {"caption": caption_for(spec, args.eval_frames, FPS)})
         result["generated"][str(g)] = summarise(rows)
         result.setdefault("per_clip", {})[str(g)] = rows
     result["wall_s"] = time.time() - t0
@@ -706,6 +774,19 @@ def main() -> None:
         action="store_true",
         help="refine only the decoder (latent space, stats and transformer stay valid; measured: less gain)",
     )
+    p.add_argument(
+        "--long-dec-steps",
+        type=int,
+        default=700,
+        help="refine: decoder-only steps on clips up to 65 frames (v6: 700; 0 = v5, which drifts beyond 17 frames)",
+    )
+    p.add_argument(
+        "--long-dec-lengths",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[17, 65, 33, 65, 65],
+        help="refine: clip lengths the long-decoder steps cycle through (default 17,65,33,65,65)",
+    )
+    p.add_argument("--long-dec-lr", type=float, default=5e-4, help="refine: peak lr of the long-decoder steps")
     p.add_argument("--refine-steps", type=int, default=8000, help="refine: more transformer steps (v5: 8000)")
     p.add_argument("--refine-lr", type=float, default=3e-4)
     p.add_argument("--refine-pool", type=int, default=2048, help="refine: clips in the (bigger) latent pool")
@@ -716,6 +797,9 @@ def main() -> None:
     p.add_argument("--eval-model", type=Path, default=None, help="pipeline to score (default: --out)")
     p.add_argument("--eval-tag", default=None, help="name of the eval files in --work (default: the model's name)")
     p.add_argument("--eval-n", type=int, default=48, help="eval captions (sample_specs, seed + 300)")
+    p.add_argument(
+        "--eval-frames", type=int, default=BASE_FRAMES, help="clip length of the eval (17; 65 = the demo's 4x)"
+    )
     p.add_argument("--eval-steps", type=int, default=20, help="sampling steps of the eval (the demo's 20)")
     p.add_argument(
         "--eval-guidance",
@@ -772,12 +856,14 @@ def main() -> None:
             dit_final = timed("transformer_s", lambda: train_transformer(comp, pool, args.work, args))
     # Refine (from the weights above or --init-from): independent of each other (the encoder is frozen).
     dec_final = timed("decoder_s", lambda: train_decoder(comp, args.work, args))
+    long_final = timed("long_decoder_s", lambda: train_long_decoder(comp, args.work, args))
     refine_final = timed("refine_s", lambda: refine_transformer(comp, pipe, args.work, args))
     prompts = samples(pipe, args.work, args.seed, args.sample_steps)
     summary = {
         "vae": vae_final,
         "transformer": dit_final,
         "decoder": dec_final,
+        "long_decoder": long_final,
         "refine": refine_final,
         "times_s": times,
         "sample_prompts": prompts,

@@ -384,3 +384,49 @@ def test_lora_init_does_not_depend_on_what_was_loaded(
     drawn = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "b", *common))
     assert drawn.losses == plain.losses
     _assert_same_lora(tmp_path / "a", tmp_path / "b")
+
+
+def test_caption_dropout_trains_the_chosen_samples_on_the_empty_caption(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dropped samples (own hash stream, ~p of them) get exactly the dataset's empty-caption tensors, the
+    others keep theirs; noise and timesteps do not move; and prepare wrote that embedding with the pipeline."""
+    drops = [trainer.caption_dropped(0, step, i, 0.25) for step in range(200) for i in range(4)]
+    assert 0.2 < sum(drops) / len(drops) < 0.3 and drops == [
+        trainer.caption_dropped(0, step, i, 0.25) for step in range(200) for i in range(4)
+    ]
+    assert not any(trainer.caption_dropped(0, s, 0, 0.0) for s in range(50))
+
+    ds = PreparedDataset(tiny_wan_dataset)
+    null = ds.null_text()
+    pipe = DiffusionPipeline.from_pretrained(tiny_wan_dir)
+    expected = get_adapter("wan").encode_prompts(pipe, [""])
+    assert sorted(null) == sorted(expected)
+    assert torch.equal(null["encoder_hidden_states"], expected["encoder_hidden_states"][0])
+
+    seen: list[torch.Tensor] = []
+    real_flow_step = trainer.fm.flow_step
+
+    def spy(adapter, model, latents, text, sigmas, noise, *a, **k):
+        seen.append(text["encoder_hidden_states"].detach().clone())
+        return real_flow_step(adapter, model, latents, text, sigmas, noise, *a, **k)
+
+    monkeypatch.setattr(trainer.fm, "flow_step", spy)
+    steps = 6
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "run", f"train.steps={steps}", "train.caption_dropout=0.5")
+    trainer.train(cfg)
+    empty = null["encoder_hidden_states"]
+    flags = [trainer.caption_dropped(cfg.train.seed, s, i, 0.5) for s in range(1, steps + 1) for i in range(2)]
+    rows = [row for batch in seen[:steps] for row in batch]
+    assert len(rows) == len(flags) and any(flags) and not all(flags)
+    assert [torch.equal(row, empty) for row in rows] == flags
+
+
+def test_caption_dropout_needs_the_null_text_file(tiny_wan_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_wan_dataset, copy)
+    (copy / "null_text.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="null_text.safetensors is missing.*re-run `radial-lora data prepare`"):
+        PreparedDataset(copy).null_text()

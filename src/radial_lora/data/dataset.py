@@ -4,6 +4,7 @@
 DATASET/dataset.json       settings the clips were made with (format, family, model, size, fps, lengths)
 DATASET/manifest.jsonl     one JSON object per finished clip (see :class:`Record`)
 DATASET/latents/f{N}/{id}.safetensors   "latents" [C,F,h,w] float32 + the text tensors, no batch dim
+DATASET/null_text.safetensors           the empty caption's text tensors (caption dropout, guidance)
 ```
 The manifest is append-only while ``data prepare`` runs; a crash can leave a cut-off last line, which
 :func:`read_manifest` drops with a warning (that clip is simply prepared again on the next run).
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT = "radial-lora-dataset/1"
 DATASET_JSON = "dataset.json"
 MANIFEST = "manifest.jsonl"
+NULL_TEXT = "null_text.safetensors"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,16 @@ class PreparedDataset:
 
     def file_of(self, record: Record) -> Path:
         return self.path / record.file
+
+    def null_text(self) -> dict[str, torch.Tensor]:
+        """The empty caption's text tensors (what the pipelines encode for guidance's unconditional branch)."""
+        file = self.path / NULL_TEXT
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} is missing (the empty caption's embedding, for train.caption_dropout); re-run "
+                "`radial-lora data prepare` with the same options: it reuses every clip and adds this file"
+            )
+        return load(file.read_bytes())
 
     def load(self, record: Record, *, verify: bool = False) -> dict[str, torch.Tensor]:
         """The clip's tensors ("latents" [C,F,h,w] float32 + text tensors). ``verify`` checks the sha256."""

@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, Record, read_manifest
+from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, NULL_TEXT, Record, read_manifest
 from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
 from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
@@ -550,6 +550,8 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     done = _finished_clips(out)
     manifest = _ManifestWriter(out / MANIFEST, list(done.values()))
     encoder = _Encoder(adapter, pipe, torch.device(opts.device))
+    if not (out / NULL_TEXT).is_file():
+        _save_clip(out / NULL_TEXT, encoder.text([""])[0], {"caption": ""})
     summary = PrepareSummary(skipped=skipped, sources=len(items))
     pending: dict[int, list[_PendingClip]] = defaultdict(list)
     max_needed = max(opts.lengths) if opts.clip_mode == "start" else None

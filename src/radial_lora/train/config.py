@@ -109,6 +109,9 @@ class TrainSection:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     consistency_weight: float = 0.0  # 0 = off
+    # Fraction of samples trained on the empty caption (the prepared dataset's null_text), as the base was
+    # for classifier-free guidance: without it the unconditional branch never learns the new length.
+    caption_dropout: float = 0.0
     distributed: str = "ddp"  # "ddp": full base per process; "fsdp": base (and LoRA) sharded over processes
 
 
@@ -381,6 +384,7 @@ def _validate_train(cfg: TrainConfig) -> None:
     _one_of(t.timestep_sampling, TIMESTEP_SCHEMES, "train.timestep_sampling")
     _check(t.logit_std > 0, "train.logit_std", "must be > 0")
     _check(t.consistency_weight >= 0, "train.consistency_weight", "must be >= 0 (0 = off)")
+    _check(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be in [0, 1) (0 = off; the base models use 0.1)")
     _one_of(t.distributed, DISTRIBUTED, "train.distributed")
     _check(
         t.distributed != "fsdp" or o.name == "adamw",

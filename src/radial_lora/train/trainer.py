@@ -139,6 +139,31 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def caption_dropped(seed: int, step: int, index: int, p: float) -> bool:
+    """Whether global sample ``index`` of step ``step`` trains on the empty caption: its own stream, so the
+    noise and timesteps of a run do not change with the dropout rate, nor with the process count."""
+    digest = hashlib.sha256(f"caption|{seed}|{step}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < p
+
+
+def drop_captions(
+    text: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None, drop: list[bool]
+) -> dict[str, torch.Tensor]:
+    """``text`` with the samples marked in ``drop`` replaced by the empty caption's tensors."""
+    if not any(drop):
+        return text
+    if null is None or sorted(null) != sorted(text):
+        raise ValueError("the dataset's null_text does not match its clips' text tensors; re-run `data prepare`")
+    out = {}
+    for key, value in text.items():
+        value = value.clone()
+        for j, d in enumerate(drop):
+            if d:
+                value[j] = null[key].to(value.dtype)
+        out[key] = value
+    return out
+
+
 def collate(items: list[dict[str, torch.Tensor]], where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stack clips of one bucket: latents ``[B,C,F,h,w]`` and every text tensor with a batch dim."""
     keys = sorted(items[0])
@@ -187,6 +212,7 @@ RESULT_KEYS = (
     "train.seed",
     "train.timestep_sampling",
     "train.consistency_weight",
+    "train.caption_dropout",
 )
 
 
@@ -319,6 +345,7 @@ class TrainData:
     lengths: list[int]
     weights: dict[int, float]
     sampler: BucketSampler
+    null_text: dict[str, torch.Tensor] | None = None  # the empty caption's tensors (train.caption_dropout)
 
 
 @dataclass
@@ -395,7 +422,8 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
         )
     weights = dict(zip(lengths, cfg.data.weights or [1.0] * len(lengths)))
     sampler = BucketSampler({n: len(by_bucket[n]) for n in lengths}, weights, cfg.train.seed)
-    return TrainData(dataset, by_bucket, holdout, lengths, weights, sampler)
+    null_text = dataset.null_text() if cfg.train.caption_dropout > 0 else None
+    return TrainData(dataset, by_bucket, holdout, lengths, weights, sampler, null_text)
 
 
 def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) -> tuple[torch.nn.Module, Any, Any]:
@@ -580,6 +608,9 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
                 ]
             )
             noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens])
+            if t.caption_dropout > 0:
+                drop = [caption_dropped(t.seed, step, first + j, t.caption_dropout) for j in range(rt.micro)]
+                text = drop_captions(text, data.null_text, drop)
             text = {k: v.to(rt.device) for k, v in text.items()}
             with m.model.no_sync() if m.ddp and a < t.grad_accum - 1 else nullcontext():
                 with rt.acc.autocast():
