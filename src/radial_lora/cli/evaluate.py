@@ -90,6 +90,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
         base_frames=base_frames,
         riflex_k=args.riflex_k,
+        batch_size=args.batch_size,
     )
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")

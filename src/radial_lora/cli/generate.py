@@ -51,6 +51,9 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
         help="RIFLEx: the temporal RoPE component to slow down (default: the first whose period covers "
         "--base-frames; HunyuanVideo 4)",
     )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per pipeline call (same noise per prompt; more memory)"
+    )
     p.add_argument("--offload", action="store_true", help="model CPU offload (less GPU memory, slower)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
@@ -127,6 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
         vae_tiling=args.vae_tiling,
         riflex_base_frames=riflex_base,
         riflex_k=args.riflex_k,
+        batch_size=args.batch_size,
     )
     for r in results:
         a = r.info["attention"]

@@ -137,6 +137,7 @@ class GridOptions:
     vae_tiling: bool = False
     base_frames: int | None = None  # what RIFLEx variants extend from
     riflex_k: int | None = None  # their RoPE component (default: the RIFLEx rule for base_frames)
+    batch_size: int = 1  # prompts per pipeline call
 
 
 def _cell_name(variant: Variant, length: int, prompt_index: int) -> str:
@@ -346,6 +347,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             skip_existing=True,
             riflex_base_frames=opts.base_frames if variant.riflex else None,
             riflex_k=opts.riflex_k if variant.riflex else None,
+            batch_size=opts.batch_size,
             **grid_attn,
         )
         if any(key[1] != length for key in frames_of):

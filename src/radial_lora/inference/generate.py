@@ -316,50 +316,58 @@ def frames_to_uint8(video: Any) -> np.ndarray:
     return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def render_video(
+def render_video(pipe: Any, controller: Any, video_path: Path | None, *, prompt: str, seed: int, **kw: Any) -> Rendered:
+    """One video: :func:`render_batch` of one prompt (``generate`` and the trainer's validation samples)."""
+    return render_batch(pipe, controller, [video_path], prompts=[prompt], seeds=[seed], **kw)[0]
+
+
+def render_batch(
     pipe: Any,
     controller: Any,
-    video_path: Path | None,
+    video_paths: Sequence[Path | None],
     *,
-    prompt: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
     num_frames: int,
     height: int,
     width: int,
     steps: int,
     guidance: float,
-    seed: int,
     fps: float,
     negative_prompt: str | None = None,
     device: torch.device | None = None,
     measure_memory: bool = True,
-) -> Rendered:
-    """One stock ``pipe(...)`` call with a CPU generator seeded ``seed``, written to ``video_path`` as mp4.
+) -> list[Rendered]:
+    """One stock ``pipe(...)`` call for a batch of prompts, prompt ``i`` with a CPU generator seeded
+    ``seeds[i]`` (diffusers draws each item's noise from its own generator: the same noise as alone), each
+    written to ``video_paths[i]`` as mp4. The wall time is shared out evenly; memory is the batch's peak.
 
     ``controller`` (the pipeline's :class:`~radial_lora.models.radial.RadialController`, or None) starts a
-    new denoising run, so ``dense_timesteps`` counts from this call's first step. ``video_path=None``
-    runs the denoising only (``output_type="latent"``: no decode, nothing written; a process that must
-    take part in a sharded forward but writes nothing). ``generate`` and the trainer's validation
-    samples both go through here.
+    new denoising run, so ``dense_timesteps`` counts from this call's first step. A ``None`` path runs the
+    denoising only (``output_type="latent"``: no decode, nothing written; a process that must take part in
+    a sharded forward but writes nothing).
     """
     from radial_lora.data.video_io import write_video
 
+    decode = any(p is not None for p in video_paths)
     exec_device = device or torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     if controller is not None:
         controller.reset_stats()
         controller.new_run()
-    generator = torch.Generator("cpu").manual_seed(seed)
     call: dict[str, Any] = dict(
-        prompt=prompt,
+        prompt=list(prompts) if len(prompts) > 1 else prompts[0],
         num_frames=num_frames,
         height=height,
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        generator=generator,
-        output_type="np" if video_path is not None else "latent",
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        output_type="np" if decode else "latent",
     )
+    if len(prompts) == 1:
+        call["generator"] = call["generator"][0]
     if negative_prompt is not None:
-        call["negative_prompt"] = negative_prompt
+        call["negative_prompt"] = [negative_prompt] * len(prompts) if len(prompts) > 1 else negative_prompt
     mem: dict[str, Any] = {}
     with peak_memory(exec_device) if measure_memory else nullcontext(mem) as mem:
         start = time.perf_counter()
@@ -367,12 +375,15 @@ def render_video(
         if exec_device.type == "cuda":
             torch.cuda.synchronize(exec_device)
         wall = time.perf_counter() - start
-    frames = None
-    if video_path is not None:
-        frames = frames_to_uint8(output.frames[0])
-        write_video(video_path, frames, fps)
     calls = dict(controller.calls) if controller is not None else {}
-    return Rendered(frames, wall, mem, calls)
+    out = []
+    for i, path in enumerate(video_paths):
+        frames = None
+        if path is not None:
+            frames = frames_to_uint8(output.frames[i])
+            write_video(path, frames, fps)
+        out.append(Rendered(frames, wall / len(prompts), mem, calls))
+    return out
 
 
 # -- the entry point -----------------------------------------------------------------------------
@@ -408,6 +419,7 @@ def generate(
     vae_tiling: bool = False,
     riflex_base_frames: int | None = None,
     riflex_k: int | None = None,
+    batch_size: int = 1,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -419,12 +431,15 @@ def generate(
     ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
     ``offload``/``vae_tiling``: memory savers when ``model`` is loaded here (see :func:`load_model`).
     ``riflex_base_frames``: apply RIFLEx (:mod:`radial_lora.models.riflex`) for a model trained at that many
-    frames; ``riflex_k`` picks its component (and turns it on by itself).
+    frames; ``riflex_k`` picks its component (and turns it on by itself). ``batch_size``: prompts per
+    pipeline call (the same noise per prompt; faster for small models, more memory).
     """
     from radial_lora.models import apply_radial_attention, get_adapter
     from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
 
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attn, source = resolve_attention_settings(
         {
             "pattern": pattern,
@@ -442,14 +457,68 @@ def generate(
     attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, temporal_factor)
     call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
     call |= dict(negative_prompt=negative_prompt, device=exec_device)
-    base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call)
+    base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call) | {"batch_size": batch_size}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     budget = attention_budget(
         pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance
     )
-    results: list[GenerationResult] = []
-    controller = None
+    results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
+    if todo:  # LoRAs and radial attention go in once, before the first video to render
+        set_loras(pipe, lora_list)
+        controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
+    for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
+        logger.info(
+            "generating %s: %d frames %dx%d, %d steps, %s",
+            ", ".join(t.video.stem for t in chunk),
+            num_frames,
+            width,
+            height,
+            steps,
+            attn["pattern"],
+        )
+        with riflex(ropes, attn["riflex_k"]):
+            rendered = render_batch(
+                pipe,
+                controller,
+                [t.video for t in chunk],
+                prompts=[t.prompt for t in chunk],
+                seeds=[t.settings["seed"] for t in chunk],
+                **call,
+            )
+        for t, r in zip(chunk, rendered):
+            if t.frames_file is not None:
+                _save_frames(t.frames_file, r.frames)
+            info = _sidecar(t.prompt, t.index, t.video, t.frames_file, t.settings, source, r, budget)
+            write_json_atomic(t.sidecar, info)
+            results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, r.frames, jsonable(info))
+    return [results[i] for i in range(len(prompts))]
+
+
+@dataclass
+class _Pending:
+    """A video still to render: its prompt, index, output files and sidecar settings."""
+
+    prompt: str
+    index: int
+    video: Path
+    sidecar: Path
+    frames_file: Path | None
+    settings: dict[str, Any]
+
+
+def _plan_outputs(
+    prompts: list[str],
+    names: Sequence[str] | None,
+    out: Path,
+    save_frames: bool,
+    skip_existing: bool,
+    base_settings: dict[str, Any],
+    seed: int,
+) -> tuple[dict[int, GenerationResult], list[_Pending]]:
+    """The results that can be reused as they are (``skip_existing``: same settings) and the videos to render."""
+    results: dict[int, GenerationResult] = {}
+    todo: list[_Pending] = []
     for i, prompt in enumerate(prompts):
         stem = names[i] if names is not None else f"{i:03d}_{slug(prompt)}"
         video_path, sidecar = out / f"{stem}.mp4", out / f"{stem}.json"
@@ -458,22 +527,10 @@ def generate(
         found = _load_existing(video_path, sidecar, frames_file, settings) if skip_existing else None
         if found is not None:
             logger.info("reusing %s (same settings)", video_path)
-            results.append(GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True))
-            continue
-        if controller is None:  # the first video to render: LoRAs and radial attention go in once
-            set_loras(pipe, lora_list)
-            controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
-        logger.info(
-            "generating %s: %d frames %dx%d, %d steps, %s", stem, num_frames, width, height, steps, attn["pattern"]
-        )
-        with riflex(ropes, attn["riflex_k"]):
-            rendered = render_video(pipe, controller, video_path, prompt=prompt, seed=seed + i, **call)
-        if frames_file is not None:
-            _save_frames(frames_file, rendered.frames)
-        info = _sidecar(prompt, i, video_path, frames_file, settings, source, rendered, budget)
-        write_json_atomic(sidecar, info)
-        results.append(GenerationResult(prompt, i, video_path, sidecar, rendered.frames, jsonable(info)))
-    return results
+            results[i] = GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True)
+        else:
+            todo.append(_Pending(prompt, i, video_path, sidecar, frames_file, settings))
+    return results, todo
 
 
 def _base_settings(
