@@ -118,7 +118,8 @@ def test_prepare_folder_skips_bad_input_and_resumes(
         "clip.webm",
     }
     assert counting["clips"] == 10 and counting["videos"] == 6  # 5 clips per bucket in batches of 2
-    assert counting["prompts"] == 5  # one text encode per unique caption, not per clip
+    assert counting["prompts"] == 6  # one text encode per unique caption (5), not per clip, and the empty caption
+    assert (out / "null_text.safetensors").is_file()
     adapter = get_adapter("wan")
     pipe = DiffusionPipeline.from_pretrained(tiny_wan_dir, torch_dtype=torch.float32)
     record = next(r for r in ds.buckets[17] if r.source == "sample_0001.mp4")

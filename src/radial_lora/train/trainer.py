@@ -616,7 +616,7 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
                 with rt.acc.autocast():
                     fwd = fm.flow_step(m.adapter, m.model, latents.to(rt.device), text, sigmas, noise.to(rt.device))
                 total = fwd.loss
-                if t.consistency_weight > 0 and bucket > cfg.data.base_length:
+                if t.consistency_weight > 0:  # a base-length clip is its own prefix: the base's prediction
                     with _base_model(m.transformer, m.controller), rt.acc.autocast():
                         base = m.adapter.predict(m.transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
                     cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base.float()) ** 2)
