@@ -430,3 +430,31 @@ def test_caption_dropout_needs_the_null_text_file(tiny_wan_dataset: Path, tmp_pa
     (copy / "null_text.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="null_text.safetensors is missing.*re-run `radial-lora data prepare`"):
         PreparedDataset(copy).null_text()
+
+
+def test_consistency_also_holds_base_length_clips_to_the_base(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base-length clip is its own prefix: its steps carry a consistency term too (the LoRA vs the frozen base
+    on the same input under dense attention); before this it was 0 on every base-length step."""
+    seen: list[tuple[int, float]] = []
+    real = trainer.train_step
+
+    def spy(cfg, rt, data, m, step):
+        stats = real(cfg, rt, data, m, step)
+        seen.append((stats.bucket, stats.consistency))
+        return stats
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    cfg = _cfg(
+        tiny_wan_dir,
+        tiny_wan_dataset,
+        tmp_path / "run",
+        "train.steps=8",
+        "train.consistency_weight=1.0",
+        "optimizer.lr=5e-3",
+    )
+    trainer.train(cfg)
+    base_steps = [c for b, c in seen if b == cfg.data.base_length]
+    assert base_steps and all(c > 0 for c in base_steps)
+    assert any(b > cfg.data.base_length and c > 0 for b, c in seen)
