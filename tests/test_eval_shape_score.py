@@ -1,6 +1,6 @@
-"""The tiny base's sample scorer (``radial_lora.eval.shape_score``, used by ``scripts/pretrain_tiny_base.py``),
-which the model card's numbers rest on: the rendered truth must score perfectly, and wrong shapes, colours
-and motion must not."""
+"""The sample scorer (``radial_lora.eval.shape_score``) that the demo's, the evaluate grid's and the tiny base's
+model card's sample scores rest on: the rendered truth must score perfectly at 17 and at 65 frames (the demo's
+1x and 4x), and wrong shapes, colours and motion must not."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from radial_lora.data.sample import ClipSpec, render_clip, sample_specs
 from radial_lora.eval import shape_score
 
 FRAMES, SIZE, FPS = 17, 32, 16.0  # the tiny base's clips (scripts/pretrain_tiny_base.py)
+LONG = 65  # the demo's 4x
 
 
-def test_rendered_truth_scores_perfectly() -> None:
+@pytest.mark.parametrize("frames", [FRAMES, LONG])
+def test_rendered_truth_scores_perfectly(frames: int) -> None:
     specs = sample_specs(120, seed=300)
-    rows = [shape_score.score_clip(render_clip(s, FRAMES, SIZE, FPS), s) for s in specs]
+    rows = [shape_score.score_clip(render_clip(s, frames, SIZE, FPS), s) for s in specs]
     summary = shape_score.summarise(rows)
     assert {k: summary[k] for k in ("colour", "direction", "speed", "shape", "all")} == dict.fromkeys(
         ("colour", "direction", "speed", "shape", "all"), 1.0
@@ -25,15 +27,16 @@ def test_rendered_truth_scores_perfectly() -> None:
     assert summary["shape_iou"] > 0.99 and summary["colour_err"] == 0.0
 
 
+@pytest.mark.parametrize("frames", [FRAMES, LONG])
 @pytest.mark.parametrize("drawn", ["circle", "square", "triangle"])
-def test_each_wrong_shape_colour_and_direction_is_caught(drawn: str) -> None:
+def test_each_wrong_shape_colour_and_direction_is_caught(drawn: str, frames: int) -> None:
     caption = ClipSpec(shape="square", colour="red", direction="right", speed=0.9, start_x=0.3, radius=0.26)
-    clip = render_clip(replace(caption, shape=drawn), FRAMES, SIZE, FPS)
+    clip = render_clip(replace(caption, shape=drawn), frames, SIZE, FPS)
     out = shape_score.score_clip(clip, caption)
     assert out["shape_pred"] == drawn and out["shape"] == (drawn == "square")
     assert out["colour"] and out["direction"] and out["speed"]
     wrong = shape_score.score_clip(
-        render_clip(replace(caption, colour="blue", direction="up"), FRAMES, SIZE, FPS), caption
+        render_clip(replace(caption, colour="blue", direction="up"), frames, SIZE, FPS), caption
     )
     assert wrong["colour_pred"] == "blue" and not wrong["colour"]
     assert wrong["direction_pred"] == "up" and not wrong["direction"]
@@ -48,3 +51,24 @@ def test_static_slow_and_empty_clips_fail() -> None:
     empty = np.full((FRAMES, SIZE, SIZE, 3), 10, dtype=np.uint8)
     blank = shape_score.score_clip(empty, caption)
     assert blank["direction_pred"] == "none" and not any(blank[k] for k in ("colour", "direction", "shape"))
+
+
+def test_captions_parse_back_and_prompts_are_scored_only_when_all_are_sample_captions() -> None:
+    from radial_lora.data.sample import caption_for, spec_from_caption
+
+    specs = sample_specs(60, seed=7)
+    for spec in specs:
+        for text in (caption_for(spec), caption_for(spec, LONG, FPS), caption_for(spec, FRAMES, FPS).upper()):
+            parsed = spec_from_caption(text)
+            assert parsed is not None and caption_for(parsed) == caption_for(spec)
+    assert spec_from_caption("a red car drives up a mountain road") is None
+    assert spec_from_caption("a red circle on a black background moves sideways slowly") is None
+
+    clips = [render_clip(s, LONG, SIZE, FPS) for s in specs[:4]]
+    prompts = [caption_for(s, LONG, FPS) for s in specs[:4]]
+    scored = shape_score.score_prompts(clips, prompts, FPS)
+    assert scored is not None and scored["n"] == 4 and scored["all"] == 1.0 and len(scored["per_prompt"]) == 4
+    # A clip scored against another clip's caption is caught (the specs differ in colour, shape or direction).
+    swapped = shape_score.score_prompts(clips[::-1], prompts, FPS)
+    assert swapped is not None and swapped["all"] < 1.0
+    assert shape_score.score_prompts(clips, [*prompts[:3], "a cat"], FPS) is None
