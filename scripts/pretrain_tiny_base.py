@@ -393,6 +393,41 @@ def train_transformer(comp: dict[str, Any], pool: dict[str, Any], work: Path, ar
 
 
 # ---- phase 5 (refine): the VAE again, sharper loss ------------------------------------------------------
+def clip_batch(
+    specs: list[Any], rng: np.random.Generator, frames: int, batch: int, max_start: int, fg_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random ``frames``-frame windows (start ``< max_start``) of random specs as a ``[B,3,F,H,W]``
+    video and its per-pixel loss weight (shape pixels ``fg_weight`` times the background, mean 1)."""
+    clips, fg = [], []
+    for i in rng.integers(len(specs), size=batch):
+        start = int(rng.integers(0, max_start))
+        clip = render_clip(specs[i], start + frames, SIZE, FPS)[start:]
+        clips.append(clip)
+        fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
+    w = 1.0 + (fg_weight - 1.0) * torch.from_numpy(np.stack(fg)).float().unsqueeze(1)
+    return to_video_tensor(clips), w / w.mean()
+
+
+def sharp_loss(
+    rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor, edge_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The refine phases' reconstruction loss ``0.5 L1 + 2 MSE`` (weighted by ``w``) + ``edge_weight`` x the L1
+    of the finite differences (y, x, and t when there is more than one frame); returns it, L1, MSE and edge."""
+    l1 = ((rec - x).abs() * w).mean()
+    mse = (((rec - x) ** 2) * w).mean()
+    dims = (2, 3, 4) if x.shape[2] > 1 else (3, 4)
+    edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in dims)
+    return 0.5 * l1 + 2.0 * mse + edge_weight * edge, l1, mse, edge
+
+
+def train_only(vae: AutoencoderKLWan, params: list[torch.nn.Parameter]) -> None:
+    """Freeze the VAE except ``params``."""
+    for p_ in vae.parameters():
+        p_.requires_grad_(False)
+    for p_ in params:
+        p_.requires_grad_(True)
+
+
 def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, float]:
     """Fine-tune the VAE from its weights on whole 17-frame clips with a sharper loss.
 
@@ -415,10 +450,7 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         return state["history"][-1] if state["history"] else {}
     specs = sample_specs(4096, seed=args.seed + 100)
     vae.eval()  # no dropout/norm statistics in the Wan VAE; eval just makes the frozen encoder explicit
-    for p_ in vae.parameters():
-        p_.requires_grad_(False)
-    for p_ in params:
-        p_.requires_grad_(True)
+    train_only(vae, params)
     bar = tqdm(range(state["step"], total), desc="decoder", initial=state["step"], total=total)
     ema = None
     for step in bar:
@@ -429,25 +461,14 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng((args.seed, 5000 + step))
-        clips, fg = [], []
-        for i in rng.integers(len(specs), size=args.dec_image_batch if image else args.dec_batch):
-            start = int(rng.integers(0, 17 if image else 12))
-            clip = render_clip(specs[i], start + (1 if image else BASE_FRAMES), SIZE, FPS)[start:]
-            clips.append(clip)
-            fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
-        x = to_video_tensor(clips)
-        w = 1.0 + (args.dec_fg_weight - 1.0) * torch.from_numpy(np.stack(fg)).float().unsqueeze(1)
-        w = w / w.mean()
+        batch = args.dec_image_batch if image else args.dec_batch
+        x, w = clip_batch(specs, rng, 1 if image else BASE_FRAMES, batch, 17 if image else 12, args.dec_fg_weight)
         with torch.set_grad_enabled(args.dec_train_encoder):
             posterior = vae.encode(x).latent_dist
             z = posterior.mode()
             z = z + args.vae_noise * z.detach().std() * torch.randn_like(z)
         rec = vae.decode(z).sample
-        l1 = ((rec - x).abs() * w).mean()
-        mse = (((rec - x) ** 2) * w).mean()
-        dims = (3, 4) if image else (2, 3, 4)  # one frame: no temporal difference
-        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in dims)
-        loss = 0.5 * l1 + 2.0 * mse + args.dec_edge * edge
+        loss, l1, mse, edge = sharp_loss(rec, x, w, args.dec_edge)
         if args.dec_train_encoder:
             loss = loss + args.vae_kl * posterior.kl().mean() / x[0].numel()
         opt.zero_grad(set_to_none=True)
@@ -461,8 +482,7 @@ def train_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespace) ->
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
             log.info("decoder step %d: l1(ema) %.4f mse %.4f edge %.4f", step + 1, ema, float(mse), float(edge))
             atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
-    for p_ in vae.parameters():
-        p_.requires_grad_(True)
+    train_only(vae, list(vae.parameters()))
     return state["history"][-1]
 
 
@@ -489,10 +509,7 @@ def train_long_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespac
         return state["history"][-1] if state["history"] else {}
     specs = sample_specs(4096, seed=args.seed + 100)
     vae.eval()
-    for p_ in vae.parameters():
-        p_.requires_grad_(False)
-    for p_ in params:
-        p_.requires_grad_(True)
+    train_only(vae, params)
     bar = tqdm(range(state["step"], total), desc="long_decoder", initial=state["step"], total=total)
     ema = None
     for step in bar:
@@ -500,23 +517,12 @@ def train_long_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespac
             g["lr"] = cosine_lr(step, total, args.long_dec_lr, warmup=20)
         rng = np.random.default_rng((args.seed, 9000 + step))
         frames = args.long_dec_lengths[step % len(args.long_dec_lengths)]
-        clips, fg = [], []
-        for i in rng.integers(len(specs), size=max(1, 68 // frames)):
-            start = int(rng.integers(0, 12))
-            clip = render_clip(specs[i], start + frames, SIZE, FPS)[start:]
-            clips.append(clip)
-            fg.append(np.any(clip != np.asarray(BACKGROUNDS[specs[i].background], np.uint8), axis=-1))
-        x = to_video_tensor(clips)
-        w = 1.0 + (args.dec_fg_weight - 1.0) * torch.from_numpy(np.stack(fg)).float().unsqueeze(1)
-        w = w / w.mean()
+        x, w = clip_batch(specs, rng, frames, max(1, 68 // frames), 12, args.dec_fg_weight)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
             z = z + args.vae_noise * z.std() * torch.randn_like(z)
         rec = vae.decode(z).sample
-        l1 = ((rec - x).abs() * w).mean()
-        mse = (((rec - x) ** 2) * w).mean()
-        edge = sum((torch.diff(rec, dim=d) - torch.diff(x, dim=d)).abs().mean() for d in (2, 3, 4))
-        loss = 0.5 * l1 + 2.0 * mse + args.dec_edge * edge
+        loss, l1, mse, edge = sharp_loss(rec, x, w, args.dec_edge)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -528,8 +534,7 @@ def train_long_decoder(comp: dict[str, Any], work: Path, args: argparse.Namespac
             state["history"].append({"step": step + 1, "l1_ema": ema, "mse": float(mse), "edge": float(edge)})
             log.info("long_decoder step %d (%d frames): l1(ema) %.4f", step + 1, frames, ema)
             atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
-    for p_ in vae.parameters():
-        p_.requires_grad_(True)
+    train_only(vae, list(vae.parameters()))
     return state["history"][-1]
 
 

@@ -27,7 +27,7 @@ def test_shipped_base_is_a_wan_pipeline_with_unit_latents() -> None:
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--seeds", "2"]) == 0
     assert str(out / "REPORT.md") in capsys.readouterr().out
     report = (out / "REPORT.md").read_text()
     info = json.loads((out / "demo.json").read_text())
@@ -39,7 +39,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
             score, loss = info["sample_scores"][variant][str(n)], info["heldout_loss"][variant][str(n)]
             assert 0.0 <= score <= 1.0 and math.isfinite(loss) and loss > 0
             assert f"{loss:.4f}" in report
-        assert info["seeds"][variant] == (1 if variant.startswith("lora") else 0)
+        assert info["seeds"][variant] == (2 if variant.startswith("lora") else 0)
     # RIFLEx leaves the trained length alone: its 1x loss is the original model's, exactly.
     assert info["heldout_loss"]["base_riflex"][str(BASE)] == info["heldout_loss"]["base_dense"][str(BASE)]
     assert info["heldout_loss"]["base_riflex"][str(QUAD)] != info["heldout_loss"]["base_dense"][str(QUAD)]
@@ -53,11 +53,15 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for goal in info["goals"]:
         assert f"**{'held' if goal['held'] else 'did NOT hold'}**: {goal['claim']}" in report
 
-    # Both LoRAs, their training losses, and the side-by-side timing.
+    # Both LoRAs for each of the two seeds, their training losses, and the side-by-side timing.
     for variant in ("lora_radial", "lora_dense"):
-        run = info["train"][f"{variant}_seed0"]
-        assert (out / "lora" / f"{variant}_seed0" / "pytorch_lora_weights.safetensors").is_file()
-        assert len(run["losses"]) == QUICK.train_steps and all(math.isfinite(x) for x in run["losses"])
+        runs = [info["train"][f"{variant}_seed{s}"] for s in (0, 1)]
+        for s, run in enumerate(runs):
+            assert (out / "lora" / f"{variant}_seed{s}" / "pytorch_lora_weights.safetensors").is_file()
+            assert len(run["losses"]) == QUICK.train_steps and all(math.isfinite(x) for x in run["losses"])
+        assert runs[0]["losses"] != runs[1]["losses"]  # a different seed is a different run
+        assert info["sample_spread"][variant][str(QUAD)] >= 0.0
+    assert "--seeds 2" in report and "±" in report
     assert info["config"]["radial"]["pattern"] == "radial"
     t = info["timing"]
     assert t["tokens"] == 17 * 16 and t["steps_timed"] == QUICK.timing_steps
@@ -75,7 +79,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     # A rerun resumes: finished steps are skipped (no LoRA is trained again), the numbers are the same.
     lora_file = out / "lora" / "lora_radial_seed0" / "pytorch_lora_weights.safetensors"
     lora_mtime = lora_file.stat().st_mtime_ns
-    assert run_demo(DemoOptions(out=out, quick=True)) == out / "REPORT.md"
+    assert run_demo(DemoOptions(out=out, quick=True, seeds=2)) == out / "REPORT.md"
     assert lora_file.stat().st_mtime_ns == lora_mtime
     again = json.loads((out / "demo.json").read_text())
     for key in ("heldout_loss", "sample_scores", "timing", "vae_roundtrip"):
