@@ -263,3 +263,19 @@ def test_batched_generation_draws_each_prompts_own_noise(pipe, tmp_path: Path) -
     assert all(r.reused for r in again)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         generate(pipe, prompts, out_dir=tmp_path / "bad", batch_size=0, **kw)
+
+
+def test_cli_generate_riflex_records_its_component(tiny_wan_dir: Path, tmp_path: Path, capsys) -> None:
+    """`generate --riflex` takes k from --base-frames (the tiny model: component 1 covers 9 frames' 3 latent
+    frames); `--riflex-k` picks one; without either the sidecar says None."""
+    common = ["generate", "--model", str(tiny_wan_dir), "--frames", "33", "--height", "32", "--width", "32"]
+    common += ["--steps", "1", "--prompt", PROMPT]
+    for extra, want in ((["--riflex", "--base-frames", "9"], 1), (["--riflex-k", "2"], 2), ([], None)):
+        out = tmp_path / f"k{want}"
+        assert main([*common, *extra, "--out", str(out)]) == 0
+        (sidecar,) = out.glob("*.json")
+        assert json.loads(sidecar.read_text())["settings"]["riflex_k"] == want
+    capsys.readouterr()
+    assert main([*common, "--riflex-k", "99", "--out", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err
+    assert "radial-lora generate: error: RIFLEx k=99 is outside the temporal RoPE's components 1..4" in err
