@@ -25,15 +25,25 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends, removed if it
     raises. ``suffix`` keeps an extension for writers that choose the format by it (``.png``, ``.mp4``).
 
-    Not ``mkstemp``: its 0600 mode would stick to the final file; this one is created with the umask."""
+    The finished file gets the mode of a file the process creates (0666 less the umask), as every other tool
+    writes them: some writers (safetensors' ``save_file``) create 0600, which another user or a container with
+    another uid could not read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
