@@ -12,10 +12,14 @@ right away, so an interrupted run loses nothing it finished.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import glob
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter, OrderedDict, defaultdict
@@ -41,8 +45,10 @@ VIDEO_COLUMN_ALIASES = ("video", "file_name", "filename", "video_path", "path", 
 CAPTION_COLUMN_ALIASES = ("caption", "text", "prompt", "description", "caption_text")
 CLIP_MODES = ("start", "middle", "sliding")
 
-# Exit status of `data prepare` (docs/DATA.md): 2 = usage error (from the CLI), 3 = some input skipped.
+# Exit status of `data prepare` (docs/DATA.md): 1 = no clip at all (nothing to train on), 2 = usage error
+# (from the CLI), 3 = some input skipped.
 EXIT_OK = 0
+EXIT_EMPTY = 1
 EXIT_SKIPPED = 3
 
 
@@ -92,7 +98,8 @@ class PrepareOptions:
 
 @dataclass
 class PrepareSummary:
-    """What a run did; ``exit_code`` is 0 when nothing was skipped, else 3."""
+    """What a run did; ``exit_code`` is 0 when nothing was skipped, 3 when something was, 1 when the dataset
+    holds no clip at all."""
 
     encoded: Counter[int] = field(default_factory=Counter)
     reused: Counter[int] = field(default_factory=Counter)
@@ -100,7 +107,13 @@ class PrepareSummary:
     sources: int = 0
 
     @property
+    def clips(self) -> int:
+        return sum(self.encoded.values()) + sum(self.reused.values())
+
+    @property
     def exit_code(self) -> int:
+        if self.clips == 0:
+            return EXIT_EMPTY
         return EXIT_SKIPPED if self.skipped else EXIT_OK
 
     def format(self) -> str:
@@ -113,14 +126,51 @@ class PrepareSummary:
         if self.skipped:
             reasons = Counter(s.reason.split(":")[0] for s in self.skipped)
             lines.append(f"  skipped {len(self.skipped)}: " + ", ".join(f"{n} {r}" for r, n in reasons.items()))
+        if self.clips == 0:
+            lines.append("  no clip was prepared: the dataset is empty, nothing to train on (see the skipped inputs)")
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
 
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# Byte-order marks and their codecs; UTF-32 first (its LE mark starts with UTF-16's)
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_EXTRA = "\0extra"  # csv.DictReader's key for the fields of a row beyond the header
+
+
+def read_text(path: Path) -> str:
+    """A caption or metadata file's text: UTF-8, or UTF-8/16/32 with a byte-order mark (Notepad's "Unicode" is
+    UTF-16 LE). Anything else is a ValueError naming the file and the first bad byte, never U+FFFD soup."""
+    data = path.read_bytes()
+    codec = next((c for bom, c in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(codec)
+    except UnicodeDecodeError as exc:
+        hint = "it may be Latin-1 or cp1252" if codec == "utf-8" else f"its byte-order mark says {codec}"
+        raise ValueError(
+            f"{path}: not valid {codec} at byte {exc.start} (0x{data[exc.start]:02x}); {hint}: save it as UTF-8"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"{path}: contains NUL characters (UTF-16 without a byte-order mark?); save it as UTF-8")
+    return text
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at LF / CRLF / CR only: U+2028, U+2029 and the other separators ``splitlines`` knows are text."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _clean_caption(text: str) -> str:
-    return " ".join(text.split())
+    """One line of single spaces, zero-width characters removed (a caption of only those is empty)."""
+    return " ".join(text.translate(_ZERO_WIDTH).split())
 
 
 def _pick_column(names: list[str], wanted: str | None, aliases: tuple[str, ...], what: str, where: Path) -> str:
@@ -137,17 +187,24 @@ def _pick_column(names: list[str], wanted: str | None, aliases: tuple[str, ...],
     )
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(where, row)`` per row of a CSV / JSONL / JSON table; ``where`` is ``file:line`` (``file row N`` for JSON).
+
+    CSV is parsed as CSV: quoted commas and newlines belong to the field."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA)
+        rows = []
+        for row in reader:
+            rows.append((f"{path.name}:{reader.line_num}", row))
+        return rows
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((f"{path.name}:{number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not valid JSON ({exc})") from exc
         return rows
@@ -157,8 +214,19 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             data = data["data"]
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of {{video, caption}} objects")
-        return data
+        return [(f"{path.name} row {n}", row) for n, row in enumerate(data, start=1)]
     raise ValueError(f"{path}: unsupported metadata file; use a folder, .csv, .jsonl or .json")
+
+
+def _row_caption(value: Any, column: str, where: str) -> tuple[str | None, str | None]:
+    """``(caption, None)`` or ``(None, reason to skip)`` for a caption cell."""
+    if isinstance(value, list | dict):
+        kind = f"a list of {len(value)}" if isinstance(value, list) else "an object"
+        return None, f"caption is {kind} in {where}; give one string per row (a row per caption)"
+    caption = _clean_caption("" if value is None else str(value))
+    if not caption:
+        return None, f"missing caption: empty {column!r} in {where}"
+    return caption, None
 
 
 def _items_from_table(
@@ -167,21 +235,33 @@ def _items_from_table(
     rows = _read_rows(path)
     if not rows:
         raise ValueError(f"{path}: no rows")
-    if not all(isinstance(row, dict) for row in rows):
+    if not all(isinstance(row, dict) for _, row in rows):
         raise ValueError(f"{path}: every row must be an object with a video and a caption")
-    names = list(dict.fromkeys(key for row in rows for key in row))
+    names = list(dict.fromkeys(key for _, row in rows for key in row if key != _EXTRA))
     vcol = _pick_column(names, video_column, VIDEO_COLUMN_ALIASES, "video", path)
     ccol = _pick_column(names, caption_column, CAPTION_COLUMN_ALIASES, "caption", path)
     items, skips = [], []
-    for number, row in enumerate(rows, start=1):
+    first_seen: dict[str, tuple[str, str]] = {}
+    for where, row in rows:
         video = str(row.get(vcol) or "").strip()
+        if _EXTRA in row:
+            fields = len(names) + len(row[_EXTRA])
+            reason = f"{where} has {fields} fields, the header {len(names)}: quote a caption that holds a comma"
+            skips.append(Skip(video or where, f"bad row: {reason}"))
+            continue
         if not video:
-            skips.append(Skip(f"{path.name}:row {number}", f"no video path in column {vcol!r}"))
+            skips.append(Skip(where, f"no video path in column {vcol!r}"))
             continue
-        caption = _clean_caption(str(row.get(ccol) or ""))
-        if not caption:
-            skips.append(Skip(video, f"missing caption: empty {ccol!r} in {path.name} row {number}"))
+        caption, why = _row_caption(row.get(ccol), ccol, where)
+        if caption is None:
+            skips.append(Skip(video, why or "missing caption"))
             continue
+        if video in first_seen:
+            at, kept = first_seen[video]
+            same = "the same caption" if kept == caption else "another caption"
+            skips.append(Skip(video, f"listed twice: {where} repeats {at} with {same}; the first is kept"))
+            continue
+        first_seen[video] = (where, caption)
         items.append(SourceItem(video, (path.parent / video), caption))
     return items, skips
 
@@ -192,12 +272,20 @@ def _strip_trailing_blank(lines: list[str]) -> list[str]:
     return lines
 
 
+def _caption_file(video: Path) -> Path | None:
+    """The ``.txt`` beside a video, whatever the case of its extension (``clip.MP4`` + ``clip.TXT``)."""
+    exact = video.with_suffix(".txt")
+    if exact.is_file():
+        return exact
+    return next((p for p in video.parent.glob(f"{glob.escape(video.stem)}.*") if p.suffix.lower() == ".txt"), None)
+
+
 def _items_from_folder(folder: Path) -> tuple[list[SourceItem], list[Skip]]:
     # finetrainers' older layout: prompt.txt and videos.txt, line by line
     prompts, videos = folder / "prompt.txt", folder / "videos.txt"
     if prompts.is_file() and videos.is_file():
-        p_lines = _strip_trailing_blank(prompts.read_text(encoding="utf-8").splitlines())
-        v_lines = _strip_trailing_blank([v.strip() for v in videos.read_text(encoding="utf-8").splitlines()])
+        p_lines = _strip_trailing_blank(_lines(read_text(prompts)))
+        v_lines = _strip_trailing_blank([v.strip() for v in _lines(read_text(videos))])
         if len(p_lines) != len(v_lines):
             raise ValueError(f"{folder}: prompt.txt has {len(p_lines)} lines but videos.txt {len(v_lines)}")
         items, skips = [], []
@@ -215,11 +303,15 @@ def _items_from_folder(folder: Path) -> tuple[list[SourceItem], list[Skip]]:
         rel = path.relative_to(folder)
         if path.suffix.lower() not in VIDEO_EXTENSIONS or any(p.startswith(".") for p in rel.parts):
             continue
-        txt = path.with_suffix(".txt")
-        if not txt.is_file():
-            skips.append(Skip(rel.as_posix(), f"missing caption: no {txt.name} next to it"))
+        txt = _caption_file(path)
+        if txt is None:
+            skips.append(Skip(rel.as_posix(), f"missing caption: no {path.with_suffix('.txt').name} next to it"))
             continue
-        caption = _clean_caption(txt.read_text(encoding="utf-8", errors="replace"))
+        try:
+            caption = _clean_caption(read_text(txt))
+        except (ValueError, OSError) as exc:
+            skips.append(Skip(rel.as_posix(), f"unreadable caption: {exc}"))
+            continue
         if not caption:
             skips.append(Skip(rel.as_posix(), f"missing caption: {txt.name} is empty"))
             continue
@@ -402,8 +494,8 @@ def _check_options(opts: PrepareOptions) -> None:
         latent_geometry(length, opts.height, opts.width)  # 4k+1 frames, sizes multiple of 16
     if opts.clip_mode not in CLIP_MODES:
         raise ValueError(f"--clip-mode {opts.clip_mode!r} is not one of {CLIP_MODES}")
-    if opts.fps <= 0:
-        raise ValueError(f"--fps {opts.fps} must be positive")
+    if not math.isfinite(opts.fps) or opts.fps <= 0:
+        raise ValueError(f"--fps {opts.fps} must be a positive number of frames per second (e.g. 16)")
     if opts.batch_size < 1:
         raise ValueError(f"--batch-size {opts.batch_size} must be >= 1")
     if opts.stride is not None and opts.stride < 1:

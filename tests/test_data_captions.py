@@ -1,0 +1,124 @@
+"""Captions read as written (issue 16): CSV parsed as CSV, byte-order marks and bad encodings, separators that
+are text, zero-width captions, list captions, repeated rows, ``.TXT`` beside ``.MP4``; and a run with no usable
+clip fails. The files are written the way users' tools write them (Excel-style CSV, Notepad's UTF-16)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radial_lora.cli import main
+from radial_lora.data.prepare import collect_inputs
+from radial_lora.data.video_io import write_video
+
+
+def _video(path: Path) -> Path:
+    write_video(path, np.zeros((9, 16, 16, 3), np.uint8), 16.0)
+    return path
+
+
+def test_csv_quoted_newlines_and_commas_belong_to_the_caption(tmp_path: Path) -> None:
+    table = tmp_path / "meta.csv"
+    with open(table, "w", newline="", encoding="utf-8") as fh:  # what csv.writer / Excel write
+        w = csv.writer(fh)
+        w.writerow(["video", "caption"])
+        w.writerow(["a.mp4", "first line\nsecond line"])
+        w.writerow(["b.mp4", "a fox, running, in snow"])
+        w.writerow(["c.mp4", "line\u2028separator is text"])
+    with open(table, "a", encoding="utf-8") as fh:
+        fh.write("d.mp4,an unquoted, comma\n")  # one field too many
+    items, skips = collect_inputs(table)
+    assert [(i.source, i.caption) for i in items] == [
+        ("a.mp4", "first line second line"),
+        ("b.mp4", "a fox, running, in snow"),
+        ("c.mp4", "line separator is text"),
+    ]
+    (skip,) = skips
+    assert skip.source == "d.mp4" and skip.reason.startswith("bad row: meta.csv:6 has 3 fields, the header 2")
+
+
+def test_jsonl_line_separator_inside_a_caption_is_one_row(tmp_path: Path) -> None:
+    table = tmp_path / "meta.jsonl"
+    rows = [{"video": "a.mp4", "caption": "one\u2028two"}, {"video": "b.mp4", "caption": "three\u2029four"}]
+    table.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    items, skips = collect_inputs(table)
+    assert [i.caption for i in items] == ["one two", "three four"] and not skips
+
+
+@pytest.mark.parametrize(
+    ("encoding", "bom"), [("utf-16", b""), ("utf-8-sig", b""), ("utf-16-be", b"\xfe\xff"), ("utf-32", b"")]
+)
+def test_captions_with_a_byte_order_mark_decode(tmp_path: Path, encoding: str, bom: bytes) -> None:
+    _video(tmp_path / "clip.mp4")
+    (tmp_path / "clip.txt").write_bytes(bom + "Über den Fluß, café".encode(encoding))  # Notepad "Unicode"
+    items, skips = collect_inputs(tmp_path)
+    assert [i.caption for i in items] == ["Über den Fluß, café"] and not skips
+
+
+def test_undecodable_captions_skip_that_video_naming_file_and_byte(tmp_path: Path) -> None:
+    _video(tmp_path / "latin.mp4")
+    (tmp_path / "latin.txt").write_bytes("un café à Paris".encode("cp1252"))
+    _video(tmp_path / "nobom.mp4")
+    (tmp_path / "nobom.txt").write_bytes("sixteen".encode("utf-16-le"))  # UTF-16 without its mark
+    _video(tmp_path / "good.mp4")
+    (tmp_path / "good.txt").write_text("a good caption", encoding="utf-8")
+    items, skips = collect_inputs(tmp_path)
+    assert [i.source for i in items] == ["good.mp4"]
+    reasons = {s.source: s.reason for s in skips}
+    assert reasons["latin.mp4"].startswith("unreadable caption: ")
+    assert (
+        "latin.txt: not valid utf-8 at byte 6 (0xe9); it may be Latin-1 or cp1252: save it as UTF-8"
+        in reasons["latin.mp4"]
+    )
+    assert "contains NUL characters" in reasons["nobom.mp4"]
+    latin_table = tmp_path / "meta.csv"
+    latin_table.write_bytes("video,caption\ngood.mp4,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"meta.csv: not valid utf-8 at byte 26 \(0xe9\)"):
+        collect_inputs(latin_table)
+
+
+def test_zero_width_list_and_repeated_captions_and_upper_case_txt(tmp_path: Path) -> None:
+    _video(tmp_path / "Upper.MP4")
+    (tmp_path / "Upper.TXT").write_text("shouted extension", encoding="utf-8")
+    _video(tmp_path / "blank.mp4")
+    (tmp_path / "blank.txt").write_text("\u200b\u200d\ufeff \n", encoding="utf-8")
+    items, skips = collect_inputs(tmp_path)
+    assert [(i.source, i.caption) for i in items] == [("Upper.MP4", "shouted extension")]
+    assert [(s.source, s.reason) for s in skips] == [("blank.mp4", "missing caption: blank.txt is empty")]
+
+    table = tmp_path / "meta.json"
+    rows = [
+        {"video": "a.mp4", "caption": ["one", "two"]},
+        {"video": "b.mp4", "caption": "first"},
+        {"video": "b.mp4", "caption": "second"},
+        {"video": "c.mp4", "caption": "same"},
+        {"video": "c.mp4", "caption": "same"},
+    ]
+    table.write_text(json.dumps(rows), encoding="utf-8")
+    items, skips = collect_inputs(table)
+    assert [(i.source, i.caption) for i in items] == [("b.mp4", "first"), ("c.mp4", "same")]
+    assert [s.reason for s in skips] == [
+        "caption is a list of 2 in meta.json row 1; give one string per row (a row per caption)",
+        "listed twice: meta.json row 3 repeats meta.json row 2 with another caption; the first is kept",
+        "listed twice: meta.json row 5 repeats meta.json row 4 with the same caption; the first is kept",
+    ]
+
+
+def test_no_usable_clip_fails_and_impossible_fps_is_refused(
+    tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "in" / "broken.txt").write_text("a caption", encoding="utf-8")
+    args = ["data", "prepare", str(tmp_path / "in"), "--out", str(tmp_path / "ds"), "--model", str(tiny_wan_dir)]
+    args += ["--family", "wan", "--lengths", "9", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "no clip was prepared: the dataset is empty" in out and "skipped broken.mp4: unreadable" in out
+    for fps in ("nan", "inf", "0"):
+        assert main([*args, "--fps", fps]) == 2
+        assert f"--fps {float(fps)} must be a positive number" in capsys.readouterr().err
