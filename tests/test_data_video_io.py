@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
 
-from radial_lora.data.video_io import VideoReadError, iter_frames, probe_video, read_video, write_video
+from radial_lora.data.video_io import (
+    VideoReadError,
+    iter_frames,
+    iter_timed_frames,
+    probe_video,
+    read_video,
+    write_video,
+)
 
 
 def _gradient_clip(frames: int = 12, h: int = 32, w: int = 48) -> np.ndarray:
@@ -91,3 +101,77 @@ def test_write_rejects_bad_arrays(tmp_path) -> None:
     with pytest.raises(ValueError, match="fps"):
         write_video(tmp_path / "f.mp4", np.zeros((2, 8, 8, 3), np.uint8), fps=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_with(path: Path, frames: np.ndarray, *, rotation: int = 0, sar: Fraction | None = None) -> Path:
+    """An H.264 file as a phone (display-matrix rotation) or a DVD/anamorphic camera (sample aspect ratio)
+    writes it: the coded frames are the stored ones, the metadata says how to show them."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=16, options={"qp": "0"})
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+        if sar is not None:
+            s.codec_context.sample_aspect_ratio = sar
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i, img in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv444p")
+            f.pts = i
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return path
+
+
+def _marked(frames: int = 3, h: int = 16, w: int = 32) -> np.ndarray:
+    """Landscape frames, white in the top-left quarter: where it lands says how the frame was turned."""
+    x = np.zeros((frames, h, w, 3), np.uint8)
+    x[:, : h // 2, : w // 2] = 255
+    return x
+
+
+def test_phone_rotation_is_applied_as_players_do(tmp_path: Path) -> None:
+    # A phone held upright stores landscape frames and a display matrix of -90 degrees (shown turned clockwise).
+    stored = _marked()
+    video = _write_with(tmp_path / "phone.mp4", stored, rotation=-90)
+    frames, _ = read_video(video)
+    assert frames.shape == (3, 32, 16, 3)  # portrait, as shown
+    want = np.rot90(stored, -1, axes=(1, 2))  # clockwise: the top-left quarter goes to the top right
+    assert np.abs(frames.astype(int) - want).max() <= 2 and frames[0, 0, -1, 0] > 200 and frames[0, 0, 0, 0] < 50
+    timed = [f for _, f in iter_timed_frames(video)]
+    assert timed[0].shape == (32, 16, 3) and np.array_equal(timed[0], frames[0])
+    upside = read_video(_write_with(tmp_path / "flip.mp4", stored, rotation=180))[0]
+    assert np.abs(upside.astype(int) - stored[:, ::-1, ::-1]).max() <= 2
+
+
+def test_non_square_pixels_are_shown_in_display_space(tmp_path: Path) -> None:
+    stored = _marked(h=16, w=16)
+    wide = read_video(_write_with(tmp_path / "anamorphic.mp4", stored, sar=Fraction(2, 1)))[0]
+    assert wide.shape == (3, 16, 32, 3)  # 2:1 pixels: twice as wide as stored, as a player shows it
+    assert wide[0, 4, 4, 0] > 200 and wide[0, 4, 12, 0] > 200 and wide[0, 4, 20, 0] < 50
+    tall = read_video(_write_with(tmp_path / "tall.mp4", stored, sar=Fraction(1, 2)))[0]
+    assert tall.shape == (3, 32, 16, 3)
+    dvd = read_video(_write_with(tmp_path / "dvd.mp4", _marked(h=48, w=72), sar=Fraction(32, 27)))[0]
+    assert dvd.shape[1:3] == (48, 85)  # 72 x 32/27 = 85.3
+
+
+def test_cover_art_stream_is_not_the_video(tmp_path: Path) -> None:
+    path = tmp_path / "with_cover.mkv"
+    with av.open(str(path), "w") as c:  # stream 0: a one-frame still (cover art), stream 1: the video
+        art = c.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = 16, 16, "yuvj420p"
+        video = c.add_stream("libx264", rate=16, options={"qp": "0"})
+        video.width, video.height, video.pix_fmt = 32, 16, "yuv444p"
+        still = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200, np.uint8), format="rgb24").reformat(
+            format="yuvj420p"
+        )
+        still.pts = 0
+        c.mux(art.encode(still))
+        c.mux(art.encode(None))
+        for i, img in enumerate(_marked(frames=6)):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv444p")
+            f.pts = i
+            c.mux(video.encode(f))
+        c.mux(video.encode(None))
+    frames, fps = read_video(path)
+    assert frames.shape == (6, 16, 32, 3) and fps == 16.0
+    info = probe_video(path)
+    assert (info.width, info.height, info.codec) == (32, 16, "h264")

@@ -1,6 +1,9 @@
 """Video files <-> uint8 frame arrays through PyAV (FFmpeg): mp4, mov, mkv, webm, gif.
 
-Frames are always ``uint8 [F, H, W, 3]`` RGB. Reading raises :class:`VideoReadError` (a ``ValueError``)
+Frames are always ``uint8 [F, H, W, 3]`` RGB, as a player shows them: from the video stream a player picks
+(FFmpeg's best stream, never cover art), with square pixels (the sample aspect ratio applied: 720x480 DVD at
+32:27 becomes 853x480) and upright (the display matrix's rotation applied, as ffmpeg's autorotate does for
+phone videos). Reading raises :class:`VideoReadError` (a ``ValueError``)
 naming the file for anything FFmpeg cannot open or decode, so a dataset job can skip the file with one
 log line. Writing is atomic: a temp file in the target folder, then ``os.replace``.
 """
@@ -56,6 +59,31 @@ def _stream_fps(stream: av.video.stream.VideoStream) -> float:
     return 0.0
 
 
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The stream a player shows: FFmpeg's best video stream (more decoded frames, default disposition),
+    never an attached picture (an mkv's or m4a's cover art)."""
+    real = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not real:
+        raise VideoReadError(f"{container.name}: the only video stream is cover art (an attached picture)")
+    best = container.streams.best("video")
+    return best if best in real else real[0]
+
+
+def as_shown(frame: av.VideoFrame, sample_aspect: Fraction | None) -> np.ndarray:
+    """``uint8 [H, W, 3]`` as displayed: stretched to square pixels, then rotated by the display matrix."""
+    width, height = frame.width, frame.height
+    if sample_aspect and sample_aspect > 0 and sample_aspect != 1:
+        if sample_aspect > 1:
+            width = int(round(width * sample_aspect))
+        else:
+            height = int(round(height / sample_aspect))
+        image = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    else:
+        image = frame.to_ndarray(format="rgb24")
+    turns = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise, as np.rot90
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
 def _open(path: Path) -> av.container.InputContainer:
     if not path.is_file():
         raise VideoReadError(f"{path}: no such video file")
@@ -70,11 +98,12 @@ def _open(path: Path) -> av.container.InputContainer:
 
 
 def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
-    """Read the header only: fps, frame count (from the container, else duration x fps), size, codec."""
+    """Read the header only: fps, frame count (from the container, else duration x fps), the coded size (before
+    the aspect ratio and rotation that decoded frames get), codec."""
     path = Path(path)
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         fps = _stream_fps(stream)
         frames = int(stream.frames or 0)
         if frames <= 0 and stream.duration is not None and stream.time_base is not None:
@@ -97,12 +126,13 @@ def iter_frames(
     container = _open(path)
     emitted = 0
     try:
-        for index, frame in enumerate(container.decode(video=0)):
+        stream = video_stream(container)
+        for index, frame in enumerate(container.decode(stream)):
             if max_frames is not None and emitted >= max_frames:
                 break
             if index < start_frame:
                 continue
-            yield frame.to_ndarray(format="rgb24")
+            yield as_shown(frame, stream.sample_aspect_ratio)
             emitted += 1
     except (av.FFmpegError, OSError) as exc:
         raise VideoReadError(f"{path}: decoding failed after {emitted} frames ({exc})") from exc
@@ -115,14 +145,15 @@ def iter_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.
     frame rate videos (phones) resample correctly. Frames without a timestamp get index / average fps."""
     path = Path(path)
     container = _open(path)
-    fps = _stream_fps(container.streams.video[0]) or 1.0
     first: float | None = None
     index = 0
     try:
-        for index, frame in enumerate(container.decode(video=0)):
+        stream = video_stream(container)
+        fps = _stream_fps(stream) or 1.0
+        for index, frame in enumerate(container.decode(stream)):
             t = frame.time if frame.time is not None else index / fps
             first = t if first is None else first
-            yield t - first, frame.to_ndarray(format="rgb24")
+            yield t - first, as_shown(frame, stream.sample_aspect_ratio)
     except (av.FFmpegError, OSError) as exc:
         raise VideoReadError(f"{path}: decoding failed after {index} frames ({exc})") from exc
     finally:
@@ -136,7 +167,7 @@ def read_video(
     path = Path(path)
     container = _open(path)
     try:
-        fps = _stream_fps(container.streams.video[0])
+        fps = _stream_fps(video_stream(container))
     finally:
         container.close()
     frames = list(iter_frames(path, start_frame=start_frame, max_frames=max_frames))
