@@ -122,3 +122,36 @@ def test_no_usable_clip_fails_and_impossible_fps_is_refused(
     for fps in ("nan", "inf", "0"):
         assert main([*args, "--fps", fps]) == 2
         assert f"--fps {float(fps)} must be a positive number" in capsys.readouterr().err
+
+
+def test_rerun_notices_edited_captions_replaced_videos_and_contradicting_settings(
+    tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Never stale: a rerun re-encodes exactly the clips whose caption or video changed, and refuses settings
+    that contradict the dataset's."""
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.data.sample import write_sample_dataset
+
+    src = tmp_path / "in"
+    write_sample_dataset(src, num_videos=3, num_frames=9, size=32, fps=16.0, seed=1)
+    out = tmp_path / "ds"
+    args = ["data", "prepare", str(src), "--out", str(out), "--model", str(tiny_wan_dir), "--family", "wan"]
+    args += ["--lengths", "9", "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "float32"]
+    assert main(args) == 0
+    first = {r.source: r for r in PreparedDataset(out).records}
+    assert main(args) == 0 and "(0 encoded, 3 already prepared)" in capsys.readouterr().out
+
+    (src / "sample_0000.txt").write_text("an edited caption\n", encoding="utf-8")
+    write_sample_dataset(tmp_path / "other", num_videos=2, num_frames=9, size=32, fps=16.0, seed=9)
+    (tmp_path / "other" / "sample_0001.mp4").replace(src / "sample_0001.mp4")  # same name, new video
+    assert main(args) == 0
+    assert "(2 encoded, 1 already prepared)" in capsys.readouterr().out
+    now = {r.source: r for r in PreparedDataset(out).records}
+    assert len(now) == 3 and now["sample_0000.mp4"].caption == "an edited caption"
+    assert now["sample_0001.mp4"].sha256 != first["sample_0001.mp4"].sha256
+    assert now["sample_0002.mp4"] == first["sample_0002.mp4"]
+
+    for flag, value in (("--dtype", "bfloat16"), ("--clip-mode", "sliding"), ("--max-clips", "1")):
+        changed = [*args, flag, value] if flag != "--dtype" else [*args[:-1], value]
+        assert main(changed) == 2
+        assert f"prepared with {flag[2:].replace('-', '_')}=" in capsys.readouterr().err

@@ -51,11 +51,12 @@ class Record:
     latent_shape: tuple[int, ...]
     file: str
     sha256: str
+    source_sig: str = ""  # what the source video was when this clip was made (data.prepare.source_signature)
 
     @classmethod
     def from_json(cls, row: dict[str, Any], where: str) -> Record:
         """Build from a manifest row; ``where`` (file:line) goes into the error for a bad row."""
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls) if f.name != "source_sig"}  # older manifests lack source_sig
         missing = sorted(names - set(row))
         if missing:
             raise ValueError(f"{where}: manifest row lacks {missing}; re-run `radial-lora data prepare`")
@@ -73,6 +74,7 @@ class Record:
                 latent_shape=tuple(int(x) for x in row["latent_shape"]),
                 file=str(row["file"]),
                 sha256=str(row["sha256"]),
+                source_sig=str(row.get("source_sig", "")),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: bad value in manifest row ({exc})") from exc

@@ -423,6 +423,7 @@ class _PendingClip:
     length: int
     start: int
     frames: np.ndarray  # uint8 [F,H,W,3]
+    signature: str  # source_signature of the video it was cut from
 
 
 class _Encoder:
@@ -521,8 +522,10 @@ def _dataset_info(opts: PrepareOptions, pipe: Any, previous: dict[str, Any] | No
         "max_clips": opts.max_clips,
     }
     if previous is not None:
-        for key in ("format", "family", "model", "height", "width", "fps"):
-            if previous.get(key) != info[key]:
+        # Every setting that changes the tensors (dtype) or which clips exist (clip mode, stride, max clips):
+        # mixing two of them in one dataset is a dataset `validate` rejects, or quietly mixed clips.
+        for key in ("format", "family", "model", "height", "width", "fps", "dtype", "clip_mode", "stride", "max_clips"):
+            if key in previous and previous.get(key) != info[key]:
                 raise ValueError(
                     f"{opts.out / DATASET_JSON}: prepared with {key}={previous.get(key)!r}, this run asks for "
                     f"{info[key]!r}; use another --out folder for different settings"
@@ -571,16 +574,45 @@ def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[
     return adapter, pipe
 
 
-def _finished_clips(out: Path) -> dict[str, Record]:
-    """The manifest's clips whose file is still there unchanged (by sha256): a rerun keeps them."""
+def source_signature(path: Path) -> str:
+    """What a source video is, cheaply: size, modification time and a sha256 of its first and last 64 KiB.
+    A video replaced under the same name (or touched) gets another signature, so its clips are made again."""
+    st = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 16))
+        if st.st_size > 1 << 17:
+            fh.seek(-(1 << 16), os.SEEK_END)
+            digest.update(fh.read(1 << 16))
+    return f"{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()[:16]}"
+
+
+def _signatures(items: list[SourceItem]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        try:
+            out[item.source] = source_signature(item.path)
+        except OSError:
+            out[item.source] = ""  # unreadable: the decode step skips it with its reason
+    return out
+
+
+def _finished_clips(out: Path, items: list[SourceItem], signatures: dict[str, str]) -> dict[str, Record]:
+    """The manifest's clips a rerun keeps: the file is there unchanged (sha256), and it was made from this
+    video as it is now (its signature) with this caption. Anything else is encoded again, saying why."""
     existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
+    captions = {item.source: item.caption for item in items}
     done: dict[str, Record] = {}
     for record in existing:
         file = out / record.file
-        if file.is_file() and sha256_file(file) == record.sha256:
-            done[record.id] = record
-        else:
+        if not (file.is_file() and sha256_file(file) == record.sha256):
             log.warning("clip %s: file missing or changed since it was prepared; encoding it again", record.id)
+        elif record.source in captions and record.caption != captions[record.source]:
+            log.warning("clip %s: the caption of %s changed; encoding it again", record.id, record.source)
+        elif record.source in signatures and record.source_sig != signatures[record.source]:
+            log.warning("clip %s: %s changed (or an older dataset); encoding it again", record.id, record.source)
+        else:
+            done[record.id] = record
     return done
 
 
@@ -613,6 +645,7 @@ def _encode_and_write(
             latent_shape=tuple(latent.shape),
             file=rel,
             sha256=digest,
+            source_sig=clip.signature,
         )
         manifest.append(record)
         summary.encoded[length] += 1
@@ -639,7 +672,8 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(info_path, info, indent=2)
 
-    done = _finished_clips(out)
+    signatures = _signatures(items)
+    done = _finished_clips(out, items, signatures)
     manifest = _ManifestWriter(out / MANIFEST, list(done.values()))
     encoder = _Encoder(adapter, pipe, torch.device(opts.device))
     if not (out / NULL_TEXT).is_file():
@@ -677,7 +711,8 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
                 if cid in done:
                     summary.reused[length] += 1
                     continue
-                pending[length].append(_PendingClip(cid, item, length, start, frames[start : start + length]))
+                clip = frames[start : start + length]
+                pending[length].append(_PendingClip(cid, item, length, start, clip, signatures[item.source]))
                 if len(pending[length]) >= opts.batch_size:
                     flush(length)
     for length in list(pending):
