@@ -98,6 +98,9 @@ def test_nan_stops_and_resume_reproduces_uninterrupted_run(
     with pytest.raises(trainer.TrainingDiverged, match="step 7") as err:
         trainer.train(cfg)
     assert "step_000006" in str(err.value)
+    ids = {r.id for r in PreparedDataset(tiny_wan_dataset).records}
+    named = re.search(r"clips ([^)]*)\)", str(err.value)).group(1).split(", ")
+    assert len(named) == cfg.train.batch_size and set(named) <= ids  # the step's clips, by id
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3, 6]
     assert not (tmp_path / "b" / lora.LORA_FILENAME).exists()
     monkeypatch.setattr(trainer.fm, "flow_matching_loss", real_loss)
@@ -458,3 +461,35 @@ def test_consistency_also_holds_base_length_clips_to_the_base(
     base_steps = [c for b, c in seen if b == cfg.data.base_length]
     assert base_steps and all(c > 0 for c in base_steps)
     assert any(b > cfg.data.base_length and c > 0 for b, c in seen)
+
+
+def test_training_checks_every_clip_before_the_first_step(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
+) -> None:
+    """A latent changed after prepare (same shape, still loadable) or a manifest bucket that does not match the
+    latent frames stops the run before any step, naming the clip; data.verify=false skips the check."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_wan_dataset, data)
+    record = PreparedDataset(data).records[0]
+    tensors = load_file(data / record.file)
+    tensors["latents"] = tensors["latents"] * 1e30  # absurd, but a valid file of the right shape
+    save_file(tensors, str(data / record.file))
+    cfg = _cfg(tiny_wan_dir, data, tmp_path / "run", "train.steps=2")
+    with pytest.raises(ValueError, match=rf"clip {re.escape(record.id)}: .* does not match its manifest checksum"):
+        trainer.train(cfg)
+    assert not (tmp_path / "run" / "losses.json").exists()
+
+    shutil.rmtree(data)
+    shutil.copytree(tiny_wan_dataset, data)
+    manifest = data / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["bucket"] = 9 if rows[0]["bucket"] == 17 else 17  # a clip filed under the other length
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        ValueError, match=rf"clip {re.escape(rows[0]['id'])}: bucket \d+ frames needs \d+ latent frames"
+    ):
+        trainer.train(_cfg(tiny_wan_dir, data, tmp_path / "run2", "train.steps=2"))

@@ -143,6 +143,32 @@ class PreparedDataset:
     def file_of(self, record: Record) -> Path:
         return self.path / record.file
 
+    def verify(self, records: list[Record], temporal_factor: int = 4) -> None:
+        """Every record's file exists with its manifest sha256 and latent frames matching its bucket
+        (``1 + (bucket - 1) / temporal_factor``); else a ValueError naming the first bad clips and files."""
+        from tqdm import tqdm
+
+        problems = []
+        for record in tqdm(records, desc="verify clips", unit="clip", disable=None):
+            file = self.file_of(record)
+            frames = 1 + (record.bucket - 1) // temporal_factor
+            if len(record.latent_shape) < 2 or record.latent_shape[1] != frames:
+                problems.append(
+                    f"clip {record.id}: bucket {record.bucket} frames needs {frames} latent frames, the manifest "
+                    f"says latent_shape {list(record.latent_shape)}"
+                )
+            elif not file.is_file():
+                problems.append(f"clip {record.id}: {file} is missing")
+            elif sha256_file(file) != record.sha256:
+                problems.append(f"clip {record.id}: {file} does not match its manifest checksum (changed or damaged)")
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(
+                f"{self.path}: {len(problems)} clip(s) fail the check{more}: "
+                + "; ".join(problems[:5])
+                + "; re-run `radial-lora data prepare` (it re-encodes them)"
+            )
+
     def null_text(self) -> dict[str, torch.Tensor]:
         """The empty caption's text tensors (what the pipelines encode for guidance's unconditional branch)."""
         file = self.path / NULL_TEXT

@@ -147,11 +147,12 @@ class Checkpointer:
             )
         rt.acc.wait_for_everyone()
 
-    def diverged_message(self, loss: float, step: int, bucket: int) -> str:
+    def diverged_message(self, loss: float, step: int, bucket: int, clips: tuple[str, ...] = ()) -> str:
         last = ckpt.list_checkpoints(self.out)
         where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+        named = f", clips {', '.join(clips)}" if clips else ""
         return (
-            f"loss is {loss} at step {step} (bucket {bucket} frames); stopping without an optimizer step. "
+            f"loss is {loss} at step {step} (bucket {bucket} frames{named}); stopping without an optimizer step. "
             f"{where}; lower optimizer.lr or check the data, then --resume latest"
         )
 

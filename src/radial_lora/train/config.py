@@ -54,6 +54,9 @@ class DataSection:
     # No prepared dataset at ``path``: "error" (say which command makes one) or "sample" (write synthetic
     # sample videos beside it and prepare them with the model: the quick-test config, not for real training)
     if_missing: str = "error"
+    # Check every clip before the first step: its file's sha256 against the manifest, its latent frames against
+    # its bucket. A damaged or swapped latent stops the run naming the clip (costs one read of the dataset).
+    verify: bool = True
 
 
 @dataclass

@@ -403,6 +403,9 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
             f"resolution {cfg.resolution.height}x{cfg.resolution.width} differs from the dataset's "
             f"{info.get('height')}x{info.get('width')} ({cfg.data.path}/dataset.json); set resolution.* to match"
         )
+    if rt.main and cfg.data.verify:
+        dataset.verify(dataset.records, int(info.get("vae_temporal_factor") or 4))
+    rt.acc.wait_for_everyone()
     train_records, holdout = dataset.split(cfg.data.holdout, seed=cfg.data.holdout_seed)
     by_bucket: dict[int, list[Any]] = {}
     for rec in train_records:
@@ -575,6 +578,7 @@ class StepStats:
     loss: float
     consistency: float
     grad_norm: float
+    clips: tuple[str, ...] = ()  # the ids of the step's clips (a NaN stop names them)
 
 
 def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, step: int) -> StepStats:
@@ -638,7 +642,7 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
     grad_norm = float("nan")
     if math.isfinite(loss):
         grad_norm = float(torch.nn.utils.clip_grad_norm_(m.params, t.grad_clip if t.grad_clip > 0 else float("inf")))
-    return StepStats(bucket, loss, float(cons_loss), grad_norm)
+    return StepStats(bucket, loss, float(cons_loss), grad_norm, tuple(r.id for r in records))
 
 
 def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None) -> TrainResult:
@@ -688,7 +692,7 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
             t0 = time.perf_counter()
             stats = train_step(cfg, rt, data, m, step)
             if not math.isfinite(stats.loss):
-                raise TrainingDiverged(checkpointer.diverged_message(stats.loss, step, stats.bucket))
+                raise TrainingDiverged(checkpointer.diverged_message(stats.loss, step, stats.bucket, stats.clips))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
