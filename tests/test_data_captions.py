@@ -155,3 +155,51 @@ def test_rerun_notices_edited_captions_replaced_videos_and_contradicting_setting
         changed = [*args, flag, value] if flag != "--dtype" else [*args[:-1], value]
         assert main(changed) == 2
         assert f"prepared with {flag[2:].replace('-', '_')}=" in capsys.readouterr().err
+
+
+def test_validate_flags_an_unfinished_run_and_absurd_latents(
+    tiny_wan_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+    from radial_lora.data.validate import validate_dataset
+    from radial_lora.files import sha256_file
+
+    src = tmp_path / "in"
+    write_sample_dataset(src, num_videos=2, num_frames=9, size=32, fps=16.0, seed=2)
+    out = tmp_path / "ds"
+    opts = PrepareOptions(
+        input=src, out=out, model=str(tiny_wan_dir), family="wan", lengths=(9,), height=32, width=32, fps=16.0
+    )
+    prepare_dataset(opts)
+    assert validate_dataset(out).ok
+    assert json.loads((out / "dataset.json").read_text())["finished"] is True
+
+    # A latent scaled by 1e30 with a consistent checksum (rewritten by something else): flagged.
+    ds = PreparedDataset(out)
+    record = ds.records[0]
+    tensors = load_file(out / record.file)
+    tensors["latents"] = tensors["latents"] * 1e30
+    save_file(tensors, str(out / record.file))
+    manifest = out / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["sha256"] = sha256_file(out / record.file)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = validate_dataset(out)
+    assert not report.ok and any("far beyond what a VAE gives" in p and record.id in p for p in report.problems)
+
+    # A run stopped part-way (Ctrl-C in the middle of encoding) leaves "finished": false, which validate reports.
+    from radial_lora.data import prepare as prepare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_encode_and_write", interrupted)
+    partial = tmp_path / "partial"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(PrepareOptions(**{**opts.__dict__, "out": partial}))
+    assert json.loads((partial / "dataset.json").read_text())["finished"] is False
+    assert any("did not finish" in p for p in validate_dataset(partial).problems)

@@ -669,6 +669,7 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     adapter, pipe = _load(opts, adapter, pipe)
     info = _dataset_info(opts, pipe, previous)
+    info["finished"] = False  # until this run ends: `validate` flags an interrupted dataset
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(info_path, info, indent=2)
 
@@ -719,6 +720,7 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
         flush(length)
     counts = Counter(r.bucket for r in done.values()) + summary.encoded
     info["num_clips"] = {str(b): counts[b] for b in info["lengths"]}
+    info["finished"] = True
     write_json_atomic(info_path, info, indent=2)
     log.info(
         "dataset %s: %d clips encoded, %d already prepared, %d inputs skipped",

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 
+# Normalised latents sit around unit scale (|x| of a few); a value past this is not a VAE latent.
+ABSURD_LATENT = 1e3
+
 
 @dataclass
 class BucketStats:
@@ -117,6 +120,10 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
     info = dataset.info
     if not dataset.records:
         report.problems.append(f"{dataset.path}: the manifest lists no clips")
+    if info.get("finished") is False:
+        report.problems.append(
+            f"{dataset.path}: the last `data prepare` run did not finish (interrupted?); run it again to complete it"
+        )
     text_shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     channels: set[int] = set()
     stats: dict[int, BucketStats] = defaultdict(BucketStats)
@@ -146,6 +153,12 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
             bad = int((~torch.isfinite(latents)).sum())
             report.problems.append(f"{where}: latents hold {bad} NaN/Inf values")
             continue
+        peak = float(latents.abs().max()) if latents.numel() else 0.0
+        if peak > ABSURD_LATENT:
+            report.problems.append(
+                f"{where}: latents reach |{peak:.3g}|, far beyond what a VAE gives the transformer (about unit "
+                "scale); the file was written by something else, or the VAE stats are wrong: prepare it again"
+            )
         bucket.add(latents)
         channels.add(int(latents.shape[0]))
         for key, value in tensors.items():
