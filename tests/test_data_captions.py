@@ -203,3 +203,46 @@ def test_validate_flags_an_unfinished_run_and_absurd_latents(
         prepare_dataset(PrepareOptions(**{**opts.__dict__, "out": partial}))
     assert json.loads((partial / "dataset.json").read_text())["finished"] is False
     assert any("did not finish" in p for p in validate_dataset(partial).problems)
+
+
+def test_os_errors_and_interrupts_are_one_line_and_bad_names_are_skipped(
+    tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from radial_lora.data import prepare as prepare_module
+    from radial_lora.data.sample import write_sample_dataset
+
+    src = tmp_path / "in"
+    write_sample_dataset(src, num_videos=1, num_frames=9, size=32, fps=16.0, seed=3)
+    bad_name = os.fsdecode(b"caf\xe9.mp4")  # a Latin-1 name on a UTF-8 system
+    _video(src / bad_name)
+    (src / os.fsdecode(b"caf\xe9.txt")).write_text("a caption", encoding="utf-8")
+    items, skips = collect_inputs(src)
+    assert [i.source for i in items] == ["sample_0000.mp4"]
+    assert [(s.source, s.reason) for s in skips] == [("caf\\xe9.mp4", "file name is not valid UTF-8: rename it")]
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    base = ["data", "prepare", str(src), "--model", str(tiny_wan_dir), "--family", "wan", "--lengths", "9"]
+    base += ["--height", "32", "--width", "32", "--device", "cpu", "--dtype", "float32"]
+    assert main([*base, "--out", str(blocker)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("radial-lora data: error: ") and "--out / output_dir must be a folder" in err
+    assert "Traceback" not in err
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ds" / "latents"))
+
+    monkeypatch.setattr(prepare_module, "save_file", full_disk)
+    assert main([*base, "--out", str(tmp_path / "ds")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in err and "the disk is full: free space, then run the same command" in err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "save_file", ctrl_c)
+    assert main([*base, "--out", str(tmp_path / "ds")]) == 130
+    assert "interrupted; everything finished is kept" in capsys.readouterr().err

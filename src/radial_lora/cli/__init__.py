@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -31,11 +32,37 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    name = f"radial-lora {args.command}"
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"radial-lora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; everything finished is kept: run the same command to go on", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, a read-only or missing output place, a file where a folder should be
+        logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
+        print(f"{name}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space, then run the same command again (finished work is kept)",
+    errno.EDQUOT: "the disk quota is used up: free space, then run the same command again",
+    errno.EROFS: "that file system is read-only: choose another --out / output_dir",
+    errno.EACCES: "no permission to write there: choose another --out / output_dir, or fix its permissions",
+    errno.EPERM: "no permission to write there: choose another --out / output_dir, or fix its permissions",
+    errno.EEXIST: "a file is in the way: --out / output_dir must be a folder (or not exist yet)",
+    errno.ENOTDIR: "a file is in the way: --out / output_dir must be a folder (or not exist yet)",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a failed file operation: what failed, on which path, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    hint = _OS_HINTS.get(exc.errno or -1, "check the path and the disk, then run the same command again")
+    return f"{exc.strerror or exc}{where}; {hint}"
 
 
 if __name__ == "__main__":

@@ -303,6 +303,12 @@ def _items_from_folder(folder: Path) -> tuple[list[SourceItem], list[Skip]]:
         rel = path.relative_to(folder)
         if path.suffix.lower() not in VIDEO_EXTENSIONS or any(p.startswith(".") for p in rel.parts):
             continue
+        try:
+            rel.as_posix().encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 in the name (a Latin-1 file system, an old zip)
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+            skips.append(Skip(shown, "file name is not valid UTF-8: rename it"))
+            continue
         txt = _caption_file(path)
         if txt is None:
             skips.append(Skip(rel.as_posix(), f"missing caption: no {path.with_suffix('.txt').name} next to it"))
