@@ -246,3 +246,22 @@ def test_os_errors_and_interrupts_are_one_line_and_bad_names_are_skipped(
     monkeypatch.setattr(prepare_module, "save_file", ctrl_c)
     assert main([*base, "--out", str(tmp_path / "ds")]) == 130
     assert "interrupted; everything finished is kept" in capsys.readouterr().err
+
+
+def test_captions_past_the_text_encoders_limit_warn_once(tiny_wan_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from radial_lora.data.prepare import SourceItem, warn_long_captions
+    from radial_lora.models import get_adapter
+
+    adapter = get_adapter("wan")
+    pipe = adapter.load_pipeline(tiny_wan_dir, skip=("transformer",))
+    limit = adapter.max_sequence_length
+    items = [
+        SourceItem("short.mp4", Path("short.mp4"), "a red circle"),
+        SourceItem("long.mp4", Path("long.mp4"), " ".join(["circle"] * (limit + 40))),
+        SourceItem("longer.mp4", Path("longer.mp4"), " ".join(["circle"] * (limit + 90))),
+    ]
+    with caplog.at_level("WARNING"):
+        assert warn_long_captions(items, adapter, pipe, "meta.csv") == 2
+    (record,) = [r for r in caplog.records if "longer than the text encoder" in r.getMessage()]
+    assert f"2 caption(s) are longer than the text encoder's {limit} tokens" in record.getMessage()
+    assert "longer.mp4" in record.getMessage()

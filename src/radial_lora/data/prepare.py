@@ -603,6 +603,28 @@ def _signatures(items: list[SourceItem]) -> dict[str, str]:
     return out
 
 
+def warn_long_captions(items: list[SourceItem], adapter: Any, pipe: Any, where: Any) -> int:
+    """One warning for the whole input when captions pass the text encoder's token limit (they are cut there):
+    how many, the longest, and an example. Returns the count."""
+    tokenizer, limit = getattr(pipe, "tokenizer", None), getattr(adapter, "max_sequence_length", None)
+    if tokenizer is None or not limit:
+        return 0
+    lengths = {item.source: len(tokenizer(item.caption)["input_ids"]) for item in items}
+    long = {source: n for source, n in lengths.items() if n > limit}
+    if long:
+        worst = max(long, key=long.get)
+        log.warning(
+            "%s: %d caption(s) are longer than the text encoder's %d tokens and are cut there (the longest, %s, "
+            "has %d tokens); shorten them to keep their ends",
+            where,
+            len(long),
+            limit,
+            worst,
+            long[worst],
+        )
+    return len(long)
+
+
 def _finished_clips(out: Path, items: list[SourceItem], signatures: dict[str, str]) -> dict[str, Record]:
     """The manifest's clips a rerun keeps: the file is there unchanged (sha256), and it was made from this
     video as it is now (its signature) with this caption. Anything else is encoded again, saying why."""
@@ -674,6 +696,7 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     info_path = out / DATASET_JSON
     previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     adapter, pipe = _load(opts, adapter, pipe)
+    warn_long_captions(items, adapter, pipe, opts.input)
     info = _dataset_info(opts, pipe, previous)
     info["finished"] = False  # until this run ends: `validate` flags an interrupted dataset
     out.mkdir(parents=True, exist_ok=True)
