@@ -265,3 +265,81 @@ def test_captions_past_the_text_encoders_limit_warn_once(tiny_wan_dir: Path, cap
     (record,) = [r for r in caplog.records if "longer than the text encoder" in r.getMessage()]
     assert f"2 caption(s) are longer than the text encoder's {limit} tokens" in record.getMessage()
     assert "longer.mp4" in record.getMessage()
+
+
+def test_a_corrupt_stretch_loses_only_the_clips_that_overlap_it(tiny_wan_dir: Path, tmp_path: Path) -> None:
+    """Bytes overwritten in the middle of an H.264 file (as a bad disk or a cut download leaves it): the plain
+    decoder stops there; prepare decodes on past it and keeps every clip that does not touch the damage."""
+    import av
+
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.data.prepare import PrepareOptions, prepare_dataset, resampled_count, resampled_frames
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    src.mkdir()
+    with av.open(str(src / "clip.mp4"), "w") as c:  # a key frame every second, as cameras and phones write
+        stream = c.add_stream("libx264", rate=16, options={"crf": "30", "g": "16", "keyint_min": "16"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i, img in enumerate((rng.random((160, 32, 32, 3)) * 255).astype(np.uint8)):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode(None))
+    (src / "clip.txt").write_text("noise", encoding="utf-8")
+    data = bytearray((src / "clip.mp4").read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (src / "clip.mp4").write_bytes(bytes(data))
+    with pytest.raises(av.InvalidDataError):  # what a plain decode does: stop at the damage
+        with av.open(str(src / "clip.mp4")) as c:
+            for _ in c.decode(video=0):
+                pass
+
+    frames = list(resampled_frames(src / "clip.mp4", 32, 32, 16.0))
+    bad = [i for i, f in enumerate(frames) if f is None]
+    assert len(frames) == 160 == resampled_count(src / "clip.mp4", 16.0)
+    assert bad and 20 < bad[0] and bad[-1] < 150 and len(bad) < 80  # damage in the middle, not the ends
+
+    opts = PrepareOptions(
+        input=src,
+        out=tmp_path / "ds",
+        model=str(tiny_wan_dir),
+        family="wan",
+        lengths=(17,),
+        height=32,
+        width=32,
+        fps=16.0,
+        clip_mode="sliding",
+    )
+    summary = prepare_dataset(opts)
+    starts = sorted(r.start_frame for r in PreparedDataset(tmp_path / "ds").records)
+    every = list(range(0, 160 - 17 + 1, 17))
+    lost = [s for s in every if any(s <= b < s + 17 for b in bad)]
+    assert starts == [s for s in every if s not in lost] and lost and starts[-1] > bad[-1]
+    (skip,) = summary.skipped
+    assert skip.reason.startswith(f"damaged: {len(lost)} of 17 frames overlap damaged frames")
+
+
+def test_clips_are_cut_while_streaming_and_decoding_stops_when_done() -> None:
+    from radial_lora.data.prepare import CutClips, cut_clips
+
+    read = []
+
+    def stream(n: int):
+        for i in range(n):
+            read.append(i)
+            yield np.full((2, 2, 3), i % 256, np.uint8)
+
+    seen = CutClips()
+    clips = list(cut_clips(stream(1000), [9, 17], "sliding", 17, 2, None, seen))
+    assert [(n, s) for n, s, _ in clips] == [(9, 0), (17, 0), (9, 17), (17, 17)]
+    assert all(int(c[0, 0, 0, 0]) == s % 256 and len(c) == n for n, s, c in clips)
+    assert len(read) == 34 and not seen.complete  # stopped after the last clip it needed
+    read.clear()
+    middle = list(cut_clips(stream(1000), [17], "middle", None, None, 1000, CutClips()))
+    assert [(n, s) for n, s, _ in middle] == [(17, 491)] and len(read) == 508
+    read.clear()
+    short = CutClips()
+    assert list(cut_clips(stream(12), [17], "start", None, None, None, short)) == []
+    assert short.complete and short.frames == 12

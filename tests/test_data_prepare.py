@@ -146,7 +146,9 @@ def test_prepare_folder_skips_bad_input_and_resumes(
     counting.update(videos=0, clips=0, prompts=0)
     decoded: list[str] = []
     real_iter = prepare_module.iter_timed_frames
-    monkeypatch.setattr(prepare_module, "iter_timed_frames", lambda p: (decoded.append(p.name), real_iter(p))[1])
+    monkeypatch.setattr(
+        prepare_module, "iter_timed_frames", lambda p, **kw: (decoded.append(p.name), real_iter(p, **kw))[1]
+    )
     assert main(["data", "prepare", str(sources), "--out", str(out), "--model", str(tiny_wan_dir), *ARGS]) == 3
     assert counting == {"videos": 0, "clips": 0, "prompts": 0}
     assert decoded == ["short.mp4"]  # corrupt.mp4 fails already when probed

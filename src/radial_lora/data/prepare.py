@@ -23,6 +23,7 @@ import math
 import os
 import re
 from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, NULL_TEXT, Record, read_manifest
-from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video
+from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video, video_stream
 from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
 
@@ -360,40 +361,124 @@ def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray
     return frame[top : top + height, left : left + width]
 
 
-def load_resampled(
-    path: Path, height: int, width: int, fps: float, max_frames: int | None = None
-) -> tuple[np.ndarray, float]:
-    """Decode, resample to ``fps`` and resize+crop: ``uint8 [N, H, W, 3]`` and the source's average fps.
+def resampled_frames(path: Path, height: int, width: int, fps: float) -> Iterator[np.ndarray | None]:
+    """The video at ``fps``, resized and centre-cropped, one ``uint8 [H, W, 3]`` frame at a time (streaming:
+    nothing else is held); ``None`` for an output time whose source frame was damaged (see
+    :func:`~radial_lora.data.video_io.iter_timed_frames`).
 
-    Output frame j (time j / fps) is the source frame nearest in presentation time (ties go to the
-    later frame); output times run to the end of the last source frame (its time + one frame period).
-    Streams: only the kept, resized frames are held in memory; stops once ``max_frames`` are out.
+    Output frame j (time j / fps) is the source frame nearest in presentation time (ties go to the later
+    frame); output times run to the end of the last source frame (its time + one frame period).
     """
     source_fps = probe_video(path).fps
     if source_fps <= 0:
         raise VideoReadError(f"{path}: the stream has no frame rate")
-    out: list[np.ndarray] = []
-    eps = 1e-9
+    count, eps = 0, 1e-9
+    previous: tuple[float, np.ndarray | None] | None = None
 
-    def emit_until(limit: float, frame: np.ndarray) -> bool:
-        """Emit ``frame`` for every output time before ``limit``; True once ``max_frames`` are out."""
+    def emit_until(limit: float, frame: np.ndarray | None) -> Iterator[np.ndarray | None]:
+        nonlocal count
         resized = None
-        while len(out) / fps < limit - eps:
-            if max_frames is not None and len(out) >= max_frames:
-                return True
-            resized = resize_center_crop(frame, height, width) if resized is None else resized
-            out.append(resized)
-        return max_frames is not None and len(out) >= max_frames
+        while count / fps < limit - eps:
+            if frame is not None and resized is None:
+                resized = resize_center_crop(frame, height, width)
+            yield resized
+            count += 1
 
-    previous: tuple[float, np.ndarray] | None = None
-    for t, frame in iter_timed_frames(path):
-        if previous is not None and emit_until((previous[0] + t) / 2, previous[1]):
-            return np.stack(out), source_fps
+    for t, frame in iter_timed_frames(path, tolerate_damage=True):
+        if previous is not None:
+            yield from emit_until((previous[0] + t) / 2, previous[1])
         previous = (t, frame)
     if previous is None:
         raise VideoReadError(f"{path}: no decodable frames")
-    emit_until(previous[0] + 1.0 / source_fps, previous[1])
-    return np.stack(out), source_fps
+    yield from emit_until(previous[0] + 1.0 / source_fps, previous[1])
+
+
+def resampled_count(path: Path, fps: float) -> int:
+    """How many frames :func:`resampled_frames` gives, from the packets' timestamps alone (no decoding): what
+    the middle clip mode needs before it decodes."""
+    import av
+
+    source_fps = probe_video(path).fps
+    with av.open(str(path)) as container:
+        stream = video_stream(container)
+        times = [float(p.pts * p.time_base) for p in container.demux(stream) if p.pts is not None and p.size]
+    if not times or source_fps <= 0:
+        raise VideoReadError(f"{path}: no timed video packets")
+    end = max(times) - min(times) + 1.0 / source_fps
+    return max(0, math.ceil((end - 1e-9) * fps - 1e-9))
+
+
+def load_resampled(
+    path: Path, height: int, width: int, fps: float, max_frames: int | None = None
+) -> tuple[np.ndarray, float]:
+    """:func:`resampled_frames` as one array (up to ``max_frames``) and the source's average fps; a damaged
+    frame is a :class:`VideoReadError`."""
+    out: list[np.ndarray] = []
+    for frame in resampled_frames(path, height, width, fps):
+        if max_frames is not None and len(out) >= max_frames:
+            break
+        if frame is None:
+            raise VideoReadError(f"{path}: damaged frames after output frame {len(out)}")
+        out.append(frame)
+    return np.stack(out), probe_video(path).fps
+
+
+@dataclass
+class CutClips:
+    """What :func:`cut_clips` saw of one video: output frames read, and the clips a damaged stretch cost."""
+
+    frames: int = 0
+    damaged: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    complete: bool = False  # the whole video was read (so ``frames`` is its length)
+
+
+def cut_clips(
+    frames: Iterator[np.ndarray | None],
+    lengths: list[int],
+    mode: str,
+    stride: int | None,
+    max_clips: int | None,
+    total: int | None,
+    seen: CutClips,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(length, start, uint8 [length, H, W, 3])`` for each clip as soon as its last frame is read, holding
+    only ``max(lengths)`` frames; a clip that overlaps a damaged frame is counted in ``seen.damaged`` instead.
+    Stops reading once every length has all its clips (``total``: the video's frame count, for ``middle``)."""
+    from collections import deque
+
+    def starts_of(length: int) -> Iterator[int]:
+        if mode == "start":
+            yield 0
+        elif mode == "middle":
+            if total is not None and total >= length:
+                yield (total - length) // 2
+        elif mode == "sliding":
+            k = 0
+            while True:
+                yield k * (stride or length)
+                k += 1
+        else:
+            raise ValueError(f"clip mode {mode!r} is not one of {CLIP_MODES}")
+
+    plans = {n: starts_of(n) for n in lengths}
+    nexts = {n: next(plans[n], None) for n in lengths}
+    made = dict.fromkeys(lengths, 0)
+    window: deque[np.ndarray | None] = deque(maxlen=max(lengths))
+    for index, frame in enumerate(frames):
+        window.append(frame)
+        seen.frames = index + 1
+        for n in lengths:
+            while nexts[n] is not None and nexts[n] + n - 1 == index:
+                clip = list(window)[-n:]
+                if any(f is None for f in clip):
+                    seen.damaged[n] += 1
+                else:
+                    yield n, nexts[n], np.stack(clip)
+                made[n] += 1
+                nexts[n] = None if max_clips and made[n] >= max_clips else next(plans[n], None)
+        if all(v is None for v in nexts.values()):
+            return
+    seen.complete = True
 
 
 def clip_starts(num_frames: int, length: int, mode: str, stride: int | None, max_clips: int | None) -> list[int]:
@@ -710,7 +795,6 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
         _save_clip(out / NULL_TEXT, encoder.text([""])[0], {"caption": ""})
     summary = PrepareSummary(skipped=skipped, sources=len(items))
     pending: dict[int, list[_PendingClip]] = defaultdict(list)
-    max_needed = max(opts.lengths) if opts.clip_mode == "start" else None
 
     def flush(length: int) -> None:
         clips, pending[length] = pending[length], []
@@ -723,28 +807,37 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
             for n in lengths:  # resumed run: every clip of this video is there, no need to decode it
                 summary.reused[n] += 1
             continue
+        seen = CutClips()
         try:
-            frames, _ = load_resampled(item.path, opts.height, opts.width, opts.fps, max_needed)
-        except (VideoReadError, OSError, ValueError) as exc:
-            reason = str(exc).replace(str(item.path), "").lstrip(": ") or type(exc).__name__
-            summary.skipped.append(Skip(item.source, f"unreadable: {reason}"))
-            log.warning("skip %s: unreadable (%s)", item.source, reason)
-            continue
-        too_short = [n for n in lengths if len(frames) < n]
-        if too_short:
-            reason = f"too short: {len(frames)} frames at {opts.fps:g} fps, no clip of {too_short} frames"
-            summary.skipped.append(Skip(item.source, reason))
-            log.warning("skip %s: %s", item.source, reason)
-        for length in lengths:
-            for start in clip_starts(len(frames), length, opts.clip_mode, opts.stride, opts.max_clips):
+            total = resampled_count(item.path, opts.fps) if opts.clip_mode == "middle" else None
+            frames = resampled_frames(item.path, opts.height, opts.width, opts.fps)
+            cuts = cut_clips(frames, lengths, opts.clip_mode, opts.stride, opts.max_clips, total, seen)
+            for length, start, clip in cuts:
                 cid = clip_id(item.source, length, start)
                 if cid in done:
                     summary.reused[length] += 1
                     continue
-                clip = frames[start : start + length]
                 pending[length].append(_PendingClip(cid, item, length, start, clip, signatures[item.source]))
                 if len(pending[length]) >= opts.batch_size:
                     flush(length)
+            frames.close()
+        except (VideoReadError, OSError, ValueError) as exc:
+            reason = str(exc).replace(str(item.path), "").lstrip(": ") or type(exc).__name__
+            if seen.frames:
+                reason += f"; the clips within its first {seen.frames} frames are kept"
+            summary.skipped.append(Skip(item.source, f"unreadable: {reason}"))
+            log.warning("skip %s: unreadable (%s)", item.source, reason)
+            continue
+        if seen.damaged:
+            lost = ", ".join(f"{k} of {n} frames" for n, k in sorted(seen.damaged.items()))
+            reason = f"damaged: {lost} overlap damaged frames and were left out; the other clips are kept"
+            summary.skipped.append(Skip(item.source, reason))
+            log.warning("skip part of %s: %s", item.source, reason)
+        too_short = [n for n in lengths if seen.complete and seen.frames < n]
+        if too_short:
+            reason = f"too short: {seen.frames} frames at {opts.fps:g} fps, no clip of {too_short} frames"
+            summary.skipped.append(Skip(item.source, reason))
+            log.warning("skip %s: %s", item.source, reason)
     for length in list(pending):
         flush(length)
     counts = Counter(r.bucket for r in done.values()) + summary.encoded

@@ -140,20 +140,48 @@ def iter_frames(
         container.close()
 
 
-def iter_timed_frames(path: str | os.PathLike[str]) -> Iterator[tuple[float, np.ndarray]]:
+def iter_timed_frames(
+    path: str | os.PathLike[str], *, tolerate_damage: bool = False
+) -> Iterator[tuple[float, np.ndarray | None]]:
     """``(seconds since the first frame, uint8 [H, W, 3])`` per frame: presentation times, so variable
-    frame rate videos (phones) resample correctly. Frames without a timestamp get index / average fps."""
+    frame rate videos (phones) resample correctly. Frames without a timestamp get index / average fps.
+
+    ``tolerate_damage``: decode packet by packet and go on past a packet the decoder rejects, yielding
+    ``(time, None)`` for it and for every frame until the next key frame (they may reference what was
+    lost, or come flagged corrupt), so a corrupt stretch costs only the frames near it. Otherwise the first
+    decoding error raises :class:`VideoReadError`."""
     path = Path(path)
     container = _open(path)
     first: float | None = None
     index = 0
+    damaged = False
     try:
         stream = video_stream(container)
         fps = _stream_fps(stream) or 1.0
-        for index, frame in enumerate(container.decode(stream)):
-            t = frame.time if frame.time is not None else index / fps
-            first = t if first is None else first
-            yield t - first, as_shown(frame, stream.sample_aspect_ratio)
+        last = 0.0
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except (av.FFmpegError, OSError) as exc:
+                if not tolerate_damage:
+                    raise
+                if packet.pts is not None and packet.time_base is not None:
+                    last = float(packet.pts * packet.time_base) - (first or 0.0)
+                log.debug("%s: damaged packet near %.3f s (%s)", path, last, exc)
+                damaged = True
+                yield last, None
+                continue
+            for frame in frames:
+                t = frame.time if frame.time is not None else index / fps
+                first = t if first is None else first
+                last = t - first
+                index += 1
+                if tolerate_damage and (frame.is_corrupt or (damaged and not frame.key_frame)):
+                    damaged = True
+                    yield last, None
+                    continue
+                damaged = False
+                yield last, as_shown(frame, stream.sample_aspect_ratio)
     except (av.FFmpegError, OSError) as exc:
         raise VideoReadError(f"{path}: decoding failed after {index} frames ({exc})") from exc
     finally:
