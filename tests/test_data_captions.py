@@ -16,6 +16,13 @@ from radial_lora.data.prepare import collect_inputs
 from radial_lora.data.video_io import write_video
 
 
+def _options(src: Path, out: Path, model: Path, **kw):
+    """Prepare options for the tiny Wan at 32x32, 16 fps."""
+    from radial_lora.data.prepare import PrepareOptions
+
+    return PrepareOptions(input=src, out=out, model=str(model), family="wan", height=32, width=32, fps=16.0, **kw)
+
+
 def _video(path: Path) -> Path:
     write_video(path, np.zeros((9, 16, 16, 3), np.uint8), 16.0)
     return path
@@ -171,9 +178,7 @@ def test_validate_flags_an_unfinished_run_and_absurd_latents(
     src = tmp_path / "in"
     write_sample_dataset(src, num_videos=2, num_frames=9, size=32, fps=16.0, seed=2)
     out = tmp_path / "ds"
-    opts = PrepareOptions(
-        input=src, out=out, model=str(tiny_wan_dir), family="wan", lengths=(9,), height=32, width=32, fps=16.0
-    )
+    opts = _options(src, out, tiny_wan_dir, lengths=(9,))
     prepare_dataset(opts)
     assert validate_dataset(out).ok
     assert json.loads((out / "dataset.json").read_text())["finished"] is True
@@ -273,7 +278,7 @@ def test_a_corrupt_stretch_loses_only_the_clips_that_overlap_it(tiny_wan_dir: Pa
     import av
 
     from radial_lora.data.dataset import PreparedDataset
-    from radial_lora.data.prepare import PrepareOptions, prepare_dataset, resampled_count, resampled_frames
+    from radial_lora.data.prepare import prepare_dataset, resampled_count, resampled_frames
 
     rng = np.random.default_rng(0)
     src = tmp_path / "in"
@@ -301,17 +306,7 @@ def test_a_corrupt_stretch_loses_only_the_clips_that_overlap_it(tiny_wan_dir: Pa
     assert len(frames) == 160 == resampled_count(src / "clip.mp4", 16.0)
     assert bad and 20 < bad[0] and bad[-1] < 150 and len(bad) < 80  # damage in the middle, not the ends
 
-    opts = PrepareOptions(
-        input=src,
-        out=tmp_path / "ds",
-        model=str(tiny_wan_dir),
-        family="wan",
-        lengths=(17,),
-        height=32,
-        width=32,
-        fps=16.0,
-        clip_mode="sliding",
-    )
+    opts = _options(src, tmp_path / "ds", tiny_wan_dir, lengths=(17,), clip_mode="sliding")
     summary = prepare_dataset(opts)
     starts = sorted(r.start_frame for r in PreparedDataset(tmp_path / "ds").records)
     every = list(range(0, 160 - 17 + 1, 17))
