@@ -338,3 +338,23 @@ def test_clips_are_cut_while_streaming_and_decoding_stops_when_done() -> None:
     short = CutClips()
     assert list(cut_clips(stream(12), [17], "start", None, None, None, short)) == []
     assert short.complete and short.frames == 12
+
+
+def test_inputs_with_the_same_names_prepared_into_one_dataset_at_their_own_lengths(
+    tiny_wan_dir: Path, tmp_path: Path
+) -> None:
+    """The demo's layout: the same specs rendered at two lengths in two folders (same file names, captions of
+    their own length), each prepared at its length into one dataset. The second run keeps the first's clips."""
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.data.prepare import prepare_dataset
+    from radial_lora.data.sample import write_sample_dataset
+
+    for n in (9, 17):
+        write_sample_dataset(tmp_path / f"f{n}", num_videos=2, num_frames=n, size=32, fps=16.0, seed=4)
+    out = tmp_path / "ds"
+    for n in (9, 17, 9):  # and a rerun of the first: nothing to do
+        summary = prepare_dataset(_options(tmp_path / f"f{n}", out, tiny_wan_dir, lengths=(n,)))
+    assert sum(summary.encoded.values()) == 0 and summary.reused[9] == 2
+    ds = PreparedDataset(out)
+    assert {b: len(r) for b, r in ds.buckets.items()} == {9: 2, 17: 2}
+    assert ds.info["lengths"] == [9, 17] and ds.info["finished"] is True

@@ -710,9 +710,13 @@ def warn_long_captions(items: list[SourceItem], adapter: Any, pipe: Any, where: 
     return len(long)
 
 
-def _finished_clips(out: Path, items: list[SourceItem], signatures: dict[str, str]) -> dict[str, Record]:
-    """The manifest's clips a rerun keeps: the file is there unchanged (sha256), and it was made from this
-    video as it is now (its signature) with this caption. Anything else is encoded again, saying why."""
+def _finished_clips(
+    out: Path, items: list[SourceItem], signatures: dict[str, str], lengths: list[int]
+) -> dict[str, Record]:
+    """The manifest's clips a rerun keeps: the file is there unchanged (sha256), and, for the lengths this run
+    makes, it was made from this input's video as it is now (its signature) with its caption now. Anything
+    else is encoded again, saying why. (Clips of other lengths may come from another input prepared into the
+    same dataset; their own rerun checks them.)"""
     existing = read_manifest(out / MANIFEST) if (out / MANIFEST).is_file() else []
     captions = {item.source: item.caption for item in items}
     done: dict[str, Record] = {}
@@ -720,6 +724,8 @@ def _finished_clips(out: Path, items: list[SourceItem], signatures: dict[str, st
         file = out / record.file
         if not (file.is_file() and sha256_file(file) == record.sha256):
             log.warning("clip %s: file missing or changed since it was prepared; encoding it again", record.id)
+        elif record.bucket not in lengths:
+            done[record.id] = record
         elif record.source in captions and record.caption != captions[record.source]:
             log.warning("clip %s: the caption of %s changed; encoding it again", record.id, record.source)
         elif record.source in signatures and record.source_sig != signatures[record.source]:
@@ -788,7 +794,7 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     write_json_atomic(info_path, info, indent=2)
 
     signatures = _signatures(items)
-    done = _finished_clips(out, items, signatures)
+    done = _finished_clips(out, items, signatures, sorted(set(opts.lengths)))
     manifest = _ManifestWriter(out / MANIFEST, list(done.values()))
     encoder = _Encoder(adapter, pipe, torch.device(opts.device))
     if not (out / NULL_TEXT).is_file():
