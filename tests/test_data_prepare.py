@@ -262,11 +262,11 @@ def test_resampling_cropping_and_clip_plans(tmp_path) -> None:
     cropped = resize_center_crop(image, 32, 32)
     assert cropped.shape == (32, 32, 3) and cropped[:, 16].min() > 200 and cropped[:, 0].max() < 30
 
-    assert clip_starts(40, 17, "start", None, None) == [0]
-    assert clip_starts(40, 17, "middle", None, None) == [11]
-    assert clip_starts(40, 17, "sliding", None, None) == [0, 17]
-    assert clip_starts(40, 17, "sliding", 8, 2) == [0, 8]
-    assert clip_starts(10, 17, "start", None, None) == []
+    assert list(clip_starts(40, 17, "start", None, None)) == [0]
+    assert list(clip_starts(40, 17, "middle", None, None)) == [11]
+    assert list(clip_starts(40, 17, "sliding", None, None)) == [0, 17]
+    assert list(clip_starts(40, 17, "sliding", 8, 2)) == [0, 8]
+    assert list(clip_starts(10, 17, "start", None, None)) == []
     assert clip_id("a/x.mp4", 17, 0) != clip_id("b/x.mp4", 17, 0)
     assert clip_id("a/x y.mp4", 65, 12).startswith("x_y_") and clip_id("a/x y.mp4", 65, 12).endswith("_f65_s00012")
 

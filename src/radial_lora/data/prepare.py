@@ -17,12 +17,13 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,28 +442,12 @@ def cut_clips(
     total: int | None,
     seen: CutClips,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """``(length, start, uint8 [length, H, W, 3])`` for each clip as soon as its last frame is read, holding
-    only ``max(lengths)`` frames; a clip that overlaps a damaged frame is counted in ``seen.damaged`` instead.
-    Stops reading once every length has all its clips (``total``: the video's frame count, for ``middle``)."""
-    from collections import deque
-
-    def starts_of(length: int) -> Iterator[int]:
-        if mode == "start":
-            yield 0
-        elif mode == "middle":
-            if total is not None and total >= length:
-                yield (total - length) // 2
-        elif mode == "sliding":
-            k = 0
-            while True:
-                yield k * (stride or length)
-                k += 1
-        else:
-            raise ValueError(f"clip mode {mode!r} is not one of {CLIP_MODES}")
-
-    plans = {n: starts_of(n) for n in lengths}
+    """``(length, start, uint8 [length, H, W, 3])`` for each clip of :func:`clip_starts` as soon as its last
+    frame is read, holding only ``max(lengths)`` frames; a clip that overlaps a damaged frame is counted in
+    ``seen.damaged`` instead. Stops reading once every length has all its clips (``total``: the video's frame
+    count when known; ``middle`` needs it)."""
+    plans = {n: clip_starts(total, n, mode, stride, max_clips) for n in lengths}
     nexts = {n: next(plans[n], None) for n in lengths}
-    made = dict.fromkeys(lengths, 0)
     window: deque[np.ndarray | None] = deque(maxlen=max(lengths))
     for index, frame in enumerate(frames):
         window.append(frame)
@@ -474,27 +459,34 @@ def cut_clips(
                     seen.damaged[n] += 1
                 else:
                     yield n, nexts[n], np.stack(clip)
-                made[n] += 1
-                nexts[n] = None if max_clips and made[n] >= max_clips else next(plans[n], None)
+                nexts[n] = next(plans[n], None)
         if all(v is None for v in nexts.values()):
             return
     seen.complete = True
 
 
-def clip_starts(num_frames: int, length: int, mode: str, stride: int | None, max_clips: int | None) -> list[int]:
-    """First frames of the clips of ``length`` cut from ``num_frames`` (empty when too short)."""
-    if num_frames < length:
-        return []
-    last = num_frames - length
+def clip_starts(
+    num_frames: int | None, length: int, mode: str, stride: int | None, max_clips: int | None
+) -> Iterator[int]:
+    """First frames of the clips of ``length`` cut from ``num_frames`` (none when too short), in order.
+
+    ``num_frames=None``: not known yet (a video being streamed): ``sliding`` goes on until the caller runs out of
+    frames; ``middle`` needs the count."""
+    if num_frames is not None and num_frames < length:
+        return iter(())
     if mode == "start":
-        starts = [0]
+        starts: Iterator[int] = iter((0,))
     elif mode == "middle":
-        starts = [last // 2]
+        if num_frames is None:
+            raise ValueError("clip mode 'middle' needs the video's frame count")
+        starts = iter(((num_frames - length) // 2,))
     elif mode == "sliding":
-        starts = list(range(0, last + 1, stride or length))
+        starts = itertools.count(0, stride or length)
+        if num_frames is not None:
+            starts = itertools.takewhile(lambda s: s <= num_frames - length, starts)
     else:
         raise ValueError(f"clip mode {mode!r} is not one of {CLIP_MODES}")
-    return starts[:max_clips] if max_clips else starts
+    return itertools.islice(starts, max_clips) if max_clips else starts
 
 
 def clip_id(source: str, length: int, start: int) -> str:
