@@ -170,12 +170,14 @@ def _quality(frames: list[np.ndarray], ref_frames: list[np.ndarray] | None, segm
     return out
 
 
-def _heldout(pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: dict[str, Any]) -> dict[str, Any]:
+def _heldout(
+    pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: dict[str, Any], riflex_k: int | None
+) -> dict[str, Any]:
     """Held-out flow-matching loss of one variant on the prepared dataset, per length bucket."""
     from radial_lora.data.dataset import PreparedDataset
     from radial_lora.inference.generate import set_loras
     from radial_lora.models import apply_radial_attention, get_adapter
-    from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
+    from radial_lora.models.riflex import pipeline_ropes, riflex
     from radial_lora.train.flow_matching import heldout_loss
 
     ds = PreparedDataset(opts.dataset)
@@ -192,8 +194,7 @@ def _heldout(pipe: Any, family: str, variant: Variant, opts: GridOptions, attn: 
         backend=opts.backend,
     )
     ropes = pipeline_ropes(adapter, pipe) if variant.riflex else []
-    k = resolve_component(ropes, opts.base_frames, opts.riflex_k, adapter.vae_factors(pipe)[0]) if ropes else None
-    with controller.training_mode(), riflex(ropes, k):
+    with controller.training_mode(), riflex(ropes, riflex_k if variant.riflex else None):
         result = heldout_loss(adapter, adapter.transformers(pipe)[0], records, seed=opts.seed, dataset=ds)
     return result.to_dict()
 
@@ -290,6 +291,18 @@ def _sample_table(cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return table
 
 
+def _riflex_component(pipe: Any, family: str, opts: GridOptions) -> int | None:
+    """The RIFLEx component every riflex variant uses (videos and held-out loss alike); None without one."""
+    if not any(v.riflex for v in opts.variants):
+        return None
+    from radial_lora.models import get_adapter
+    from radial_lora.models.riflex import pipeline_ropes, resolve_component
+
+    adapter = get_adapter(family)
+    temporal_factor = adapter.vae_factors(pipe)[0]
+    return resolve_component(pipeline_ropes(adapter, pipe), opts.base_frames, opts.riflex_k, temporal_factor)
+
+
 def run_grid(opts: GridOptions) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
     from radial_lora.eval.plots import write_plots, write_strip
@@ -309,6 +322,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         opts.model, opts.family, device=opts.device, dtype=opts.dtype, offload=opts.offload, vae_tiling=opts.vae_tiling
     )
     model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
+    riflex_k = _riflex_component(pipe, family, opts)
     # Dense references first, so every radial cell can be compared as soon as it is done.
     order = sorted(opts.variants, key=lambda v: v.pattern != "dense")
     cells_todo = [(length, v) for length in opts.lengths for v in order]
@@ -345,8 +359,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             names=[_cell_name(variant, length, i) for i in range(len(opts.prompts))],
             save_frames=True,
             skip_existing=True,
-            riflex_base_frames=opts.base_frames if variant.riflex else None,
-            riflex_k=opts.riflex_k if variant.riflex else None,
+            riflex_k=riflex_k if variant.riflex else None,
             batch_size=opts.batch_size,
             **grid_attn,
         )
@@ -372,7 +385,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     heldout: dict[str, Any] = {}
     if opts.dataset is not None:
         for variant in tqdm(order, desc="held-out loss", unit="variant"):
-            heldout[variant.name] = _heldout(pipe, family, variant, opts, attn)
+            heldout[variant.name] = _heldout(pipe, family, variant, opts, attn, riflex_k)
         for cell in cells:
             per_bucket = heldout[cell["variant"]]["per_bucket"]
             cell["heldout_loss"] = per_bucket.get(str(cell["length"]))

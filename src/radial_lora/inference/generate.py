@@ -452,9 +452,9 @@ def generate(
     )
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
-    ropes = pipeline_ropes(get_adapter(family), pipe) if riflex_base_frames or riflex_k else []
-    temporal_factor = int(getattr(pipe, "vae_scale_factor_temporal", None) or 4)
-    attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, temporal_factor)
+    adapter = get_adapter(family)
+    ropes = pipeline_ropes(adapter, pipe) if riflex_base_frames or riflex_k else []
+    attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, adapter.vae_factors(pipe)[0])
     call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
     call |= dict(negative_prompt=negative_prompt, device=exec_device)
     base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call) | {"batch_size": batch_size}
