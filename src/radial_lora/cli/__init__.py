@@ -47,14 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_NO_PERMISSION = "no permission to write there: choose another --out / output_dir, or fix its permissions"
+_FILE_IN_THE_WAY = "a file is in the way: --out / output_dir must be a folder (or not exist yet)"
 _OS_HINTS = {
     errno.ENOSPC: "the disk is full: free space, then run the same command again (finished work is kept)",
     errno.EDQUOT: "the disk quota is used up: free space, then run the same command again",
     errno.EROFS: "that file system is read-only: choose another --out / output_dir",
-    errno.EACCES: "no permission to write there: choose another --out / output_dir, or fix its permissions",
-    errno.EPERM: "no permission to write there: choose another --out / output_dir, or fix its permissions",
-    errno.EEXIST: "a file is in the way: --out / output_dir must be a folder (or not exist yet)",
-    errno.ENOTDIR: "a file is in the way: --out / output_dir must be a folder (or not exist yet)",
+    errno.EACCES: _NO_PERMISSION,
+    errno.EPERM: _NO_PERMISSION,
+    errno.EEXIST: _FILE_IN_THE_WAY,
+    errno.ENOTDIR: _FILE_IN_THE_WAY,
 }
 
 

@@ -83,8 +83,6 @@ def riflex(ropes: Sequence[TemporalRope], k: int | None) -> Iterator[None]:
     if k is None:
         yield
         return
-    for rope in ropes:
-        riflex_frequency(rope.base, rope.dim, k, 1)  # a bad k fails before anything runs
     handles = [
         rope.module.register_forward_hook(
             lambda _m, args, out, rope=rope: _rewrite(rope, k, args[0], out), with_kwargs=False
