@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from radial_lora.attention import block_sparse_attention, resolve_backend
 from radial_lora.attention.flex import flex_block_attention
 from radial_lora.attention.reference import reference_attention
 from radial_lora.attention.sparse import get_plan, sparse_block_attention
-from radial_lora.mask import radial_block_mask
+from radial_lora.mask import mask_density, radial_block_mask
 
 TOL = 1e-10
 
@@ -192,17 +193,96 @@ def test_sparse_saves_no_score_matrix():
     assert sum(saved) < batch * heads * seq * seq / 4
 
 
-def test_plan_skips_masked_blocks_and_is_cached():
-    """On the benchmark's radial mask the chunks compute exactly the kept blocks (no waste)."""
-    mask = radial_block_mask(81, 256, decay_factor=1.0)
-    plan = get_plan(mask, 81 * 256, 128, torch.device("cpu"))
-    assert plan.efficiency == 1.0
-    assert plan.kept_pairs == int(mask.sum()) * 128 * 128
-    assert get_plan(mask.clone(), 81 * 256, 128, torch.device("cpu")) is plan  # cached by content
-    radial, seq, bs = _radial_case()
-    plan = get_plan(radial, seq, bs, torch.device("cpu"))
-    assert plan.num_chunks > len(plan.groups) > 1 and 0.8 <= plan.efficiency < 1.0
-    assert plan.kept_pairs < plan.computed_pairs < 0.75 * seq * seq
+def _cover(plan, nb: int, bs: int, backward: bool) -> np.ndarray:
+    """How often the plan's forward (or backward) tiles compute each block pair."""
+    count = np.zeros((nb, nb), dtype=np.int64)
+    for t in plan.views:
+        count[t.q0 // bs : -(-t.q1 // bs), t.k0 // bs : -(-t.k1 // bs)] += 1
+    for group in plan.column_gathers if backward else plan.row_gathers:
+        for qi, ki in zip(group.q_index.numpy() // bs, group.k_index.numpy() // bs, strict=True):
+            count[np.ix_(np.unique(qi), np.unique(ki))] += 1
+    return count
+
+
+COVER_MASKS = {
+    "wan480p-81f": (radial_block_mask(21, 1560, decay_factor=0.2), 21 * 1560, 128),
+    "wan720p-161f": (radial_block_mask(41, 3600, decay_factor=0.2), 41 * 3600, 128),
+    "hunyuan+text": (
+        radial_block_mask(33, 390, decay_factor=0.95, model_type="hunyuan", num_text_tokens=77),
+        33 * 390 + 77,
+        128,
+    ),
+    "radial+text": _radial_case(),
+    "random": (_random_mask(40, 0.3, seed=3), 40 * 16 - 5, 16),
+}
+
+
+@pytest.mark.parametrize("case", list(COVER_MASKS))
+def test_plan_is_an_exact_cover_forward_and_backward(case):
+    """Every kept block pair is computed exactly once (no waste, nothing missed), both passes."""
+    mask, seq, bs = COVER_MASKS[case]
+    plan = get_plan(mask, seq, bs, torch.device("cpu"))
+    want = mask.numpy().astype(np.int64)
+    for backward in (False, True):
+        assert np.array_equal(_cover(plan, mask.shape[0], bs, backward), want), f"backward={backward}"
+    assert plan.kept_pairs == int(mask_density(mask, seq, bs) * seq * seq + 0.5)
+    assert get_plan(mask.clone(), seq, bs, torch.device("cpu")) is plan  # cached by content
+
+
+def test_plan_reads_the_radial_mask_in_frame_sized_views():
+    """At Wan2.1 480p the views (sink and neighbouring frames, read in place) are frame-tall and carry over
+    half the work; the far bands go to gathered items, two query (key) blocks tall where neighbours share."""
+    mask, seq, bs = COVER_MASKS["wan480p-81f"]
+    plan = get_plan(mask, seq, bs, torch.device("cpu"))
+    tall = [t for t in plan.views if t.q1 - t.q0 >= 1500]
+    assert sum((t.q1 - t.q0) * (t.k1 - t.k0) for t in tall) > 0.5 * plan.kept_pairs
+
+    def pairs(groups, keep=lambda shape: True):
+        return sum(n * lq * lk for n, lq, lk in (g.shape for g in groups) if keep((n, lq, lk)))
+
+    # Forward items: most far work in two-block query tiles; backward items: in long query tiles.
+    assert pairs(plan.row_gathers, lambda s: s[1] == 256) > 0.8 * pairs(plan.row_gathers)
+    assert pairs(plan.column_gathers, lambda s: s[1] >= 1024) > 0.8 * pairs(plan.column_gathers)
+    assert pairs(plan.row_gathers) == pairs(plan.column_gathers) == plan.kept_pairs - plan.view_pairs
+
+
+def _far_band_case():
+    """Frames of 52 tokens in 8-token blocks, decay 0.2: the far bands are 2-3 blocks wide and shift one block
+    per query block, as at real sizes; 9 text tokens make a partial last block."""
+    mask = radial_block_mask(18, 52, block_size=8, decay_factor=0.2, num_text_tokens=9)
+    return mask, 18 * 52 + 9, 8
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kernel", ["flash", "matmul"])
+def test_sparse_far_band_plan_matches_reference_float64(kernel, padded):
+    mask, seq, bs = _far_band_case()
+    plan = get_plan(mask, seq, bs, torch.device("cpu"))
+    assert plan.views and plan.row_gathers and plan.column_gathers
+    assert {g.shape[1] for g in plan.row_gathers} >= {bs, 2 * bs}  # single and shared items both run
+    q, k, v = _inputs(2, 2, seq, 16)
+    kpm = _padding(2, seq) if padded else None
+    dout = _cotangent(q)
+    ref = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs, kpm), q, k, v, dout)
+    got = _grads(lambda a, b, c: sparse_block_attention(a, b, c, mask, bs, kpm, kernel=kernel), q, k, v, dout)
+    for name, r, x in zip(("out", "dq", "dk", "dv"), ref, got):
+        assert torch.allclose(x, r, atol=TOL, rtol=0), f"{name}: max err {(x - r).abs().max():.2e}"
+
+
+def test_sparse_bfloat16_fwd_bwd_as_accurate_as_masked_sdpa():
+    """In bfloat16 the tiles' errors against float64 stay within twice those of SDPA with the token mask in
+    bfloat16 (the same math in one call), for the output and all three gradients."""
+    mask, seq, bs = _far_band_case()
+    q, k, v = _inputs(2, 2, seq, 64)
+    dout = _cotangent(q)
+    exact = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs), q, k, v, dout)
+    low = [t.bfloat16() for t in (q, k, v, dout)]
+    sdpa = _grads(lambda a, b, c: reference_attention(a, b, c, mask, bs), *low)
+    ours = _grads(lambda a, b, c: sparse_block_attention(a, b, c, mask, bs), *low)
+    assert ours[0].dtype == torch.bfloat16
+    for name, e, s, o in zip(("out", "dq", "dk", "dv"), exact, sdpa, ours):
+        err_sdpa, err_ours = ((x.double() - e).abs().max().item() for x in (s, o))
+        assert err_ours <= 2 * err_sdpa + 1e-3, f"{name}: ours {err_ours:.2e}, masked SDPA {err_sdpa:.2e}"
 
 
 def test_auto_rule():
