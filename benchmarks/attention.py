@@ -1,17 +1,20 @@
 """Benchmark: block-sparse attention backends vs dense SDPA at real radial masks.
 
-CPU (default): latent frames x 256 tokens, 2 heads, head_dim 64, Wan mask (decay 1.0; density
-0.25 at 81 frames), float32. Times are the best of ``--repeats``, with the backends interleaved in
-one process so that load from other jobs hits them alike. Peak memory: each (length, backend,
-mode) once in a fresh subprocess, peak resident memory (VmHWM, reset through
-/proc/self/clear_refs) above the resident memory before the call.
+CPU (default): the real geometries of Wan2.1 (832x480: 30 x 52 = 1560 tokens per latent frame;
+1280x720: 3600), head_dim 128, decay 0.2 (the paper's Wan2.1 setting), in bfloat16 and float32,
+``--heads`` heads (default 2: the cost per head is the same at 12 or 40 heads, and 2 keeps a
+run in minutes on 2 cores). Times are the best of ``--repeats`` with the backends interleaved in
+one process, so load from other jobs hits them alike; plans are built before timing. ``--memory``
+adds each cell's peak resident memory (VmHWM above the resident memory before the call, reset
+through /proc/self/clear_refs), measured once per cell in a fresh subprocess. ``--small`` runs
+round 1's toy table instead (256 tokens per frame, 2 heads x 64, float32).
 
 CUDA (``--device cuda``): compiled flex and the sparse kernel vs dense SDPA in bfloat16 at Wan2.1
 1.3B (480p) and 14B (720p) 2x/4x lengths; memory is ``torch.cuda.max_memory_allocated``.
 
 Writes its table between markers in ``benchmarks/RESULTS.md`` (other sections are left alone).
 
-    python benchmarks/attention.py [--quick] [--device cuda] [--no-write]
+    python benchmarks/attention.py [--cases NAME ...] [--memory] [--device cuda] [--no-write]
 """
 
 from __future__ import annotations
@@ -40,9 +43,19 @@ from radial_lora.mask import mask_density, radial_block_mask
 logger = logging.getLogger("bench.attention")
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CPU_BACKENDS = ("dense", "auto", "sparse", "sparse-matmul", "flex")
+REAL_BACKENDS = ("dense", "auto")
+# (name, label, latent frames, tokens per frame, dtypes, repeats cap): Wan2.1 at 832x480 and 1280x720.
+CPU_CASES = [
+    ("wan480p-81f", "Wan2.1 480p 81 frames", 21, 30 * 52, ("bfloat16", "float32"), None),
+    ("wan480p-41f", "Wan2.1 480p 41 frames", 11, 30 * 52, ("bfloat16", "float32"), None),
+    ("wan480p-21f", "Wan2.1 480p 21 frames", 6, 30 * 52, ("bfloat16", "float32"), None),
+    ("wan480p-161f", "Wan2.1 480p 161 frames (2x)", 41, 30 * 52, ("bfloat16",), 1),
+    ("wan720p-81f", "Wan2.1 720p 81 frames", 21, 45 * 80, ("bfloat16",), 1),
+]
 CUDA_BACKENDS = ("dense", "flex", "sparse")
 # (label, latent frames, tokens per frame, heads, head_dim): Wan2.1 1.3B at 832x480, 14B at 1280x720.
 CUDA_SHAPES = [
+    ("Wan2.1-1.3B 480p 1x (81 frames)", 21, 30 * 52, 12, 128),
     ("Wan2.1-1.3B 480p 2x (161 frames)", 41, 30 * 52, 12, 128),
     ("Wan2.1-1.3B 480p 4x (321 frames)", 81, 30 * 52, 12, 128),
     ("Wan2.1-14B 720p 2x (161 frames)", 41, 45 * 80, 40, 128),
@@ -104,9 +117,16 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
-def _attention_fn(backend: str, mask: torch.Tensor, block_size: int):
+def _dense_cuda(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_fn(backend: str, mask: torch.Tensor, block_size: int, device: str = "cpu"):
     if backend == "dense":
-        return F.scaled_dot_product_attention
+        return _dense_cuda if device == "cuda" else F.scaled_dot_product_attention
     if backend == "sparse-matmul":
         return lambda q, k, v: sparse_block_attention(q, k, v, mask, block_size, kernel="matmul")
     return lambda q, k, v: block_sparse_attention(q, k, v, mask, block_size=block_size, backend=backend)
@@ -138,7 +158,7 @@ def _setup(cfg: dict, backend: str, grad: bool):
     q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
     if grad:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-    return (q, k, v), _attention_fn(backend, mask, cfg["block"])
+    return (q, k, v), _attention_fn(backend, mask, cfg["block"], cfg["device"])
 
 
 def _sync(device: str):
@@ -185,9 +205,13 @@ def best_times(cfg: dict, cells: list[tuple[str, str]], repeats: int) -> dict[tu
     setups = {}
     for backend, mode in cells:
         grad = mode == "fwd+bwd"
-        fn = _attention_fn(backend, _mask(cfg), cfg["block"])
+        mask = _mask(cfg)
+        fn = _attention_fn(backend, mask, cfg["block"], cfg["device"])
+        seq = cfg["frames"] * cfg["tokens"]
+        get_plan(mask, seq, cfg["block"], torch.device(cfg["device"]))  # built once per geometry, not timed
         try:
-            _run_once(fn, *inputs[grad], grad, sync)  # warm-up: plans, compile, autotune
+            if cfg["device"] == "cuda" or backend == "flex":
+                _run_once(fn, *inputs[grad], grad, sync)  # warm-up: compile, autotune
         except torch.cuda.OutOfMemoryError:
             logger.warning("%s %s: out of memory", backend, mode)
             torch.cuda.empty_cache()
@@ -225,7 +249,7 @@ def _row(prefix: str, backend: str, t: dict, mem: dict, time_scale: float = 1.0)
     )
 
 
-def run_cpu(args) -> str:
+def run_cpu_small(args) -> str:
     frames_list = args.frames or ([21, 41] if args.quick else [21, 41, 81])
     repeats = 1 if args.quick else args.repeats
     backends = [b for b in CPU_BACKENDS if b not in args.skip]
@@ -274,6 +298,50 @@ def run_cpu(args) -> str:
     return header + "\n".join(rows) + notes
 
 
+def run_cpu(args) -> str:
+    """The real-dimension CPU table: Wan2.1 geometries, head_dim 128, bfloat16 and float32."""
+    cases = [c for c in CPU_CASES if not args.cases or c[0] in args.cases][: 1 if args.quick else None]
+    backends = [b for b in REAL_BACKENDS if b not in args.skip] + (["flex"] if args.flex else [])
+    rows = []
+    for _name, label, frames, tokens, dtypes, repeats_cap in cases:
+        repeats = 1 if args.quick else min(args.repeats, repeats_cap or args.repeats)
+        for dtype in dtypes:
+            cfg = dict(
+                device="cpu", dtype=dtype, frames=frames, tokens=tokens, heads=args.heads, head_dim=128,
+                decay=args.real_decay, block=128,
+            )  # fmt: skip
+            seq = frames * tokens
+            density = mask_density(_mask(cfg), seq)
+            cells = [(b, m) for b in backends for m in ("fwd", "fwd+bwd") if not (b == "flex" and m == "fwd+bwd")]
+            mem = {}
+            if args.memory:
+                for backend, mode in cells:
+                    mem[backend, mode] = peak_memory_in_subprocess(dict(cfg, backend=backend, mode=mode))
+            logger.info("%s %s: %d tokens, density %.3f, best of %d", label, dtype, seq, density, repeats)
+            times = best_times(cfg, cells, repeats)
+            prefix = f"{label} | {frames} x {tokens} = {seq} | {dtype} | {density:.3f} | {1 / density:.2f}x"
+            rows += [_row(prefix, b, times, mem) for b in backends]
+    load = os.getloadavg()[0]
+    header = (
+        f"CPU, batch 1, {args.heads} heads x head_dim 128 (the cost per head is that of the 12-head 1.3B and the "
+        f"40-head 14B alike), block 128, Wan radial mask decay {args.real_decay}. Times: best of "
+        f"{args.repeats} (1 for the two long cases), backends interleaved in one process; sparse plans built "
+        "before timing (once per geometry in training).\n"
+        f"Machine: {machine_info('cpu')}; 1-min load average at the end {load:.1f}.\n\n"
+        "| case | latent frames x tokens = seq | dtype | density | ideal | backend | fwd s | fwd speedup | "
+        "fwd peak MiB | fwd+bwd s | fwd+bwd speedup | fwd+bwd peak MiB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    notes = (
+        '\n\n`auto` = `block_sparse_attention(backend="auto")`, the default everywhere; on CPU it runs the '
+        "`sparse` kernel (exact tile cover: frame-tall view tiles in place, far bands as gathered items; "
+        "`src/radial_lora/attention/sparse.py`). `dense` = SDPA over all tokens (the same fused CPU flash kernel). "
+        "`flex` = compiled FlexAttention, forward only on CPU. Speedups are dense time / backend time; ideal = "
+        "1 / density. Peak memory columns are n/a unless the run had `--memory`."
+    )
+    return header + "\n".join(rows) + notes
+
+
 def run_cuda(args, on_shape: Callable[[str], None] | None = None) -> str | None:
     """The CUDA table; ``on_shape`` gets the partial table after each shape (a killed run keeps what it measured)."""
     if not torch.cuda.is_available():
@@ -303,20 +371,34 @@ def run_cuda(args, on_shape: Callable[[str], None] | None = None) -> str | None:
                 torch.cuda.empty_cache()
         times = best_times(cfg, cells, args.repeats)
         prefix = f"{label} | {seq} | {density:.3f} | {1 / density:.2f}x"
-        rows += [_row(prefix, b, times, mem, time_scale=1e3) for b in CUDA_BACKENDS]
+        rows += [_row(prefix, b, times, mem, time_scale=1e3) + _goal(b, density, times) for b in CUDA_BACKENDS]
         if on_shape is not None and len(rows) < len(shapes) * len(CUDA_BACKENDS):
             done = len(rows) // len(CUDA_BACKENDS)
             on_shape(_cuda_table(args, rows) + f"\n\n(partial: {done} of {len(shapes)} shapes measured so far)")
     return _cuda_table(args, rows)
 
 
+FLEX_GOAL = 0.8  # issue 17: compiled flex fwd+bwd >= 0.8 x (1 / density) x dense SDPA
+
+
+def _goal(backend: str, density: float, times: dict) -> str:
+    """The goal column: flex fwd+bwd speed-up >= FLEX_GOAL / density, and whether this run met it."""
+    if backend != "flex":
+        return " |"
+    goal = FLEX_GOAL / density
+    dense, flex = times.get(("dense", "fwd+bwd")), times.get(("flex", "fwd+bwd"))
+    verdict = "n/a" if not dense or not flex else ("met" if dense / flex >= goal else "not met")
+    return f" >= {goal:.2f}x: {verdict} |"
+
+
 def _cuda_table(args, rows: list[str]) -> str:
     header = (
         f"CUDA, bfloat16, batch 1, Wan2.1 radial mask decay {args.cuda_decay}. Best of {args.repeats}; "
-        "`sparse` runs its matmul tiles here.\n"
+        "`dense` = SDPA restricted to its cuDNN and flash backends; `sparse` runs its matmul tiles here. "
+        f"Goal: flex fwd+bwd >= {FLEX_GOAL} x ideal x dense.\n"
         f"Machine: {machine_info('cuda')}.\n\n"
         "| shape | tokens | density | ideal | backend | fwd ms | fwd speedup | fwd peak MiB | fwd+bwd ms | "
-        "fwd+bwd speedup | fwd+bwd peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "fwd+bwd speedup | fwd+bwd peak MiB | fwd+bwd goal |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return header + "\n".join(rows)
 
@@ -324,16 +406,21 @@ def _cuda_table(args, rows: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--quick", action="store_true", help="CPU: 21 and 41 frames, 1 repeat; CUDA: one shape")
+    p.add_argument("--quick", action="store_true", help="CPU: the 480p 81-frame case, 1 repeat; CUDA: one shape")
     p.add_argument("--frames", type=int, nargs="+", help="latent frames (CPU; default 21 41 81)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens per latent frame (CPU)")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--decay", type=float, default=1.0, help="mask decay factor (CPU)")
+    p.add_argument("--tokens", type=int, default=256, help="toy table: tokens per latent frame")
+    p.add_argument("--heads", type=int, default=2, help="attention heads (real-dimension and toy tables)")
+    p.add_argument("--head-dim", type=int, default=64, help="toy table: head dimension")
+    p.add_argument("--decay", type=float, default=1.0, help="toy table: mask decay factor")
     p.add_argument("--cuda-decay", type=float, default=0.2, help="mask decay factor (CUDA, Wan2.1 default)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cases", nargs="*", choices=[c[0] for c in CPU_CASES], help="CPU real-dimension cases to run")
+    p.add_argument("--real-decay", type=float, default=0.2, help="mask decay factor of the real-dimension cases")
+    p.add_argument("--flex", action="store_true", help="CPU: add compiled flex (forward only; compiles per case)")
+    p.add_argument("--memory", action="store_true", help="CPU: peak memory per cell, each in a fresh process")
+    p.add_argument("--small", action="store_true", help="CPU: round 1's toy table (256 tokens, 2 x 64, float32)")
     p.add_argument("--skip", nargs="*", default=[], choices=CPU_BACKENDS, help="CPU backends to leave out")
-    p.add_argument("--no-memory", action="store_true", help="CPU: skip the per-cell memory subprocesses")
+    p.add_argument("--no-memory", action="store_true", help="toy table: skip the per-cell memory subprocesses")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -347,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             None if args.no_write else (lambda b: update_section(args.results, "attention-cuda", "## Attention", b))
         )
         body, name = run_cuda(args, partial), "attention-cuda"
+    elif args.small:
+        body, name = run_cpu_small(args), "attention-small"
     else:
         body, name = run_cpu(args), "attention"
     if body is None:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 9 minutes on an H100/H200): the CUDA tests (compiled FlexAttention
-# forward+backward, the sparse kernel, bf16, a tiny training run), then the CUDA training-step and
-# attention benchmarks, which write their sections of benchmarks/RESULTS.md with the card's name.
+# The one prepared GPU check (about 10 minutes on an H100/H200): the CUDA tests (compiled FlexAttention
+# forward+backward, the sparse kernel, bf16, a tiny training run, no recompiles when two bucket lengths
+# alternate), then the CUDA training-step and attention benchmarks at the real Wan2.1 dimensions (12 and 40
+# heads x 128, 480p and 720p; compiled flex fwd+bwd vs SDPA's cuDNN/flash backends, with the goal
+# flex >= 0.8 x (1/density) x dense printed beside each figure), which write their sections of
+# benchmarks/RESULTS.md with the card's name.
 #
 # Where Python packages cannot be installed from the network (a lent GPU machine), first fetch the
 # wheels here with `benchmarks/gpu_check.sh --fetch-wheels` (into .whl/, gitignored) and carry `.whl`
@@ -45,6 +48,6 @@ stage() {  # stage NAME SECONDS COMMAND...: one bounded step; a failure or timeo
 
 stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 stage train_step 150 python3 benchmarks/train_step.py --device cuda
-stage attention 210 python3 benchmarks/attention.py --device cuda
+stage attention 260 python3 benchmarks/attention.py --device cuda
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

@@ -48,7 +48,23 @@ NOTE_CPU = (
 )
 
 
-def _setup(device: str, quick: bool) -> dict[str, Any]:
+def _setup(device: str, quick: bool, case: str = "toy") -> dict[str, Any]:
+    if case == "wan1.3b-480p":  # one block at the real width, 81 frames at 832x480, both patterns radial-able
+        return dict(
+            layers=1,
+            heads=12,
+            head_dim=128,
+            ffn=8960,
+            frames=21,
+            lat_h=60,
+            lat_w=104,
+            text=64,
+            rank=128,
+            dense_layers=0,
+            dtype="bfloat16",
+            repeats=1,
+            warmup=0,
+        )
     if device == "cuda":
         return dict(
             layers=8,
@@ -142,8 +158,9 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
     rss0 = _rss_kib("VmRSS")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    warmup = s.get("warmup", 1)
     with ctrl.training_mode():
-        for i in range(s["repeats"] + 1):
+        for i in range(s["repeats"] + warmup):
             noise = torch.randn_like(x0)
             sig = torch.tensor([0.5], device=device)
             if device == "cuda":
@@ -156,7 +173,7 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if i > 0:  # the first step warms caches (mask, plans, allocator)
+            if i >= warmup:  # a first step warms caches (mask, plans, allocator)
                 times.append(time.perf_counter() - t0)
     tokens = s["frames"] * (s["lat_h"] // 2) * (s["lat_w"] // 2)
     if device == "cuda":
@@ -177,9 +194,9 @@ def worker(pattern: str, device: str, s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_worker(pattern: str, device: str, quick: bool) -> dict[str, Any]:
+def _run_worker(pattern: str, device: str, quick: bool, case: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--worker", pattern, "--device", device, "--out", f.name]
+        cmd = [sys.executable, __file__, "--worker", pattern, "--device", device, "--out", f.name, "--case", case]
         cmd += ["--quick"] if quick else []
         subprocess.run(cmd, check=True)
         return json.loads(Path(f.name).read_text())
@@ -189,6 +206,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="smaller model and length (smoke run)")
+    p.add_argument(
+        "--case",
+        default="toy",
+        choices=["toy", "wan1.3b-480p"],
+        help="toy: the narrow model above; wan1.3b-480p: one block at the Wan2.1-1.3B width (12 x 128, ffn 8960), "
+        "21 x 1560 tokens, bfloat16, LoRA rank 128, radial in that block (CPU section train-real)",
+    )
     p.add_argument("--rounds", type=int, default=2, help="alternating subprocess rounds per pattern")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--worker", choices=["radial", "dense"], help=argparse.SUPPRESS)
@@ -199,14 +223,14 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             sys.exit(f"--device cuda: CUDA is not available here (torch {torch.__version__}); nothing measured")
-    s = _setup(args.device, args.quick)
+    s = _setup(args.device, args.quick, args.case)
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args.device, s)))
         return
     best: dict[str, dict[str, Any]] = {}
     for r in range(args.rounds):
         for pattern in ("dense", "radial") if r % 2 == 0 else ("radial", "dense"):
-            res = _run_worker(pattern, args.device, args.quick)
+            res = _run_worker(pattern, args.device, args.quick, args.case)
             print(f"round {r} {pattern}: step {res['step_s']:.3f}s peak {res['peak_mb']:.0f} MB", flush=True)
             old = best.get(pattern)
             best[pattern] = res if old is None or res["step_s"] < old["step_s"] else old
@@ -217,6 +241,8 @@ def main() -> None:
     body = "\n".join(
         [
             f"`python benchmarks/train_step.py{' --quick' if args.quick else ''}"
+            f"{f' --case {args.case}' if args.case != 'toy' else ''}"
+            f"{f' --rounds {args.rounds}' if args.rounds != 2 else ''}"
             f"{' --device cuda' if args.device == 'cuda' else ''}`"
             f" - {dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs visible, torch threads default"
             + (f", {__import__('torch').cuda.get_device_name()}" if args.device == "cuda" else ""),
@@ -227,8 +253,8 @@ def main() -> None:
             f"{d['tokens']} tokens, "
             f"{s['dtype']}, LoRA rank {s['rank']}, radial decay 0.2, 128-token blocks (mask density "
             f"{rd['density']:.3f}), first {s['dense_layers']} block(s) dense, backend auto. "
-            f"Best of {s['repeats']} steps "
-            f"x {args.rounds} alternating subprocess rounds.",
+            f"Best of {s['repeats']} step(s) after {s.get('warmup', 1)} warm-up step(s) "
+            f"x {args.rounds} alternating subprocess round(s).",
             "",
             "| attention | step time (s) | peak memory (MB) | speed-up vs dense | memory vs dense |",
             "|---|---|---|---|---|",
@@ -239,12 +265,13 @@ def main() -> None:
             "(< 1: radial smaller). Peak memory on CPU is the largest resident-set high-water mark above the "
             "process's size before the first step (model weights excluded); shared CPUs make absolute times noisy, "
             "the ratios are measured side by side in one run.",
-            *([""] + [NOTE_CPU] if args.device == "cpu" else []),
+            *([""] + [NOTE_CPU] if args.device == "cpu" and args.case == "toy" else []),
         ]
     )
     print(body)
     if not args.no_write:
-        update_section(RESULTS, SECTION + ("-cuda" if args.device == "cuda" else ""), "## Training step", body)
+        name = SECTION + ("-cuda" if args.device == "cuda" else "-real" if args.case != "toy" else "")
+        update_section(RESULTS, name, "## Training step", body)
 
 
 if __name__ == "__main__":

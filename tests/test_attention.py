@@ -134,6 +134,24 @@ def test_flex_eager_matches_reference_float64(case):
     assert torch.allclose(out, ref, atol=TOL, rtol=0)
 
 
+def test_flex_block_mask_built_once_per_geometry(monkeypatch):
+    """Alternating bucket lengths reuse each geometry's BlockMask instead of rebuilding it every call."""
+    from radial_lora.attention import flex
+
+    built = []
+    make = flex.make_block_mask
+    monkeypatch.setattr(flex, "make_block_mask", lambda *a, **kw: built.append(a[1]) or make(*a, **kw))
+    monkeypatch.setattr(flex, "_FLEX_MASK_CACHE", type(flex._FLEX_MASK_CACHE)())
+    cases = [CASES["random"][:3], (_random_mask(5, 0.5, seed=4), 70, 16)]
+    with torch.no_grad():
+        for i in range(6):
+            mask, seq, bs = cases[i % 2]
+            q, k, v = _inputs(1, 2, seq, 8)
+            out = flex_block_attention(q, k, v, mask, bs, compile=False)
+            assert torch.allclose(out, reference_attention(q, k, v, mask, bs), atol=TOL, rtol=0)
+    assert built == [100, 70]
+
+
 @pytest.mark.slow
 def test_flex_compiled_cpu_forward_float32():
     """The compiled kernel follows the block lists (full blocks) and mask_mod (padded keys)."""

@@ -126,3 +126,32 @@ def test_quick_config_trains_on_cuda_in_bf16(tiny_wan_dir: Path, tiny_wan_datase
     assert len(result.losses) == 12 and all(torch.isfinite(torch.tensor(result.losses)))
     meta = lora.read_lora_metadata(tmp_path)
     assert meta["steps"] == 12 and meta["attention"]["pattern"] == "radial"
+
+
+def test_compiled_flex_does_not_recompile_when_bucket_lengths_alternate() -> None:
+    """Training with two length buckets: after one compile per length, alternating steps reuse both graphs
+    (``error_on_recompile`` would raise) and each BlockMask is built once per geometry."""
+    import torch._dynamo
+
+    from radial_lora.attention import flex
+
+    built = []
+    make = flex.make_block_mask
+    cases = [_case(0), (radial_block_mask(11, 100, block_size=128, decay_factor=0.2), 11 * 100)]
+    inputs = [_inputs(seq, torch.bfloat16, batch=1) for _, seq in cases]
+
+    def step(i: int) -> None:
+        (mask, _), (q, k, v, dout) = cases[i % 2], inputs[i % 2]
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        block_sparse_attention(q, k, v, mask, block_size=128, backend="flex").backward(dout)
+
+    flex._FLEX_MASK_CACHE.clear()
+    flex.make_block_mask = lambda *a, **kw: built.append(a[1]) or make(*a, **kw)
+    try:
+        step(0), step(1)  # one compile per length
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(2, 8):
+                step(i)
+    finally:
+        flex.make_block_mask = make
+    assert sorted(built) == sorted(seq for _, seq in cases)
