@@ -40,11 +40,10 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "train"
 # Context for CPU readers, from this machine (2 shared cores), November 2026.
 NOTE_CPU = (
-    "CPU timings use the `sparse` kernel (fused CPU flash-attention tiles over the kept blocks) for the radial "
-    "step and SDPA for the dense one; the GPU path (`--device cuda`, FlexAttention) is measured separately. "
-    "At short sequences (a few thousand tokens) the sparse kernel's per-chunk overhead cancels its savings "
-    "and the step is about break-even (an earlier run at 31 x 128 = 3968 tokens, dim 512, density 0.32, "
-    "measured 1.04x and 0.89x); the gain grows with sequence length as the mask gets sparser."
+    "CPU timings use the `sparse` kernel (exact tile cover of the kept blocks with the fused CPU flash-attention "
+    "kernel) for the radial step and SDPA for the dense one; the GPU path (`--device cuda`, FlexAttention) is "
+    "measured separately. This narrow model is a toy: at the real width, `--case wan1.3b-480p` (section "
+    "train-real) is the measurement that counts."
 )
 
 

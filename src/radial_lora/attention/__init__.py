@@ -1,7 +1,7 @@
 """Block-sparse attention over a ``[nb, nb]`` block mask, with interchangeable backends.
 
 ``block_sparse_attention`` validates once and dispatches; the backends live one per module:
-``reference`` (dense oracle), ``flex`` (FlexAttention), ``sparse`` (our trainable chunked kernel).
+``reference`` (dense oracle), ``flex`` (FlexAttention), ``sparse`` (our trainable exact tile-cover kernel).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend that ``backend`` means on ``device``.
 
     ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward); anything else -> ``sparse``.
-    The CPU half rests on ``benchmarks/attention.py`` (2 cores, ``benchmarks/RESULTS.md``, 2026-12-01): at
-    81 x 256 tokens, density 0.25, head_dim 64, ``sparse`` ran 2.7x faster than dense SDPA forward and 2.8x
-    forward+backward, compiled flex 2.4x forward only; at 21 and 41 x 256 sparse 1.4x/2.2x, flex 0.85x/1.7x.
-    Flex has no CPU backward and compiles for 10-50 s per sequence length; the round-1 rule that sent
-    large forward-only CPU calls to flex measured 1.2-1.3x against sparse's 2.6x in one run.
+    The CPU half rests on ``benchmarks/attention.py`` (2 cores, ``benchmarks/RESULTS.md``, 2026-12-02), Wan2.1
+    geometries at head_dim 128: ``sparse`` beat dense SDPA in every case, bfloat16 and float32, from density
+    0.65 (1.4x) to 0.24 (2.8x forward, 3.2x forward+backward); at 480p 81 frames (density 0.34) 2.1-2.3x
+    forward and 2.1-2.5x forward+backward. Compiled flex on CPU has no backward, compiles for 10-50 s per
+    sequence length and ran the forward at 1.2x dense there (13.0 s against 15.5 s, 4 heads, bfloat16) against
+    sparse's 2.1x, so it is never the CPU choice. A mask that keeps every block runs as SDPA inside ``sparse``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -92,7 +93,7 @@ def block_sparse_attention(
     ``key_padding_mask``: ``[batch, seq]`` bool, True = a real key (all backends honour it; a query
     left with no real key gets a zero output, as SDPA gives). Backends: ``reference`` (SDPA with
     the expanded token mask), ``dense`` (SDPA, block mask ignored), ``flex`` (compiled
-    FlexAttention; forward-only on CPU), ``sparse`` (trainable chunked kernel, CPU and GPU), and
+    FlexAttention; forward-only on CPU), ``sparse`` (trainable tile-cover kernel, CPU and GPU), and
     ``auto``: ``flex`` on CUDA, ``sparse`` elsewhere (the measurement behind it: :func:`resolve_backend`).
     """
     name = resolve_backend(backend, q.device)
