@@ -51,6 +51,9 @@ CPU_CASES = [
     ("wan480p-21f", "Wan2.1 480p 21 frames", 6, 30 * 52, ("bfloat16", "float32"), None),
     ("wan480p-161f", "Wan2.1 480p 161 frames (2x)", 41, 30 * 52, ("bfloat16",), 1),
     ("wan720p-81f", "Wan2.1 720p 81 frames", 21, 45 * 80, ("bfloat16",), 1),
+    # Short clips: the nearly full end of the range (density 0.70 and 0.91).
+    ("wan720p-17f", "Wan2.1 720p 17 frames", 5, 45 * 80, ("bfloat16", "float32"), None),
+    ("wan720p-9f", "Wan2.1 720p 9 frames", 3, 45 * 80, ("bfloat16", "float32"), None),
 ]
 CUDA_BACKENDS = ("dense", "flex", "sparse")
 # (label, latent frames, tokens per frame, heads, head_dim): Wan2.1 1.3B at 832x480, 14B at 1280x720.

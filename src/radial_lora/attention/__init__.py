@@ -24,10 +24,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward); anything else -> ``sparse``.
     The CPU half rests on ``benchmarks/attention.py`` (2 cores, ``benchmarks/RESULTS.md``, 2026-12-02), Wan2.1
     geometries at head_dim 128: ``sparse`` beat dense SDPA in every case, bfloat16 and float32, from density
-    0.65 (1.4x) to 0.24 (2.8x forward, 3.2x forward+backward); at 480p 81 frames (density 0.34) 2.1-2.3x
-    forward and 2.1-2.5x forward+backward. Compiled flex on CPU has no backward, compiles for 10-50 s per
-    sequence length and ran the forward at 1.2x dense there (13.0 s against 15.5 s, 4 heads, bfloat16) against
-    sparse's 2.1x, so it is never the CPU choice. A mask that keeps every block runs as SDPA inside ``sparse``.
+    0.65 (1.3-1.5x) to 0.24 (2.9x forward, 3.4x forward+backward); at 480p 81 frames (density 0.34) 2.1-2.7x
+    forward and 2.1-2.7x forward+backward over four runs. Compiled flex on CPU has no backward, compiles for
+    10-50 s per sequence length and ran that forward at 1.23x (bf16) and 1.58x (fp32) dense in the run where
+    sparse ran 2.24x and 2.16x, so it is never the CPU choice. A mask that keeps every block runs as SDPA.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

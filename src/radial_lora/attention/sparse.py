@@ -73,8 +73,9 @@ class ViewTile:
 class GatherGroup:
     """``n`` items, each ``Lq`` gathered query tokens against ``Lk`` gathered key tokens, all pairs kept.
 
-    Forward items are one query block against the short key runs it keeps; backward items are
-    one key block against the query blocks that keep it (see :class:`SparsePlan`).
+    Forward items are one query block (or two neighbours) against the short key runs it keeps;
+    backward items are one key block (or two) against the query blocks that keep it (see
+    :class:`SparsePlan`).
     """
 
     q_index: torch.Tensor  # [n, Lq] token indices of each item's queries
@@ -96,6 +97,8 @@ class SparsePlan:
     * ``row_gathers`` (forward): one query block against its short runs; its output merges once.
     * ``column_gathers`` (backward): one key block against every query block that keeps it, a
       long query tile; dK and dV come out whole, dQ is summed into place.
+
+    In both, two neighbouring blocks share an item for the runs they both keep (:func:`_strips`).
     """
 
     seq_len: int
