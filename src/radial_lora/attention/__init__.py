@@ -24,10 +24,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     ``auto``: CUDA -> ``flex`` (compiled FlexAttention, forward and backward); anything else -> ``sparse``.
     The CPU half rests on ``benchmarks/attention.py`` (2 cores, ``benchmarks/RESULTS.md``, 2026-12-02), Wan2.1
     geometries at head_dim 128: ``sparse`` beat dense SDPA in every case, bfloat16 and float32, from density
-    0.65 (1.3-1.5x) to 0.24 (2.9x forward, 3.4x forward+backward); at 480p 81 frames (density 0.34) 2.1-2.7x
-    forward and 2.1-2.7x forward+backward over four runs. Compiled flex on CPU has no backward, compiles for
-    10-50 s per sequence length and ran that forward at 1.23x (bf16) and 1.58x (fp32) dense in the run where
-    sparse ran 2.24x and 2.16x, so it is never the CPU choice. A mask that keeps every block runs as SDPA.
+    0.91 (720p 9 frames: 1.02-1.06x) to 0.24 (480p 161 frames: 3.5x forward, 3.0x forward+backward); at 480p
+    81 frames (density 0.34) 2.1-2.7x forward and 2.1-2.7x forward+backward over five runs. Compiled flex on
+    CPU has no backward, compiles for 10-50 s per sequence length and ran that forward at 1.23x (bf16) and
+    1.58x (fp32) dense in the run where sparse ran 2.24x and 2.16x, so it is never the CPU choice. A mask that
+    keeps every block runs as SDPA.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
