@@ -379,6 +379,12 @@ def test_mask_cli_prints_costs_and_writes_files(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     density = mask_density(expected, 21 * 256)
     assert f"density:       {density:.4f}" in out and f"ideal speedup: {1 / density:.2f}x" in out
+    assert "(40 heads x 128)" in out  # Wan2.1-14B
+    _mask_cli(["mask", "--model", "hunyuan", "--frames", "129", "--height", "720", "--width", "1280"])
+    out = capsys.readouterr().out
+    assert "(24 heads x 128)" in out  # HunyuanVideo has 24 heads, not Wan's 40
+    dense_tflops = 4 * 24 * 128 * (33 * 3600 + 256) ** 2 / 1e12  # 174 TFLOPs, not 290
+    assert f"{dense_tflops:.2f} TFLOPs dense" in out
     with pytest.raises(ValueError, match="4k\\+1"):
         _mask_cli(["mask", "--frames", "80", "--height", "256", "--width", "256"])
     with pytest.raises(ValueError, match="missing geometry"):

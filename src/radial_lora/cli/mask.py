@@ -12,6 +12,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DECAY = {"wan": 0.2, "hunyuan": 0.95}  # the authors' scripts (Wan2.1, HunyuanVideo)
 DEFAULT_TEXT_TOKENS = {"wan": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
+DEFAULT_HEADS = {"wan": 40, "hunyuan": 24}  # Wan2.1-14B and HunyuanVideo 13B transformer configs (x 128)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, hunyuan 0.95)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)")
-    p.add_argument("--heads", type=int, default=40, help="attention heads, for FLOPs (default: Wan2.1-14B, 40)")
+    p.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="attention heads, for FLOPs (default: wan 40 as Wan2.1-14B, hunyuan 24 as HunyuanVideo)",
+    )
     p.add_argument("--head-dim", type=int, default=128, help="head dimension, for FLOPs (default 128)")
     p.add_argument("--save-npy", type=Path, help="write the [nb, nb] bool mask as .npy")
     p.add_argument("--save-png", type=Path, help="write a picture of the block pattern")
@@ -104,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     frames, tokens, described = _geometry(args)
     decay = DEFAULT_DECAY[args.model] if args.decay is None else args.decay
     text = DEFAULT_TEXT_TOKENS[args.model] if args.text_tokens is None else args.text_tokens
+    if args.heads is None:
+        args.heads = DEFAULT_HEADS[args.model]
     for name, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
