@@ -205,13 +205,13 @@ def best_times(cfg: dict, cells: list[tuple[str, str]], repeats: int) -> dict[tu
     """Best-of-``repeats`` seconds per (backend, mode), interleaved so load changes hit all alike."""
     sync = _sync(cfg["device"])
     inputs = {grad: _setup(cfg, "dense", grad)[0] for grad in {mode == "fwd+bwd" for _, mode in cells}}
+    mask = _mask(cfg)
+    if any(backend in ("auto", "sparse", "sparse-matmul") for backend, _ in cells):  # once per geometry, untimed
+        get_plan(mask, cfg["frames"] * cfg["tokens"], cfg["block"], torch.device(cfg["device"]))
     setups = {}
     for backend, mode in cells:
         grad = mode == "fwd+bwd"
-        mask = _mask(cfg)
         fn = _attention_fn(backend, mask, cfg["block"], cfg["device"])
-        seq = cfg["frames"] * cfg["tokens"]
-        get_plan(mask, seq, cfg["block"], torch.device(cfg["device"]))  # built once per geometry, not timed
         try:
             if cfg["device"] == "cuda" or backend == "flex":
                 _run_once(fn, *inputs[grad], grad, sync)  # warm-up: compile, autotune
@@ -324,10 +324,12 @@ def run_cpu(args) -> str:
             times = best_times(cfg, cells, repeats)
             prefix = f"{label} | {frames} x {tokens} = {seq} | {dtype} | {density:.3f} | {1 / density:.2f}x"
             rows += [_row(prefix, b, times, mem) for b in backends]
+    capped = [f"{c[5]} for {c[1]}" for c in cases if c[5] and not args.quick and c[5] < args.repeats]
+    capped = f" ({', '.join(capped)})" if capped else ""
     header = (
         f"CPU, batch 1, {args.heads} heads x head_dim 128 (the cost per head is that of the 12-head 1.3B and the "
         f"40-head 14B alike), block 128, Wan radial mask decay {args.real_decay}. Times: best of "
-        f"{args.repeats} (1 for the two long cases), backends interleaved in one process; sparse plans built "
+        f"{1 if args.quick else args.repeats}{capped}, backends interleaved in one process; sparse plans built "
         "before timing (once per geometry in training).\n"
         f"Machine: {machine_info('cpu')} (taken at the end of the run).\n\n"
         "| case | latent frames x tokens = seq | dtype | density | ideal | backend | fwd s | fwd speedup | "

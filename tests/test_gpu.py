@@ -148,7 +148,8 @@ def test_compiled_flex_does_not_recompile_when_bucket_lengths_alternate() -> Non
     flex._FLEX_MASK_CACHE.clear()
     flex.make_block_mask = lambda *a, **kw: built.append(a[1]) or make(*a, **kw)
     try:
-        step(0), step(1)  # one compile per length
+        for i in range(2):  # one compile per length
+            step(i)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for i in range(2, 8):
                 step(i)

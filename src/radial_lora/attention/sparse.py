@@ -551,8 +551,8 @@ def sparse_block_attention(
         kernel = "flash" if _flash_available(q.device, q.dtype) else "matmul"
     elif kernel == "flash" and not _flash_available(q.device, q.dtype):
         raise ValueError(f"kernel 'flash' needs a CPU tensor of a float dtype; got {q.device} {q.dtype}")
-    if mask_digest(block_mask)[0].all():  # nothing to skip: dense SDPA is the same computation
-        return dense_attention(q, k, v, key_padding_mask)
     plan = get_plan(block_mask, q.shape[2], block_size, q.device)
+    if plan.kept_pairs == plan.seq_len**2:  # every block kept: dense SDPA is the same computation
+        return dense_attention(q, k, v, key_padding_mask)
     kpm = None if key_padding_mask is None else key_padding_mask.to(q.device)
     return _BlockSparseAttention.apply(q, k, v, plan, kpm, kernel)
