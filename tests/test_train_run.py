@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
+from launch import torchrun
 from radial_lora import lora
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.video_io import read_video
@@ -111,12 +108,6 @@ def test_nan_stops_and_resume_reproduces_uninterrupted_run(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # The two-process runs below are compared with one process doing the same per-forward work: one sample per
 # forward, two forwards per optimizer step (one process: 2 accumulation steps; two: 1 each). Each gradient is
 # then a sum of the same two terms (g1/2 + g2/2 against (g1 + g2)/2, exact for powers of two), so losses and
@@ -125,24 +116,8 @@ ONE_PROCESS = ("train.batch_size=2", "train.grad_accum=2")
 TWO_PROCESSES = ("train.batch_size=2", "train.grad_accum=1")
 
 
-def _torchrun(cfg_path: Path, *extra: str) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cli = Path(sys.executable).with_name("radial-lora")
-    cmd = [
-        str(torchrun),
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        str(cli),
-        "train",
-        "--config",
-        str(cfg_path),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the one-process reference runs on one torch thread too
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _torchrun(cfg_path: Path, *extra: str, nproc: int = 2) -> None:
+    torchrun("radial-lora", "train", "--config", str(cfg_path), *extra, nproc=nproc)
 
 
 def _assert_same_lora(one: Path, two: Path) -> None:
@@ -169,7 +144,7 @@ def test_two_process_data_parallel_matches_one_process(
     cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *common, *TWO_PROCESSES, *SAMPLING)  # main samples
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     _torchrun(cfg_path)
-    assert "2 procs x 1 micro x 1 accum" in (tmp_path / "two" / LOG_FILE).read_text()
+    assert "2 procs = 2 data x 1 sequence; 1 micro x 1 accum" in (tmp_path / "two" / LOG_FILE).read_text()
     assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["step_000003"]  # the last step only
     assert len(list((tmp_path / "two" / "samples" / "step_000003").glob("f17_000_*.mp4"))) == 1
     assert json.loads((tmp_path / "two" / "losses.json").read_text()) == single.losses
@@ -292,7 +267,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     _torchrun(cfg_path)
     log = (tmp_path / "two" / LOG_FILE).read_text()
-    assert "2 procs x 1 micro x 1 accum" in log
+    assert "2 procs = 2 data x 1 sequence; 1 micro x 1 accum" in log
     here, total = map(int, re.search(r"FSDP: transformer sharded over 2 processes, (\d+) of (\d+)", log).groups())
     assert here <= total // 2 + 1000, (here, total)  # each process holds about half of the base
     # Samples: every process ran the sharded forward, the main one wrote; training was not disturbed.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,29 @@ if TYPE_CHECKING:
     from radial_lora.models.riflex import TemporalRope
 
 
+@dataclass(frozen=True)
+class Split:
+    """Cut a tensor to this process's token shard along ``dim`` when it has ``ndim`` dimensions (Wan's
+    per-token timestep ``[B, S]`` is cut, a per-sample ``[B]`` one is not)."""
+
+    dim: int
+    ndim: int
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Where a transformer's token sequence is cut and joined for sequence parallelism, by module name
+    ("" is the transformer itself). The same idea as diffusers' ``_cp_plan``, for our hooks: diffusers'
+    context-parallel processors never see radial attention, and ``enable_parallelism`` needs an accelerator.
+
+    ``inputs``: arguments cut before the module runs (by parameter name); ``outputs``: outputs cut after it
+    runs (by tuple index, None for a lone tensor); ``gather``: the module whose output is joined again."""
+
+    inputs: dict[str, dict[str, Split]] = field(default_factory=dict)
+    outputs: dict[str, dict[int | None, Split]] = field(default_factory=dict)
+    gather: dict[str, int] = field(default_factory=dict)
+
+
 class ModelAdapter(ABC):
     """Family-specific glue between a diffusers video pipeline and the rest of radial-lora."""
 
@@ -34,6 +58,7 @@ class ModelAdapter(ABC):
     pipeline_class_name: str
     transformer_class_name: str
     two_experts: bool = False  # a second transformer (Wan2.2 A14B's low-noise expert) in the pipeline
+    sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
 
     # -- structure -------------------------------------------------------------------------------
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:

@@ -19,7 +19,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch import nn
 
-from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
+from radial_lora.models.adapter import ModelAdapter, SequencePlan, Split, _check_videos, unwrap
 from radial_lora.models.riflex import TemporalRope
 
 if TYPE_CHECKING:
@@ -111,6 +111,13 @@ class HunyuanAdapter(ModelAdapter):
     mask_model_type = "hunyuan"
     default_decay = 0.95
     default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
+    # diffusers has no _cp_plan for HunyuanVideo: the video tokens are cut after the patch embedding (and the
+    # RoPE tables [S, D] with them) and joined after proj_out. The text stream stays whole on every rank and
+    # joins every rank's attention, as USP does for joint attention; the attention mask it builds then covers
+    # [my video tokens; text], which the controller widens to all video tokens.
+    sequence_plan = SequencePlan(
+        outputs={"x_embedder": {None: Split(1, 3)}, "rope": {0: Split(0, 2), 1: Split(0, 2)}}, gather={"proj_out": 1}
+    )
     encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     pipeline_class_name = "HunyuanVideoPipeline"
     transformer_class_name = "HunyuanVideoTransformer3DModel"

@@ -88,6 +88,9 @@ class RadialController:
         self._masks: dict[tuple[int, int, int, str], torch.Tensor] = {}
         self._densities: dict[tuple[int, int, int], float] = {}
         self.last_density: float | None = None
+        # Ulysses sequence parallelism (models/sequence_parallel.py): the processors hand this process's token
+        # shard to :meth:`attend`, which trades it for all tokens of its heads around the attention.
+        self.sequence_group: Any = None
 
     # -- what the hooks tell us -----------------------------------------------------------------
     def observe(self, latent_shape: torch.Size | tuple[int, ...], patch: tuple[int, int, int], timestep: Any) -> None:
@@ -202,7 +205,26 @@ class RadialController:
         num_text_tokens: int = 0,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention over ``[B, H, S, D]`` (S = video tokens + text tokens), dense or radial by policy."""
+        """Attention over ``[B, H, S, D]`` (S = video tokens + text tokens), dense or radial by policy.
+
+        Under sequence parallelism ``S`` is this process's video shard plus the whole text, and
+        ``key_padding_mask`` covers those same tokens."""
+        if self.sequence_group is not None:
+            return self._attend_sharded(
+                query, key, value, block_index, video_tokens, num_text_tokens, key_padding_mask, self.sequence_group
+            )
+        return self._attend(query, key, value, block_index, video_tokens, num_text_tokens, key_padding_mask)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        block_index: int,
+        video_tokens: int,
+        num_text_tokens: int,
+        key_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         if self.is_dense(block_index):
             self.calls["dense"] += 1
             attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
@@ -224,6 +246,51 @@ class RadialController:
             backend=self.backend,
             key_padding_mask=key_padding_mask,
         )
+
+    def _attend_sharded(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        block_index: int,
+        local_video: int,
+        num_text_tokens: int,
+        key_padding_mask: torch.Tensor | None,
+        group: Any,
+    ) -> torch.Tensor:
+        """Ulysses: video tokens all-to-all from "my tokens, all heads" to "all tokens, my heads"; every rank
+        holds the whole text and keeps its heads of it. The radial mask then applies unchanged (the rank sees
+        the whole sequence), and the outputs go back the same way (the text's heads are gathered)."""
+        from radial_lora.parallel import gather_shards, heads_to_tokens, local_slice, tokens_to_heads
+
+        n = torch.distributed.get_world_size(group)
+        if query.shape[1] % n:
+            raise ValueError(f"sequence parallelism over {n} processes needs the heads ({query.shape[1]}) to divide")
+
+        def to_heads(t: torch.Tensor) -> torch.Tensor:
+            video = tokens_to_heads(t[:, :, :local_video], group)
+            if not num_text_tokens:
+                return video
+            return torch.cat([video, local_slice(t[:, :, local_video:], 1, group)], dim=2)
+
+        if key_padding_mask is not None:  # the video part of the mask, gathered to all video tokens
+            with torch.no_grad():
+                video_mask = gather_shards(key_padding_mask[:, :local_video].to(torch.uint8), 1, group).bool()
+            key_padding_mask = torch.cat([video_mask, key_padding_mask[:, local_video:]], dim=1)
+        video_tokens = local_video * n
+        out = self._attend(
+            to_heads(query),
+            to_heads(key),
+            to_heads(value),
+            block_index,
+            video_tokens,
+            num_text_tokens,
+            key_padding_mask,
+        )
+        video_out = heads_to_tokens(out[:, :, :video_tokens], group)
+        if not num_text_tokens:
+            return video_out
+        return torch.cat([video_out, gather_shards(out[:, :, video_tokens:], 1, group)], dim=2)
 
 
 def _is_pipeline(obj: Any) -> bool:

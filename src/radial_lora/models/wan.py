@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
 from radial_lora.constants import EXPERTS
-from radial_lora.models.adapter import ModelAdapter, _check_videos, unwrap
+from radial_lora.models.adapter import ModelAdapter, SequencePlan, Split, _check_videos, unwrap
 from radial_lora.models.riflex import TemporalRope
 
 if TYPE_CHECKING:
@@ -94,6 +94,13 @@ class WanAdapter(ModelAdapter):
     transformer_class_name = "WanTransformer3DModel"
     # The pipeline's default text length: Wan pads T5 embeddings with zeros to 512 tokens.
     max_sequence_length = 512
+    # diffusers' WanTransformer3DModel._cp_plan's cut points: RoPE tables [1, S, 1, D], the first block's
+    # tokens, Wan2.2 TI2V's per-token timesteps [B, S]; joined after proj_out. Text stays whole on every rank.
+    sequence_plan = SequencePlan(
+        inputs={"": {"timestep": Split(1, 2)}, "blocks.0": {"hidden_states": Split(1, 3)}},
+        outputs={"rope": {0: Split(1, 4), 1: Split(1, 4)}},
+        gather={"proj_out": 1},
+    )
 
     def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, int, nn.Module]]:
         return [(f"blocks.{i}.attn1", i, block.attn1) for i, block in enumerate(transformer.blocks)]

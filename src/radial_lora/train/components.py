@@ -174,6 +174,11 @@ class Checkpointer:
         return lora_path
 
 
+def every_process_forwards(rt: Any, m: Any) -> bool:
+    """A forward of a sharded (FSDP) or token-split (sequence-parallel) model needs every process."""
+    return m.fsdp or rt.layout.sequence > 1
+
+
 class Validator:
     """Held-out flow-matching loss at fixed timesteps and noise (``fm.heldout_loss``) on the first
     ``validation.max_clips`` held-out clips, every length represented; logged and returned."""
@@ -197,7 +202,7 @@ class Validator:
         if not self.clips:
             return None
         res = None
-        if rt.main or m.fsdp:  # a sharded model's forward needs every process
+        if rt.main or every_process_forwards(rt, m):
             with m.controller.training_mode(), rt.acc.autocast():
                 res = fm.heldout_loss(
                     m.adapter,
@@ -229,8 +234,8 @@ def _round_robin(records: list[Any]) -> list[Any]:
 
 class SampleRenderer:
     """Validation sample videos (``validation.sample_*``, :mod:`radial_lora.train.samples`) every
-    ``sample_every`` steps and at the last. DDP: the main process renders, the others wait; FSDP: every
-    process runs the sharded forward, the main one writes. The global RNG states are restored afterwards."""
+    ``sample_every`` steps and at the last. DDP: the main process renders, the others wait; FSDP or sequence
+    parallelism: every process runs the forward, the main one writes. The global RNG states are restored afterwards."""
 
     def __init__(self, cfg: TrainConfig, rt: Any, m: Any, sampler: Any, loggers: Loggers) -> None:
         self.cfg, self.rt, self.m, self.sampler, self.loggers = cfg, rt, m, sampler, loggers
@@ -278,7 +283,7 @@ class SampleRenderer:
     def maybe_render(self, step: int) -> None:
         if not ((self.every and step % self.every == 0) or step == self.cfg.train.steps):
             return
-        if self.rt.main or self.m.fsdp:
+        if self.rt.main or every_process_forwards(self.rt, self.m):
             self.sampler(step, image_logger=self.loggers.image if self.rt.main else None)
         self.rt.acc.wait_for_everyone()
 

@@ -116,6 +116,10 @@ class TrainSection:
     # for classifier-free guidance: without it the unconditional branch never learns the new length.
     caption_dropout: float = 0.0
     distributed: str = "ddp"  # "ddp": full base per process; "fsdp": base (and LoRA) sharded over processes
+    # Processes sharing one sample's tokens (Ulysses): activations per process / N. Processes = data x this.
+    sequence_parallel: int = 1
+    # Keep the checkpointed block inputs in host memory until backward (needs gradient_checkpointing).
+    offload_checkpoints: bool = False
 
 
 @dataclass
@@ -389,6 +393,12 @@ def _validate_train(cfg: TrainConfig) -> None:
     _check(t.consistency_weight >= 0, "train.consistency_weight", "must be >= 0 (0 = off)")
     _check(0 <= t.caption_dropout < 1, "train.caption_dropout", "must be in [0, 1) (0 = off; the base models use 0.1)")
     _one_of(t.distributed, DISTRIBUTED, "train.distributed")
+    _check(t.sequence_parallel >= 1, "train.sequence_parallel", "must be >= 1 (1 = off)")
+    _check(
+        not t.offload_checkpoints or t.gradient_checkpointing,
+        "train.offload_checkpoints",
+        "offloads the inputs gradient checkpointing keeps: set train.gradient_checkpointing=true too",
+    )
     _check(
         t.distributed != "fsdp" or o.name == "adamw",
         "train.distributed",

@@ -40,11 +40,14 @@ import torch
 
 from radial_lora import lora as lora_io
 from radial_lora.memory import process_peak_mb
+from radial_lora.models.sequence_parallel import enable_sequence_parallel
+from radial_lora.parallel import ParallelLayout, make_layout
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
 from radial_lora.train.components import Checkpointer, Loggers, SampleRenderer, Validator
 from radial_lora.train.config import ConfigError, TrainConfig, check_expert_family
 from radial_lora.train.distributed import load_optimizer_state, shard_model
+from radial_lora.train.offload import checkpoint_offloading
 
 logger = logging.getLogger(__name__)
 
@@ -327,12 +330,19 @@ class Runtime:
 
     acc: Any  # accelerate.Accelerator: process group, autocast, backward
     device: torch.device
-    world: int
-    rank: int
+    layout: ParallelLayout  # processes = data x sequence
     main: bool
     mixed: str  # accelerate mixed_precision
     weight_dtype: torch.dtype  # the frozen base's weights
-    micro: int  # samples per forward on this process
+    micro: int  # samples per forward on this process (and on each of its sequence group)
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
 
 
 @dataclass
@@ -377,16 +387,19 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     device = acc.device
     if device.type == "cpu":
         device = torch.device("cpu")  # distributed accelerate says "cpu:0": to() would copy every weight
-    t, world = cfg.train, acc.num_processes
-    micro_total = t.batch_size // t.grad_accum
-    if micro_total % world:
+    t = cfg.train
+    try:
+        layout = make_layout(t.sequence_parallel, device)
+    except ValueError as exc:
+        raise ConfigError(f"train.sequence_parallel: {exc}") from None
+    micro_total, data = t.batch_size // t.grad_accum, layout.data
+    if micro_total % data:
         raise ValueError(
             f"train.batch_size={t.batch_size} / train.grad_accum={t.grad_accum} = {micro_total} samples per "
-            f"micro-step cannot be split over {world} processes; make it a multiple of {world}"
+            f"micro-step cannot be split over {data} data-parallel ranks ({layout.describe()}); make it a "
+            f"multiple of {data}"
         )
-    return Runtime(
-        acc, device, world, acc.process_index, acc.is_main_process, mixed, weight_dtype, micro_total // world
-    )
+    return Runtime(acc, device, layout, acc.is_main_process, mixed, weight_dtype, micro_total // data)
 
 
 def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
@@ -493,8 +506,14 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
         block_size=r.block_size,
         backend=r.backend,
     )
+    if rt.layout.sequence > 1:
+        enable_sequence_parallel(transformer, rt.layout.sequence_group)
+        logger.info(
+            "sequence parallel: %s, each sample's tokens split %d ways", rt.layout.describe(), rt.layout.sequence
+        )
     if cfg.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        offload = checkpoint_offloading(rt.device) if cfg.train.offload_checkpoints else {}
+        transformer.enable_gradient_checkpointing(**offload)
     transformer.train()
     lora_config = lora_io.adapter_config(transformer)
     fsdp = cfg.train.distributed == "fsdp" and rt.world > 1
@@ -593,7 +612,8 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
     cons_loss = torch.zeros((), device=rt.device)
     with m.controller.training_mode():
         for a in range(t.grad_accum):
-            first = (a * rt.world + rt.rank) * rt.micro
+            # this data rank's samples (a sequence group's processes share them, token-split)
+            first = (a * rt.layout.data + rt.layout.data_rank) * rt.micro
             mine = records[first : first + rt.micro]
             latents, text = collate([data.dataset.load(r) for r in mine], f"{cfg.data.path} bucket f{bucket}")
             gens = [sample_generator(t.seed, step, first + j) for j in range(rt.micro)]
@@ -672,12 +692,12 @@ def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = Non
         validator = Validator(cfg, rt, data, m, loggers)
         samples = SampleRenderer.maybe(cfg, rt, data, m, loggers)
         logger.info(
-            "training %s LoRA: steps %d, global batch %d (%d procs x %d micro x %d accum), buckets %s weights %s, "
+            "training %s LoRA: steps %d, global batch %d (%s; %d micro x %d accum), buckets %s weights %s, "
             "pattern %s, precision %s on %s",
             m.family,
             t.steps,
             t.batch_size,
-            rt.world,
+            rt.layout.describe(),
             rt.micro,
             t.grad_accum,
             data.lengths,

@@ -1,0 +1,26 @@
+"""``torchrun`` launches for the multi-process tests (gloo on CPU, one torch thread per process)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc ARGS``; ARGS[0] is a script path or a console script of the venv."""
+    torchrun_bin = Path(sys.executable).with_name("torchrun")
+    first = args[0] if Path(args[0]).exists() else str(Path(sys.executable).with_name(args[0]))
+    cmd = [str(torchrun_bin), "--nproc-per-node", str(nproc), "--master-port", str(free_port()), first, *args[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the one-process references run on one torch thread too
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

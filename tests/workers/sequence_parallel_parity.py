@@ -1,0 +1,110 @@
+"""Run under ``torchrun --nproc-per-node 2`` (gloo, CPU): each family's tiny radial-patched transformer with
+LoRA, split over the processes by Ulysses sequence parallelism, against the same transformer run whole in
+each process. Rank 0 writes the largest differences (outputs and LoRA gradients) as JSON to ``argv[1]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from peft import LoraConfig
+
+from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_adapter
+from radial_lora.models.sequence_parallel import disable_sequence_parallel, enable_sequence_parallel
+
+FRAMES, SIDE, TEXT, VALID = 9, 8, 10, (7, 4)  # 9 x 4 x 4 = 144 video tokens; Hunyuan text with padding
+
+
+def inputs(family: str, frames: int = FRAMES) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, frames, SIDE, SIDE, generator=g)
+    if family == "hunyuan":
+        mask = torch.zeros(2, TEXT, dtype=torch.long)
+        for row, valid in enumerate(VALID):
+            mask[row, :valid] = 1
+        text = {
+            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(2, 8, generator=g),
+        }
+    else:
+        text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
+    return latents, torch.tensor([700.0, 300.0]), text
+
+
+def model(family: str) -> torch.nn.Module:
+    transformer = build_tiny_pipeline(family).transformer
+    transformer.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    if family == "hunyuan":
+        targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return transformer
+
+
+def run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    latents, timesteps, text = inputs(family)
+    transformer.zero_grad(set_to_none=True)
+    out = get_adapter(family).predict(transformer, latents, timesteps, text)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * weights).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    group, n = dist.group.WORLD, dist.get_world_size()
+    report: dict = {"world": n}
+    for family in ("wan", "hunyuan"):
+        for checkpointing in (False, True):
+            transformer = model(family)
+            if checkpointing:
+                transformer.enable_gradient_checkpointing()
+            controller = apply_radial_attention(transformer, block_size=16, dense_layers=1)
+            want_out, want_grads = run(family, transformer)
+            enable_sequence_parallel(transformer, group)
+            controller.reset_stats()
+            got_out, got_grads = run(family, transformer)
+            for g in got_grads.values():  # each rank's gradients sum to n x the true one (parallel.py)
+                dist.all_reduce(g)
+                g.div_(n)
+            key = f"{family}{'_checkpointing' if checkpointing else ''}"
+            report[key] = {
+                "out_diff": float((got_out - want_out).abs().max()),
+                "out_scale": float(want_out.abs().max()),
+                "grad_diff": max(float((got_grads[k] - want_grads[k]).abs().max()) for k in want_grads),
+                "grad_scale": max(float(v.abs().max()) for v in want_grads.values()),
+                "grads": len(got_grads),
+                "calls": dict(controller.calls),
+            }
+            if family == "wan" and not checkpointing:
+                try:  # 7 latent frames x 16 = 112 tokens divide; 7 x 3 x 3 = 63 do not
+                    transformer(torch.randn(1, 4, 7, 6, 6), torch.tensor([1.0]), torch.randn(1, 4, 32))
+                except ValueError as exc:
+                    report["indivisible_error"] = str(exc)
+            disable_sequence_parallel(transformer)
+            if family == "wan" and not checkpointing:
+                again, _ = run(family, transformer)
+                report["disabled_diff"] = float((again - want_out).abs().max())
+    try:
+        three = build_tiny_pipeline("wan", num_attention_heads=3).transformer
+        apply_radial_attention(three, block_size=16)
+        enable_sequence_parallel(three, group)
+    except ValueError as exc:
+        report["heads_error"] = str(exc)
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
