@@ -58,10 +58,13 @@ def test_one_process_cannot_split_the_sequence(tiny_wan_dir: Path, tiny_wan_data
 
 
 @pytest.mark.slow
-def test_split_transformer_matches_whole_for_wan_and_hunyuan(tmp_path: Path) -> None:
+def test_split_transformer_matches_whole_for_wan_and_hunyuan(
+    tiny_wan_dir: Path, tiny_hunyuan_dir: Path, tmp_path: Path
+) -> None:
     """Outputs and LoRA gradients of the token-split tiny Wan and HunyuanVideo (padded text) transformers,
-    with and without gradient checkpointing, equal the whole transformer's to float32 rounding."""
-    torchrun(str(WORKER), str(tmp_path / "report.json"))
+    with and without gradient checkpointing, equal the whole transformer's to float32 rounding; so do videos
+    generated with ``sequence_parallel=2`` (uint8 frames within one level of the one-process videos)."""
+    torchrun(str(WORKER), str(tmp_path / "report.json"), str(tiny_wan_dir), str(tiny_hunyuan_dir), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("wan", "wan_checkpointing", "hunyuan", "hunyuan_checkpointing"):
         r = report[key]
@@ -74,6 +77,11 @@ def test_split_transformer_matches_whole_for_wan_and_hunyuan(tmp_path: Path) -> 
         in (report["indivisible_error"])
     )
     assert "attention heads (3) to divide by 2; degrees that work for this model: [1, 3]" in report["heads_error"]
+    for family in ("wan", "hunyuan"):
+        g = report[f"generate_{family}"]
+        assert g["videos"] == 2 and g["processes"] == "2 procs = 1 data x 2 sequence", g
+        assert g["max_diff"] <= 1 and g["mean_diff"] < 0.01, g
+        assert report[f"generate_{family}_other"] == 0  # the second process renders, its partner writes
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,25 @@ def make_layout(sequence: int, device: torch.device) -> ParallelLayout:
     return ParallelLayout(world, rank, sequence, mesh)
 
 
+def init_distributed(sequence: int, device: str | None) -> tuple[ParallelLayout, str]:
+    """Join the job ``torchrun``/``accelerate launch`` started (NCCL on GPUs, gloo on CPUs) for a command that
+    is not accelerate's (``generate``); returns the layout and this process's device (``cuda:LOCAL_RANK``)."""
+    import os
+
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError(
+                f"sequence parallel degree {sequence} needs {sequence} processes: launch with "
+                f"torchrun --nproc-per-node {sequence} (or accelerate launch --num_processes {sequence})"
+            )
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return make_layout(sequence, torch.device(device)), device
+
+
 def check_divisible(count: int, what: str, degree: int, hint: str) -> None:
     """A clear error when ``count`` ``what`` do not split over ``degree`` processes."""
     if count % degree:

@@ -1,11 +1,14 @@
 """Run under ``torchrun --nproc-per-node 2`` (gloo, CPU): each family's tiny radial-patched transformer with
 LoRA, split over the processes by Ulysses sequence parallelism, against the same transformer run whole in
-each process. Rank 0 writes the largest differences (outputs and LoRA gradients) as JSON to ``argv[1]``."""
+each process, and ``generate(sequence_parallel=2)`` against one process. Rank 0 writes the largest differences
+(outputs and LoRA gradients, frames) as JSON to ``argv[1]``; ``argv[2:5]``: tiny Wan and HunyuanVideo
+pipeline folders, a scratch folder."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -58,7 +61,32 @@ def run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[s
     return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def main(path: str) -> None:
+def generation(report: dict, models: dict[str, str], scratch: Path) -> None:
+    """The same prompts rendered whole (each process alone) and token-split over the group (rank 0 writes)."""
+    import numpy as np
+
+    from radial_lora.inference.generate import generate
+
+    rank = dist.get_rank()
+    for family, folder in models.items():
+        kw = dict(num_frames=9, height=64, width=64, steps=2, family=family, save_frames=True, seed=3)
+        prompts = ["a red fox in snow", "a boat"]
+        whole = generate(folder, prompts, out_dir=scratch / f"{family}_whole_{rank}", **kw)
+        split = generate(folder, prompts, out_dir=scratch / f"{family}_split", sequence_parallel=2, **kw)
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, len(split))
+        report[f"generate_{family}_other"] = counts[1]
+        if rank == 0:
+            diffs = [np.abs(a.frames.astype(int) - b.frames.astype(int)) for a, b in zip(whole, split)]
+            report[f"generate_{family}"] = {
+                "videos": len(split),
+                "max_diff": int(max(d.max() for d in diffs)),
+                "mean_diff": float(np.mean([d.mean() for d in diffs])),
+                "processes": split[0].info["processes"],
+            }
+
+
+def main(path: str, models: dict[str, str], scratch: Path) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     group, n = dist.group.WORLD, dist.get_world_size()
@@ -100,6 +128,7 @@ def main(path: str) -> None:
         enable_sequence_parallel(three, group)
     except ValueError as exc:
         report["heads_error"] = str(exc)
+    generation(report, models, scratch)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
@@ -107,4 +136,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], {"wan": sys.argv[2], "hunyuan": sys.argv[3]}, Path(sys.argv[4]))

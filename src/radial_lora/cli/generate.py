@@ -92,6 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="training-free length extrapolation (RIFLEx, Zhao et al. 2025): slow the temporal RoPE component "
         "that repeats; with or without a LoRA",
     )
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each video's tokens over N processes (run under torchrun --nproc-per-node N, or a multiple "
+        "of N: the groups share out the prompts); for videos too long for one GPU",
+    )
     add_attention_arguments(p)
     p.set_defaults(func=_generate)
 
@@ -131,6 +139,7 @@ def _generate(args: argparse.Namespace) -> int:
         riflex_base_frames=riflex_base,
         riflex_k=args.riflex_k,
         batch_size=args.batch_size,
+        sequence_parallel=args.sequence_parallel,
     )
     for r in results:
         a = r.info["attention"]

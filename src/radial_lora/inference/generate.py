@@ -420,6 +420,7 @@ def generate(
     riflex_base_frames: int | None = None,
     riflex_k: int | None = None,
     batch_size: int = 1,
+    sequence_parallel: int = 1,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -433,6 +434,9 @@ def generate(
     ``riflex_base_frames``: apply RIFLEx (:mod:`radial_lora.models.riflex`) for a model trained at that many
     frames; ``riflex_k`` picks its component (and turns it on by itself). ``batch_size``: prompts per
     pipeline call (the same noise per prompt; faster for small models, more memory).
+    ``sequence_parallel``: split each video's tokens over that many processes of a ``torchrun`` job (Ulysses,
+    :mod:`radial_lora.models.sequence_parallel`); more processes than that split the prompts between their
+    groups, and each group's first process writes. The result lists the videos this process's group made.
     """
     from radial_lora.models import apply_radial_attention, get_adapter
     from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
@@ -450,6 +454,11 @@ def generate(
         },
         lora_list,
     )
+    layout = None
+    if sequence_parallel > 1:
+        from radial_lora.parallel import init_distributed
+
+        layout, device = init_distributed(sequence_parallel, device)
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     adapter = get_adapter(family)
@@ -464,9 +473,20 @@ def generate(
         pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance
     )
     results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
+    writer = True
+    if layout is not None:
+        torch.distributed.barrier()  # every process has planned before any writes
+        logger.info("sequence parallel: %s", layout.describe())
+        todo, writer = todo[layout.data_rank :: layout.data], layout.sequence_rank == 0
+        results = {i: r for i, r in results.items() if i % layout.data == layout.data_rank}
     if todo:  # LoRAs and radial attention go in once, before the first video to render
         set_loras(pipe, lora_list)
         controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
+        if layout is not None:
+            from radial_lora.models.sequence_parallel import enable_sequence_parallel
+
+            for transformer in adapter.transformers(pipe):
+                enable_sequence_parallel(transformer, layout.sequence_group)
     for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
         logger.info(
             "generating %s: %d frames %dx%d, %d steps, %s",
@@ -481,18 +501,23 @@ def generate(
             rendered = render_batch(
                 pipe,
                 controller,
-                [t.video for t in chunk],
+                [t.video if writer else None for t in chunk],
                 prompts=[t.prompt for t in chunk],
                 seeds=[t.settings["seed"] for t in chunk],
                 **call,
             )
+        if not writer:
+            continue
         for t, r in zip(chunk, rendered):
             if t.frames_file is not None:
                 _save_frames(t.frames_file, r.frames)
             info = _sidecar(t.prompt, t.index, t.video, t.frames_file, t.settings, source, r, budget)
+            info["processes"] = layout.describe() if layout is not None else "1 process"
             write_json_atomic(t.sidecar, info)
             results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, r.frames, jsonable(info))
-    return [results[i] for i in range(len(prompts))]
+    if layout is not None:
+        torch.distributed.barrier()
+    return [results[i] for i in range(len(prompts)) if i in results]
 
 
 @dataclass
