@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from radial_lora.cli import main
-from radial_lora.memory_plan import (
-    BF16,
-    GIB,
-    PUBLISHED,
-    dims_of,
-    estimate,
-    measure_step,
-    plan_for_config,
-    resolve_model,
-)
+from radial_lora.memory_plan import BF16, GIB, dims_of, estimate, measure_step, plan_for_config, resolve_model
+from radial_lora.models.published import PUBLISHED
 from radial_lora.train.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from peft import LoraConfig
 
+from oracles import oracle_processors
 from radial_lora.attention.reference import expand_block_mask
 from radial_lora.mask import mask_density, radial_block_mask
 from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_adapter, remove_radial_attention
@@ -23,29 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
 TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest is padding)
 BLOCK = 16
-
-
-class _OracleWan(WanAttnProcessor):
-    """Stock Wan self-attention with an explicit token mask."""
-
-    def __init__(self, token_mask: torch.Tensor) -> None:
-        super().__init__()
-        self.token_mask = token_mask
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return super().__call__(attn, hidden_states, encoder_hidden_states, self.token_mask, rotary_emb)
-
-
-class _OracleHunyuan(HunyuanVideoAttnProcessor2_0):
-    """Stock HunyuanVideo joint attention with the token mask AND-ed into the model's text mask."""
-
-    def __init__(self, token_mask: torch.Tensor) -> None:
-        super().__init__()
-        self.token_mask = token_mask
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        mask = self.token_mask[None, None] & attention_mask
-        return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
 
 
 def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -120,14 +97,6 @@ def _token_mask(family: str) -> torch.Tensor:
     return expand_block_mask(blocks, seq, BLOCK)
 
 
-def _oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
-    cls = _OracleHunyuan if family == "hunyuan" else _OracleWan
-    procs = dict(transformer.attn_processors)
-    for name, _, _ in get_adapter(family).self_attention_modules(transformer):
-        procs[f"{name}.processor"] = cls(token_mask)
-    return procs
-
-
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_all_true_mask_equals_stock_model_and_lora_grads(family, models):
     transformer = models[family]
@@ -150,7 +119,7 @@ def test_sparse_mask_matches_stock_processor_with_token_mask(family, models):
     stock = _run(family, transformer)
     token_mask = _token_mask(family)
     originals = dict(transformer.attn_processors)
-    transformer.set_attn_processor(_oracle_processors(family, transformer, token_mask))
+    transformer.set_attn_processor(oracle_processors(family, transformer, token_mask))
     try:
         oracle = _run(family, transformer)
     finally:

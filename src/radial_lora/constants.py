@@ -4,6 +4,10 @@ without loading peft, transformers or diffusers, and the modules that act on the
 from __future__ import annotations
 
 FAMILIES = ("wan", "wan22", "hunyuan")  # models/registry.py: one adapter each
+# The mask defaults of the authors' scripts per family: decay (Wan2.1 0.2, Wan2.2 0.8, HunyuanVideo 0.95) and
+# block size in tokens (their Wan2.2 code uses 64-token blocks, the others 128).
+FAMILY_DECAY = {"wan": 0.2, "wan22": 0.8, "hunyuan": 0.95}
+FAMILY_BLOCK_SIZE = {"wan": 128, "wan22": 64, "hunyuan": 128}
 PATTERNS = ("radial", "dense")  # attention of the patched transformer (dense: the like-for-like baseline)
 BACKENDS = ("auto", "flex", "sparse", "dense", "reference")  # attention/__init__.py: block_sparse_attention
 TIMESTEP_SCHEMES = ("uniform", "logit_normal")  # train/flow_matching.py: sample_sigmas

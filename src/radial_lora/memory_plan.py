@@ -14,14 +14,14 @@ The transient gradients of the block being back-propagated are the one estimated
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from radial_lora.models.published import build_transformer, describe_model
 
 GIB = 2**30
 BF16 = 2  # bytes per element of the frozen base, its activations and its checkpointed block inputs
@@ -215,68 +215,7 @@ def advise(d: Dims, base: Plan, make: Callable[..., Plan]) -> list[str]:
     return tips
 
 
-# -- the models, by hub id (no download) or folder -------------------------------------------------------
-# The published transformer configs (their hub config.json values that matter here) and VAE factors.
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": dict(family="wan", heads=12, ffn=8960, layers=30, channels=16, vae=(4, 8)),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": dict(family="wan", heads=40, ffn=13824, layers=40, channels=16, vae=(4, 8)),
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": dict(family="wan", heads=24, ffn=14336, layers=30, channels=48, vae=(4, 16)),
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": dict(
-        family="wan", heads=40, ffn=13824, layers=40, channels=16, vae=(4, 8), experts=2
-    ),
-    "hunyuanvideo-community/HunyuanVideo": dict(
-        family="hunyuan", heads=24, ffn=12288, layers=20, single=40, channels=16, vae=(4, 8)
-    ),
-}
-
-
-def transformer_config(spec: dict[str, Any]) -> dict[str, Any]:
-    """The diffusers transformer config of a :data:`PUBLISHED` entry."""
-    if spec["family"] == "wan":
-        return dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=spec["heads"],
-            attention_head_dim=128,
-            in_channels=spec["channels"],
-            out_channels=spec["channels"],
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=spec["ffn"],
-            num_layers=spec["layers"],
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-        )
-    return dict(
-        in_channels=16,
-        out_channels=16,
-        num_attention_heads=24,
-        attention_head_dim=128,
-        num_layers=spec["layers"],
-        num_single_layers=spec["single"],
-        num_refiner_layers=2,
-        mlp_ratio=4.0,
-        patch_size=2,
-        patch_size_t=1,
-        qk_norm="rms_norm",
-        guidance_embeds=True,
-        text_embed_dim=4096,
-        pooled_projection_dim=768,
-        rope_theta=256.0,
-        rope_axes_dim=(16, 56, 56),
-    )
-
-
-def build_transformer(family: str, config: dict[str, Any], device: str | torch.device = "meta") -> torch.nn.Module:
-    """The real diffusers transformer class of ``family`` at ``config`` (on the meta device: no memory)."""
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
-
-    cls = WanTransformer3DModel if family == "wan" else HunyuanVideoTransformer3DModel
-    with torch.device(device):
-        return cls(**config)
-
-
+# -- the models ----------------------------------------------------------------------------------------
 def _lora_width(model: torch.nn.Module, targets: tuple[str, ...]) -> int:
     """``in + out`` features summed over the Linear layers PEFT would target (names ending in a target)."""
     return sum(
@@ -320,31 +259,9 @@ def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tupl
 
 def resolve_model(model: str, targets: tuple[str, ...] | None = None) -> tuple[Dims, tuple[int, int]]:
     """A published hub id (no download) or a local pipeline / transformer folder -> dims and VAE factors."""
-    if model in PUBLISHED:
-        spec = PUBLISHED[model]
-        return dims_of(spec["family"], transformer_config(spec), spec.get("experts", 1), targets), spec["vae"]
-    from radial_lora.models.builtin import resolve_model_id
-
-    root = Path(resolve_model_id(model))
-    config_file = root / "transformer" / "config.json"
-    if not config_file.is_file():
-        config_file = root / "config.json"
-    if not config_file.is_file():
-        known = ", ".join(PUBLISHED)
-        raise ValueError(f"{model}: not a known hub id ({known}) nor a folder with transformer/config.json")
-    config = json.loads(config_file.read_text())
-    name = config.get("_class_name", "")
-    family = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan"}.get(name)
-    if family is None:
-        raise ValueError(f"{config_file}: transformer class {name!r} is not Wan or HunyuanVideo")
-    vae_file = root / "vae" / "config.json"
-    spatial = 8
-    if vae_file.is_file():
-        vae = json.loads(vae_file.read_text())
-        spatial = int(vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
-    keys = {k: v for k, v in config.items() if not k.startswith("_")}
-    experts = 2 if (root / "transformer_2" / "config.json").is_file() else 1
-    return dims_of(family, keys, experts, targets), (4, spatial)
+    found = describe_model(model)
+    family = "hunyuan" if found.family == "hunyuan" else "wan"
+    return dims_of(family, found.transformer, found.experts, targets), found.vae
 
 
 def plan_for_config(cfg: Any, gpus: int, gpu_memory_gb: float) -> Plan:

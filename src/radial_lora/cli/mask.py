@@ -10,9 +10,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DECAY = {"wan": 0.2, "hunyuan": 0.95}  # the authors' scripts (Wan2.1, HunyuanVideo)
-DEFAULT_TEXT_TOKENS = {"wan": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
-DEFAULT_HEADS = {"wan": 40, "hunyuan": 24}  # Wan2.1-14B and HunyuanVideo 13B transformer configs (x 128)
+DEFAULT_TEXT_TOKENS = {"wan": 0, "wan22": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
+DEFAULT_HEADS = {"wan": 40, "wan22": 40, "hunyuan": 24}  # Wan2.1-14B, Wan2.2-A14B, HunyuanVideo 13B (x 128)
+MASK_TYPE = {"wan": "wan", "wan22": "wan", "hunyuan": "hunyuan"}  # Wan's first latent frame is a sink
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,27 +21,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="build a radial attention mask: density, FLOPs, picture",
         description="Build the radial block mask for a video geometry and print its density and the "
         "attention FLOPs it saves. Give either --frames/--height/--width (pixels) or "
-        "--latent-frames/--tokens-per-frame.",
+        "--latent-frames/--tokens-per-frame. Sparsity counts the [nb, nb] blocks the mask drops, over the whole "
+        "sequence (video and, for HunyuanVideo, text; Wan's sink frame included); the paper's Table 2 numbers "
+        "correspond to other settings: docs/RADIAL_MASK.md.",
     )
     p.add_argument(
         "--model",
-        choices=sorted(DEFAULT_DECAY),
         default="wan",
-        help="mask model type: wan (first latent frame is an attention sink) or hunyuan",
+        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan) for its defaults, or a published hub id / pipeline "
+        "folder (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers: its VAE, patch and heads too)",
     )
     p.add_argument("--frames", type=int, help="video frames (4k+1, e.g. 81, 161)")
     p.add_argument("--height", type=int, help="video height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
     p.add_argument("--latent-frames", type=int, help="latent frames (instead of pixel geometry)")
     p.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (instead of pixel geometry)")
-    p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, hunyuan 0.95)")
-    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, wan22 0.8, hunyuan 0.95)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per block (default: 128; wan22 64)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)")
     p.add_argument(
         "--heads",
         type=int,
         default=None,
-        help="attention heads, for FLOPs (default: wan 40 as Wan2.1-14B, hunyuan 24 as HunyuanVideo)",
+        help="attention heads, for FLOPs (default: the model's; wan/wan22 40 as the 14B models, hunyuan 24)",
     )
     p.add_argument("--head-dim", type=int, default=128, help="head dimension, for FLOPs (default 128)")
     p.add_argument("--save-npy", type=Path, help="write the [nb, nb] bool mask as .npy")
@@ -49,7 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
+def _model(name: str) -> tuple[str, int | None, tuple[int, int], tuple[int, int, int]]:
+    """``(family, heads or None, (temporal, spatial) VAE factors, patch)`` of a family name or a model."""
+    from radial_lora.constants import FAMILIES
+
+    if name in FAMILIES:
+        return name, None, (4, 8), (1, 2, 2)
+    from radial_lora.models.published import describe_model
+
+    found = describe_model(name)
+    cfg = found.transformer
+    patch = cfg.get("patch_size", (1, 2, 2))
+    patch = tuple(patch) if isinstance(patch, list | tuple) else (int(cfg.get("patch_size_t", 1)), patch, patch)
+    return found.family, int(cfg["num_attention_heads"]), found.vae, patch  # type: ignore[return-value]
+
+
+def _geometry(args: argparse.Namespace, vae: tuple[int, int], patch: tuple[int, int, int]) -> tuple[int, int, str]:
     """(latent frames, tokens per frame, description) from whichever geometry form was given."""
     from radial_lora.geometry import latent_geometry
 
@@ -58,10 +75,13 @@ def _geometry(args: argparse.Namespace) -> tuple[int, int, str]:
     if any(x is not None for x in pixels) and any(x is not None for x in latent):
         raise ValueError("give either --frames/--height/--width or --latent-frames/--tokens-per-frame, not both")
     if all(x is not None for x in pixels):
-        geo = latent_geometry(args.frames, args.height, args.width)
+        geo = latent_geometry(
+            args.frames, args.height, args.width, temporal_factor=vae[0], spatial_factor=vae[1], patch=patch
+        )
         text = (
             f"{args.frames} frames {args.height}x{args.width} -> {geo.latent_frames} latent frames x "
-            f"{geo.latent_height // 2}x{geo.latent_width // 2} patches = {geo.tokens_per_frame} tokens per frame"
+            f"{geo.latent_height // patch[1]}x{geo.latent_width // patch[2]} patches = {geo.tokens_per_frame} "
+            f"tokens per frame (VAE {vae[0]}x{vae[1]}x{vae[1]})"
         )
         return geo.latent_frames, geo.tokens_per_frame, text
     if all(x is not None for x in latent):
@@ -105,24 +125,28 @@ def save_png(mask: np.ndarray, path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY
     from radial_lora.mask import attention_cost, radial_block_mask
 
-    frames, tokens, described = _geometry(args)
-    decay = DEFAULT_DECAY[args.model] if args.decay is None else args.decay
-    text = DEFAULT_TEXT_TOKENS[args.model] if args.text_tokens is None else args.text_tokens
+    family, heads, vae, patch = _model(args.model)
+    frames, tokens, described = _geometry(args, vae, patch)
+    decay = FAMILY_DECAY[family] if args.decay is None else args.decay
+    block = FAMILY_BLOCK_SIZE[family] if args.block_size is None else args.block_size
+    args.block_size = block
+    text = DEFAULT_TEXT_TOKENS[family] if args.text_tokens is None else args.text_tokens
     if args.heads is None:
-        args.heads = DEFAULT_HEADS[args.model]
+        args.heads = heads or DEFAULT_HEADS[family]
     for name, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     mask = radial_block_mask(
-        frames, tokens, block_size=args.block_size, decay_factor=decay, model_type=args.model, num_text_tokens=text
+        frames, tokens, block_size=block, decay_factor=decay, model_type=MASK_TYPE[family], num_text_tokens=text
     )
     seq = frames * tokens + text
     cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)
     print(f"geometry:      {described}")
     print(f"sequence:      {frames * tokens} video + {text} text = {seq} tokens")
-    print(f"mask:          {mask.shape[0]} x {mask.shape[1]} blocks of {args.block_size} ({args.model}, decay {decay})")
+    print(f"mask:          {mask.shape[0]} x {mask.shape[1]} blocks of {args.block_size} ({family}, decay {decay})")
     print(f"density:       {cost.density:.4f}  (sparsity {1 - cost.density:.4f})")
     print(
         f"attention:     {cost.dense_flops / 1e12:.2f} TFLOPs dense vs {cost.radial_flops / 1e12:.2f} TFLOPs radial "
@@ -135,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_npy}")
     if args.save_png:
         title = (
-            f"{args.model} radial mask: {frames} latent frames x {tokens} tokens + {text} text\n"
+            f"{family} radial mask: {frames} latent frames x {tokens} tokens + {text} text\n"
             f"block {args.block_size}, decay {decay}, density {cost.density:.3f}"
         )
         save_png(arr, args.save_png, title)

@@ -37,7 +37,7 @@ ATTENTION_KEYS = ("pattern", "decay_factor", "block_size", "dense_layers", "dens
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "pattern": "radial",
     "decay_factor": None,
-    "block_size": 128,
+    "block_size": None,  # the family's (128; Wan2.2 64)
     "dense_layers": 0,
     "dense_timesteps": 0,
 }
@@ -97,7 +97,8 @@ def resolve_attention_settings(
         else:
             settings[key], source[key] = BUILTIN_DEFAULTS[key], "default"
     for key in ("block_size", "dense_layers", "dense_timesteps"):
-        settings[key] = int(settings[key])
+        if settings[key] is not None:
+            settings[key] = int(settings[key])
     if settings["decay_factor"] is not None:
         settings["decay_factor"] = float(settings["decay_factor"])
     return settings, source
@@ -462,6 +463,8 @@ def generate(
     pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
     exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     adapter = get_adapter(family)
+    if attn["block_size"] is None:
+        attn["block_size"] = adapter.default_block_size
     ropes = pipeline_ropes(adapter, pipe) if riflex_base_frames or riflex_k else []
     attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, adapter.vae_factors(pipe)[0])
     call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)

@@ -54,10 +54,10 @@ class ModelAdapter(ABC):
     family: str
     mask_model_type: str
     default_decay: float
+    default_block_size: int = 128  # mask block, tokens (the authors' code: 128; their Wan2.2 code: 64)
     default_frames: int  # the length the released model was trained for (its pipeline's num_frames default)
     pipeline_class_name: str
     transformer_class_name: str
-    two_experts: bool = False  # a second transformer (Wan2.2 A14B's low-noise expert) in the pipeline
     sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
 
     # -- structure -------------------------------------------------------------------------------

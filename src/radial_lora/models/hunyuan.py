@@ -19,6 +19,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch import nn
 
+from radial_lora.constants import FAMILY_DECAY
 from radial_lora.models.adapter import ModelAdapter, SequencePlan, Split, _check_videos, unwrap
 from radial_lora.models.riflex import TemporalRope
 
@@ -109,7 +110,7 @@ class HunyuanAdapter(ModelAdapter):
 
     family = "hunyuan"
     mask_model_type = "hunyuan"
-    default_decay = 0.95
+    default_decay = FAMILY_DECAY["hunyuan"]
     default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
     # diffusers has no _cp_plan for HunyuanVideo: the video tokens are cut after the patch embedding (and the
     # RoPE tables [S, D] with them) and joined after proj_out. The text stream stays whole on every rank and

@@ -56,7 +56,7 @@ class RadialController:
         dense_layers: int = 0,
         dense_timesteps: int = 0,
         decay_factor: float | None = None,
-        block_size: int = 128,
+        block_size: int | None = None,
         backend: str = "auto",
     ) -> None:
         if pattern not in PATTERNS:
@@ -66,6 +66,7 @@ class RadialController:
         for name, value in (("dense_layers", dense_layers), ("dense_timesteps", dense_timesteps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        block_size = adapter.default_block_size if block_size is None else block_size
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
             raise ValueError(f"block_size must be a positive integer; got {block_size!r}")
         decay = adapter.default_decay if decay_factor is None else decay_factor
@@ -311,14 +312,14 @@ def apply_radial_attention(
     dense_layers: int = 0,
     dense_timesteps: int = 0,
     decay_factor: float | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     backend: str = "auto",
 ) -> RadialController:
     """Install radial attention on a Wan/Wan2.2/HunyuanVideo pipeline (all its transformers) or transformer.
 
     ``num_frames/height/width`` (pixels) are optional: the geometry is learned from each call; given,
-    the mask is built (and validated) now. ``decay_factor=None`` takes the family default. A second
-    call replaces the first patch.
+    the mask is built (and validated) now. ``decay_factor=None`` and ``block_size=None`` take the family
+    defaults. A second call replaces the first patch.
     """
     family = detect_family(pipe_or_transformer)
     adapter = get_adapter(family)
@@ -371,7 +372,7 @@ def apply_radial_attention(
         family,
         pattern,
         controller.decay_factor,
-        block_size,
+        controller.block_size,
         dense_layers,
         dense_timesteps,
         backend,

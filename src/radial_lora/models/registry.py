@@ -2,7 +2,7 @@
 
 Explicit: the adapters are listed here, not registered as a side effect of importing their modules, and
 detection asks each adapter which diffusers classes are its own (``pipeline_class_name``,
-``transformer_class_name``, ``two_experts``).
+``transformer_class_name``); Wan2.2 shares Wan2.1's classes and is told apart by ``wan.is_wan22``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from radial_lora.models.adapter import ModelAdapter
 from radial_lora.models.hunyuan import HunyuanAdapter
-from radial_lora.models.wan import Wan22Adapter, WanAdapter
+from radial_lora.models.wan import Wan22Adapter, WanAdapter, is_wan22
 
 ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter())}
 # A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
@@ -42,7 +42,7 @@ def detect_family(pipe_or_transformer: Any) -> str:
 
     A lone Wan transformer cannot show whether a second expert exists: detecting a pipeline tags its
     transformers with the family, so a Wan2.2 expert taken out of its pipeline still reports "wan22";
-    an untagged Wan transformer reports "wan".
+    an untagged Wan transformer reports "wan", except TI2V-5B's (48 latent channels).
     """
     tagged = getattr(pipe_or_transformer, _FAMILY_ATTR, None)
     if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
@@ -55,23 +55,24 @@ def detect_family(pipe_or_transformer: Any) -> str:
             raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
         return family_of_index(json.loads(index.read_text()), where=str(pipe_or_transformer))
     name = type(pipe_or_transformer).__name__
-    family = _family_of(name, getattr(pipe_or_transformer, "transformer_2", None) is not None, name)
+    family = _family_of(name, is_wan22(pipe_or_transformer), name)
     if name in {a.pipeline_class_name for a in ADAPTERS.values()}:
         tag_transformers(pipe_or_transformer, family)
     return family
 
 
 def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
-    """The family a ``model_index.json`` describes (its class, and whether a second transformer is there)."""
+    """The family a ``model_index.json`` describes (its class; for Wan, a second transformer or per-token
+    timesteps mean Wan2.2)."""
     second = index.get("transformer_2")
-    return _family_of(index.get("_class_name", ""), bool(second and second[0] is not None), where)
+    wan22 = bool(second and second[0] is not None) or bool(index.get("expand_timesteps"))
+    return _family_of(index.get("_class_name", ""), wan22, where)
 
 
-def _family_of(class_name: str, two_transformers: bool, where: str) -> str:
-    for adapter in ADAPTERS.values():
-        if class_name in (adapter.pipeline_class_name, adapter.transformer_class_name):
-            if adapter.two_experts == two_transformers:
-                return adapter.family
+def _family_of(class_name: str, wan22: bool, where: str) -> str:
+    found = [a.family for a in ADAPTERS.values() if class_name in (a.pipeline_class_name, a.transformer_class_name)]
+    if found:  # Wan2.1 and Wan2.2 share their classes
+        return "wan22" if wan22 and "wan22" in found else next(f for f in found if f != "wan22")
     supported = ", ".join(sorted({a.pipeline_class_name for a in ADAPTERS.values()}))
     raise ValueError(
         f"cannot tell the model family of {where or class_name!r} ({class_name or 'no class name'}); supported: "

@@ -14,7 +14,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
-from radial_lora.constants import EXPERTS
+from radial_lora.constants import EXPERTS, FAMILY_BLOCK_SIZE, FAMILY_DECAY
 from radial_lora.models.adapter import ModelAdapter, SequencePlan, Split, _check_videos, unwrap
 from radial_lora.models.riflex import TemporalRope
 
@@ -83,12 +83,28 @@ class RadialWanAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](out)
 
 
+def is_wan22(pipe_or_transformer: object) -> bool:
+    """Wan2.2 shares Wan2.1's classes. A pipeline tells by a second expert (A14B) or per-token timesteps
+    (``expand_timesteps``: TI2V-5B); a lone transformer by TI2V-5B's 48 latent channels (its Wan2.2 VAE). A lone
+    A14B expert looks like Wan2.1 unless its pipeline tagged it (``registry.tag_transformers``)."""
+    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
+        return True
+    config = getattr(pipe_or_transformer, "config", None)
+    if config is None:
+        return False
+    if config.get("expand_timesteps"):
+        return True
+    return config.get("_class_name", type(pipe_or_transformer).__name__).startswith("Wan") and (
+        config.get("in_channels") == 48
+    )
+
+
 class WanAdapter(ModelAdapter):
-    """Wan2.1 T2V (1.3B, 14B) and Wan2.2 TI2V-5B (16x spatial VAE, read from the pipeline's VAE config)."""
+    """Wan2.1 T2V (1.3B, 14B)."""
 
     family = "wan"
     mask_model_type = "wan"
-    default_decay = 0.2
+    default_decay = FAMILY_DECAY["wan"]
     default_frames = 81  # WanPipeline.__call__(num_frames=81); Wan2.2 A14B keeps it
     pipeline_class_name = "WanPipeline"
     transformer_class_name = "WanTransformer3DModel"
@@ -115,6 +131,14 @@ class WanAdapter(ModelAdapter):
     def temporal_rope(self, transformer: nn.Module) -> TemporalRope:
         rope = unwrap(transformer).rope  # WanRotaryPosEmbed: [t | h | w] channels, theta 10000 (diffusers' default)
         return TemporalRope(rope, float(getattr(rope, "theta", 10000.0)), int(rope.t_dim), int(rope.patch_size[0]))
+
+    def vae_factors(self, pipe_or_transformer) -> tuple[int, int]:
+        """The pipeline's own factors; a lone Wan2.2 TI2V-5B transformer (48 channels) has the 16x Wan2.2 VAE."""
+        temporal, spatial = super().vae_factors(pipe_or_transformer)
+        lone = getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) is None
+        if lone and getattr(getattr(pipe_or_transformer, "config", None), "in_channels", None) == 48:
+            spatial = 16
+        return temporal, spatial
 
     def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16, *, skip=()):
         """Stock ``from_pretrained``; the VAE goes to float32 as Wan's model cards recommend."""
@@ -171,11 +195,14 @@ class WanAdapter(ModelAdapter):
 
 
 class Wan22Adapter(WanAdapter):
-    """Wan2.2 A14B: two experts split by ``boundary_ratio``; radial attention on both."""
+    """Wan2.2: A14B's two experts split by ``boundary_ratio`` (radial attention on both), or TI2V-5B's one
+    transformer (16x-spatial, 48-channel VAE, read from the pipeline)."""
 
     family = "wan22"
-    default_decay = 0.8
-    two_experts = True
+    # The authors' Wan2.2 scripts (scripts/wan_22_t2v_inference.sh, radial_attn/models/wan2_2/attention.py):
+    # decay 0.8 and 64-token mask blocks (128 for Wan2.1 and HunyuanVideo).
+    default_decay = FAMILY_DECAY["wan22"]
+    default_block_size = FAMILY_BLOCK_SIZE["wan22"]
 
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
         return [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]

@@ -270,7 +270,7 @@ class SampleRenderer:
                 "expert": m.expert_meta[0] if m.expert_meta else None,
                 "pattern": r.pattern,
                 "decay_factor": m.controller.decay_factor,
-                "block_size": r.block_size,
+                "block_size": m.controller.block_size,
                 "dense_layers": r.dense_layers,
                 "backend": r.backend,
                 "dtype": str(rt.weight_dtype).removeprefix("torch."),
@@ -317,7 +317,7 @@ def lora_metadata(
         "attention": {
             "pattern": cfg.radial.pattern,
             "decay": controller.decay_factor,
-            "block_size": cfg.radial.block_size,
+            "block_size": controller.block_size,
             "dense_layers": cfg.radial.dense_layers,
         },
         "rank": cfg.lora.rank,

@@ -78,7 +78,7 @@ class RadialSection:
     pattern: str = "radial"  # "dense" trains the same LoRA with full attention (the baseline)
     decay: float | None = None  # None = family default (Wan2.1 0.2, Wan2.2 0.8, HunyuanVideo 0.95)
     dense_layers: int = 2
-    block_size: int = 128
+    block_size: int | None = None  # None = family default (128; Wan2.2 64, as the authors' Wan2.2 code)
     backend: str = "auto"
 
 
@@ -342,7 +342,7 @@ def _validate_radial(cfg: TrainConfig) -> None:
     _one_of(ra.pattern, PATTERNS, "radial.pattern")
     _check(ra.decay is None or ra.decay > 0, "radial.decay", "must be > 0 (or null for the family default)")
     _check(ra.dense_layers >= 0, "radial.dense_layers", "must be >= 0")
-    _check(ra.block_size >= 1, "radial.block_size", "must be >= 1 (the kernels use 64 or 128)")
+    _check(ra.block_size is None or ra.block_size >= 1, "radial.block_size", "must be >= 1 (the kernels use 64 or 128)")
     _one_of(ra.backend, BACKENDS, "radial.backend")
 
 

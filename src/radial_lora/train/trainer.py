@@ -444,8 +444,8 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
 
 def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) -> tuple[torch.nn.Module, Any, Any]:
     """The transformer to adapt; for a Wan2.2 expert also its noise range and ``(expert, timestep range)``."""
-    if family != "wan22":
-        return adapter.transformers(pipe)[0], None, None
+    if family != "wan22" or (getattr(pipe, "transformer_2", None) is None and not cfg.model.expert):
+        return adapter.transformers(pipe)[0], None, None  # Wan2.2 TI2V-5B: one transformer, every noise level
     expert = cfg.model.expert or "high"
     try:
         transformer = adapter.expert_transformer(pipe, expert)

@@ -1,0 +1,121 @@
+"""The published models by hub id: family, transformer config and VAE factors, known without a download.
+
+Why: ``radial-lora plan`` and ``radial-lora mask`` answer questions about the real models (memory, tokens per
+frame, heads) on a laptop, and the tests build the real configs with few blocks and random weights. The
+values are those of the models' diffusers ``config.json`` files that matter here (the Wan team's configs:
+Wan2.1 1.3B 1536 = 12 x 128, 14B 5120 = 40 x 128; Wan2.2 TI2V-5B 3072 = 24 x 128 with the 16x-spatial,
+48-channel Wan2.2 VAE; HunyuanVideo 24 x 128, 20 double + 40 single blocks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Published:
+    family: str  # radial-lora family: "wan", "wan22", "hunyuan"
+    transformer: dict[str, Any]  # the diffusers transformer config (as its config.json, no "_" keys)
+    vae: tuple[int, int]  # (temporal, spatial) compression
+    experts: int = 1  # Wan2.2 A14B: two transformers
+
+
+def _wan(heads: int, ffn: int, layers: int, channels: int = 16) -> dict[str, Any]:
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=128,
+        in_channels=channels,
+        out_channels=channels,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+HUNYUAN_VIDEO = dict(
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)
+
+PUBLISHED: dict[str, Published] = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Published("wan", _wan(12, 8960, 30), (4, 8)),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": Published("wan", _wan(40, 13824, 40), (4, 8)),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", _wan(24, 14336, 30, channels=48), (4, 16)),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", _wan(40, 13824, 40), (4, 8), experts=2),
+    "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", HUNYUAN_VIDEO, (4, 8)),
+}
+
+
+def published(model: str) -> Published | None:
+    """The entry of a published hub id, or None."""
+    return PUBLISHED.get(model)
+
+
+def build_transformer(family: str, config: dict[str, Any], device: Any = "meta") -> Any:
+    """The real diffusers transformer class of ``family`` at ``config`` (default on the meta device: no memory,
+    for counting parameters)."""
+    import torch
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    cls = HunyuanVideoTransformer3DModel if family == "hunyuan" else WanTransformer3DModel
+    with torch.device(device):
+        return cls(**config)
+
+
+def describe_model(model: str) -> Published:
+    """A published hub id (no download) or a local pipeline / transformer folder (its JSON configs only):
+    family, transformer config and VAE factors."""
+    if model in PUBLISHED:
+        return PUBLISHED[model]
+    from radial_lora.models.builtin import resolve_model_id
+
+    root = Path(resolve_model_id(model))
+    config_file = next((f for f in (root / "transformer" / "config.json", root / "config.json") if f.is_file()), None)
+    if config_file is None:
+        raise ValueError(
+            f"{model}: not a known hub id ({', '.join(PUBLISHED)}) nor a folder with transformer/config.json; "
+            "download the pipeline or pass one of those ids"
+        )
+    config = json.loads(config_file.read_text())
+    name = config.get("_class_name", "")
+    if name not in ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel"):
+        raise ValueError(f"{config_file}: transformer class {name!r} is not Wan or HunyuanVideo")
+    index_file = root / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    second = index.get("transformer_2") or [None]
+    experts = 2 if second[0] is not None else 1
+    if name == "HunyuanVideoTransformer3DModel":
+        family = "hunyuan"
+    else:  # Wan2.2: a second expert, per-token timesteps (TI2V-5B) or its 48-channel latents
+        wan22 = experts == 2 or bool(index.get("expand_timesteps")) or config.get("in_channels") == 48
+        family = "wan22" if wan22 else "wan"
+    spatial = 16 if config.get("in_channels") == 48 and family != "hunyuan" else 8
+    vae_file = root / "vae" / "config.json"
+    if vae_file.is_file():
+        vae = json.loads(vae_file.read_text())
+        spatial = int(vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
+    transformer = {k: v for k, v in config.items() if not k.startswith("_")}
+    return Published(family, transformer, (4, spatial), experts)

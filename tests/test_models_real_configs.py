@@ -1,0 +1,87 @@
+"""The published transformer configs (Wan2.1-1.3B, -14B, Wan2.2-TI2V-5B, HunyuanVideo) at their real width,
+heads and norms, one block of each kind, random weights: radial attention equals diffusers' stock processor
+given the radial mask as a token mask, in float32.
+
+Here: a geometry of several latent frames whose frames are not whole blocks (the real width is the cost:
+a 14B block is 351M parameters). ``RADIAL_LORA_REAL_GEOMETRY=1``: the real 480p geometry (5 latent frames x
+1560 tokens; TI2V-5B at 704x1280: 5 x 880, its 16x VAE), about a minute per config on 2 CPU cores and
+seconds on a GPU (``benchmarks/gpu_check.sh`` runs it)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from oracles import oracle_processors
+from radial_lora.attention.reference import expand_block_mask
+from radial_lora.models import apply_radial_attention, get_adapter
+from radial_lora.models.published import PUBLISHED, build_transformer
+from radial_lora.models.registry import detect_family
+
+REAL_GEOMETRY = os.environ.get("RADIAL_LORA_REAL_GEOMETRY") == "1"
+# (latent frames, latent height, latent width): 9 frames of 4 x 6 = 24 tokens, 16-token blocks (1.5 per frame)
+SMALL = (9, 8, 12)
+pytestmark = pytest.mark.slow
+
+
+def _geometry(hub: str) -> tuple[int, int, int]:
+    if not REAL_GEOMETRY:
+        return SMALL
+    return (5, 44, 80) if "TI2V" in hub else (5, 60, 104)  # 704x1280 / 16; 480x832 / 8
+
+
+@pytest.fixture(params=[h for h in PUBLISHED if "A14B" not in h])  # A14B's experts are the 14B config
+def real(request):
+    hub = request.param
+    spec = PUBLISHED[hub]
+    config = dict(spec.transformer) | {"num_layers": 1}
+    if spec.family == "hunyuan":
+        config |= {"num_single_layers": 1, "num_refiner_layers": 1}
+    torch.manual_seed(0)
+    transformer = build_transformer(spec.family, config, "cpu").eval()
+    yield hub, spec, transformer
+
+
+def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if family == "hunyuan":
+        mask = torch.zeros(1, 16, dtype=torch.long)
+        mask[:, :11] = 1  # 5 padded text tokens
+        text = {
+            "encoder_hidden_states": torch.randn(1, 16, 4096, generator=g),
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(1, 768, generator=g),
+        }
+        extra = {"guidance": torch.tensor([6000.0])}
+    else:
+        text, extra = {"encoder_hidden_states": torch.randn(1, 16, 4096, generator=g)}, {}
+    with torch.no_grad():
+        return transformer(latents, torch.tensor([700.0]), **text, **extra, return_dict=False)[0]
+
+
+def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
+    hub, spec, transformer = real
+    family = detect_family(transformer)  # a lone transformer: TI2V-5B's 48 channels say Wan2.2
+    assert family == spec.family
+    frames, h, w = _geometry(hub)
+    latents = torch.randn(1, transformer.config.in_channels, frames, h, w, generator=torch.Generator().manual_seed(2))
+    adapter = get_adapter(family)
+    block = 128 if REAL_GEOMETRY else 16
+    controller = apply_radial_attention(transformer, block_size=block)  # backend auto: the CPU kernel
+    radial = _call(family, transformer, latents)
+    density = controller.last_density
+    tokens = frames * (h // 2) * (w // 2)
+    text = 16 if family == "hunyuan" else 0
+    geo = controller.geometry_for(tokens)
+    token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block)
+    from radial_lora.models import remove_radial_attention
+
+    remove_radial_attention(transformer)
+    transformer.set_attn_processor(oracle_processors(family, transformer, token_mask))
+    oracle = _call(family, transformer, latents)
+    assert density is not None and density < 0.95, density  # the mask really drops blocks
+    err = float((radial - oracle).abs().max() / oracle.abs().max())
+    assert err < 1e-5, (hub, err)
+    assert adapter.default_block_size == (64 if family == "wan22" else 128)
