@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 10 minutes on an H100/H200): the CUDA tests (compiled FlexAttention
+# The one prepared GPU check (about 12 minutes on one H100/H200): the CUDA tests (compiled FlexAttention
 # forward+backward, the sparse kernel, bf16, a tiny training run, no recompiles when two bucket lengths
 # alternate), then the CUDA training-step and attention benchmarks at the real Wan2.1 dimensions (12 and 40
 # heads x 128, 480p and 720p; compiled flex fwd+bwd vs SDPA's cuDNN/flash backends, with the goal
 # flex >= 0.8 x (1/density) x dense printed beside each figure), which write their sections of
-# benchmarks/RESULTS.md with the card's name.
+# benchmarks/RESULTS.md with the card's name; then the published model configs (one block each, real width)
+# against the token-mask oracle at the real 480p geometry, and, with 2+ GPUs, Ulysses sequence parallelism
+# on NCCL (split vs whole parity on 2 GPUs, and the step time of a 1.3B-width model at 81 frames 480p).
 #
 # Where Python packages cannot be installed from the network (a lent GPU machine), first fetch the
 # wheels here with `benchmarks/gpu_check.sh --fetch-wheels` (into .whl/, gitignored) and carry `.whl`
@@ -49,5 +51,17 @@ stage() {  # stage NAME SECONDS COMMAND...: one bounded step; a failure or timeo
 stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 stage train_step 150 python3 benchmarks/train_step.py --device cuda
 stage attention 260 python3 benchmarks/attention.py --device cuda
+stage real_configs 150 env RADIAL_LORA_REAL_GEOMETRY=1 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_models_real_configs.py
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+    python3 -c "from radial_lora.models.tiny import save_tiny_pipeline as s; s('wan', '$OUT/tiny_wan');
+s('hunyuan', '$OUT/tiny_hunyuan')" >/dev/null 2>&1
+    stage sequence_parallel 240 env SP_DEVICE=cuda torchrun --nproc-per-node 2 \
+        tests/workers/sequence_parallel_parity.py "$OUT/sequence_parallel.json" "$OUT/tiny_wan" \
+        "$OUT/tiny_hunyuan" "$OUT/sp_scratch"
+    cat "$OUT/sequence_parallel.json" 2>/dev/null
+else
+    echo "== sequence_parallel: skipped (one GPU)"
+fi
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 exit $status

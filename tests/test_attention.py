@@ -364,6 +364,19 @@ def _mask_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
+@pytest.mark.parametrize(
+    ("frames", "tokens", "decay", "sparsity"),
+    [(41, 3840, 1.0, 0.7361), (41, 3600, 1.0, 0.7399), (41, 3600, 0.2, 0.8239), (21, 3600, 0.2, 0.7363)],
+)
+def test_sparsity_at_the_papers_table_2_settings(frames, tokens, decay, sparsity):
+    """docs/RADIAL_MASK.md: Table 2's 73.6% (Wan2.1-14B 2x) is decay 1.0 at 161 frames of 1280x768 (41 x 3840),
+    and 81 frames of 720p at decay 0.2; 161 frames of 720p at the scripts' decay 0.2 is 82.4%."""
+    from radial_lora.mask import mask_density
+
+    mask = radial_block_mask(frames, tokens, decay_factor=decay)
+    assert round(1 - mask_density(mask, frames * tokens), 4) == sparsity
+
+
 def test_mask_cli_prints_costs_and_writes_files(tmp_path, capsys):
     import numpy as np
 
@@ -385,6 +398,11 @@ def test_mask_cli_prints_costs_and_writes_files(tmp_path, capsys):
     assert "(24 heads x 128)" in out  # HunyuanVideo has 24 heads, not Wan's 40
     dense_tflops = 4 * 24 * 128 * (33 * 3600 + 256) ** 2 / 1e12  # 174 TFLOPs, not 290
     assert f"{dense_tflops:.2f} TFLOPs dense" in out
+    _mask_cli(["mask", "--model", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "--frames", "121", "--height", "704"] + [
+        "--width", "1280"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "880 tokens per frame (VAE 4x16x16)" in out and "blocks of 64 (wan22, decay 0.8)" in out
+    assert "(24 heads x 128)" in out
     with pytest.raises(ValueError, match="4k\\+1"):
         _mask_cli(["mask", "--frames", "80", "--height", "256", "--width", "256"])
     with pytest.raises(ValueError, match="missing geometry"):

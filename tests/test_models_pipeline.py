@@ -166,6 +166,30 @@ def test_per_token_timesteps_of_wan22_ti2v_count_steps():
     assert controller.step == 2 and controller.calls == {"dense": 2 * 2, "sparse": 1 * 2}
 
 
+def test_wan22_ti2v_5b_is_detected_with_its_vae_and_wan22_defaults(tmp_path):
+    """TI2V-5B: one transformer, per-token timesteps, 48 latent channels, 16x VAE - Wan2.2, not Wan2.1."""
+    from diffusers import WanTransformer3DModel
+
+    from radial_lora.models.registry import family_of_index
+
+    assert family_of_index({"_class_name": "WanPipeline", "expand_timesteps": True, "transformer_2": [None, None]}) == (
+        "wan22"
+    )
+    assert family_of_index({"_class_name": "WanPipeline", "transformer_2": [None, None]}) == "wan"
+    ti2v = WanPipeline(**build_tiny_pipeline("wan").components, expand_timesteps=True)
+    assert detect_family(ti2v) == "wan22" and detect_family(ti2v.transformer) == "wan22"  # tagged
+    lone = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48, out_channels=48,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1, rope_max_seq_len=64,
+    )  # fmt: skip
+    assert detect_family(lone) == "wan22"  # untagged: its 48 latent channels say TI2V-5B
+    geo = get_adapter("wan22").geometry(lone, 121, 704, 1280)
+    assert (geo.latent_frames, geo.tokens_per_frame) == (31, 22 * 40)  # 16x VAE: 880, not 3520
+    controller = apply_radial_attention(lone)
+    assert (controller.decay_factor, controller.block_size) == (0.8, 64)  # the authors' Wan2.2 settings
+    assert apply_radial_attention(build_tiny_pipeline("wan").transformer).block_size == 128
+
+
 @pytest.mark.parametrize(
     "family,fixture", [("wan", "tiny_wan_dir"), ("wan22", "tiny_wan22_dir"), ("hunyuan", "tiny_hunyuan_dir")]
 )

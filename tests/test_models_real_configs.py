@@ -5,7 +5,7 @@ given the radial mask as a token mask, in float32.
 Here: a geometry of several latent frames whose frames are not whole blocks (the real width is the cost:
 a 14B block is 351M parameters). ``RADIAL_LORA_REAL_GEOMETRY=1``: the real 480p geometry (5 latent frames x
 1560 tokens; TI2V-5B at 704x1280: 5 x 880, its 16x VAE), about a minute per config on 2 CPU cores and
-seconds on a GPU (``benchmarks/gpu_check.sh`` runs it)."""
+seconds on a GPU (``benchmarks/gpu_check.sh`` runs it there; the radial side is then compiled FlexAttention)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from radial_lora.models.published import PUBLISHED, build_transformer
 from radial_lora.models.registry import detect_family
 
 REAL_GEOMETRY = os.environ.get("RADIAL_LORA_REAL_GEOMETRY") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (latent frames, latent height, latent width): 9 frames of 4 x 6 = 24 tokens, 16-token blocks (1.5 per frame)
 SMALL = (9, 8, 12)
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def real(request):
     if spec.family == "hunyuan":
         config |= {"num_single_layers": 1, "num_refiner_layers": 1}
     torch.manual_seed(0)
-    transformer = build_transformer(spec.family, config, "cpu").eval()
+    transformer = build_transformer(spec.family, config, DEVICE).eval()
     yield hub, spec, transformer
 
 
@@ -54,11 +55,12 @@ def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> t
             "encoder_attention_mask": mask,
             "pooled_projections": torch.randn(1, 768, generator=g),
         }
-        extra = {"guidance": torch.tensor([6000.0])}
+        extra = {"guidance": torch.tensor([6000.0], device=DEVICE)}
     else:
         text, extra = {"encoder_hidden_states": torch.randn(1, 16, 4096, generator=g)}, {}
+    text = {k: v.to(DEVICE) for k, v in text.items()}
     with torch.no_grad():
-        return transformer(latents, torch.tensor([700.0]), **text, **extra, return_dict=False)[0]
+        return transformer(latents, torch.tensor([700.0], device=DEVICE), **text, **extra, return_dict=False)[0]
 
 
 def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
@@ -66,7 +68,8 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     family = detect_family(transformer)  # a lone transformer: TI2V-5B's 48 channels say Wan2.2
     assert family == spec.family
     frames, h, w = _geometry(hub)
-    latents = torch.randn(1, transformer.config.in_channels, frames, h, w, generator=torch.Generator().manual_seed(2))
+    shape = (1, transformer.config.in_channels, frames, h, w)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     adapter = get_adapter(family)
     block = 128 if REAL_GEOMETRY else 16
     controller = apply_radial_attention(transformer, block_size=block)  # backend auto: the CPU kernel
@@ -75,7 +78,7 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     tokens = frames * (h // 2) * (w // 2)
     text = 16 if family == "hunyuan" else 0
     geo = controller.geometry_for(tokens)
-    token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block)
+    token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block).to(DEVICE)
     from radial_lora.models import remove_radial_attention
 
     remove_radial_attention(transformer)

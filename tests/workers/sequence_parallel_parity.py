@@ -2,12 +2,15 @@
 LoRA, split over the processes by Ulysses sequence parallelism, against the same transformer run whole in
 each process, and ``generate(sequence_parallel=2)`` against one process. Rank 0 writes the largest differences
 (outputs and LoRA gradients, frames) as JSON to ``argv[1]``; ``argv[2:5]``: tiny Wan and HunyuanVideo
-pipeline folders, a scratch folder."""
+pipeline folders, a scratch folder. ``SP_DEVICE=cuda`` (benchmarks/gpu_check.sh, 2+ GPUs): NCCL on
+``cuda:LOCAL_RANK``, plus the step time of a Wan2.1-1.3B-width model at 81 frames 480p, split and whole."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +21,9 @@ from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_
 from radial_lora.models.sequence_parallel import disable_sequence_parallel, enable_sequence_parallel
 
 FRAMES, SIDE, TEXT, VALID = 9, 8, 10, (7, 4)  # 9 x 4 x 4 = 144 video tokens; Hunyuan text with padding
+DEVICE = torch.device(
+    f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if os.environ.get("SP_DEVICE") == "cuda" else "cpu"
+)
 
 
 def inputs(family: str, frames: int = FRAMES) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -34,11 +40,11 @@ def inputs(family: str, frames: int = FRAMES) -> tuple[torch.Tensor, torch.Tenso
         }
     else:
         text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
-    return latents, torch.tensor([700.0, 300.0]), text
+    return latents.to(DEVICE), torch.tensor([700.0, 300.0], device=DEVICE), {k: v.to(DEVICE) for k, v in text.items()}
 
 
 def model(family: str) -> torch.nn.Module:
-    transformer = build_tiny_pipeline(family).transformer
+    transformer = build_tiny_pipeline(family).transformer.to(DEVICE)
     transformer.requires_grad_(False)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     if family == "hunyuan":
@@ -56,7 +62,7 @@ def run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[s
     latents, timesteps, text = inputs(family)
     transformer.zero_grad(set_to_none=True)
     out = get_adapter(family).predict(transformer, latents, timesteps, text)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     (out * weights).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
@@ -70,6 +76,7 @@ def generation(report: dict, models: dict[str, str], scratch: Path) -> None:
     rank = dist.get_rank()
     for family, folder in models.items():
         kw = dict(num_frames=9, height=64, width=64, steps=2, family=family, save_frames=True, seed=3)
+        kw |= {"device": str(DEVICE), "dtype": "float32"}
         prompts = ["a red fox in snow", "a boat"]
         whole = generate(folder, prompts, out_dir=scratch / f"{family}_whole_{rank}", **kw)
         split = generate(folder, prompts, out_dir=scratch / f"{family}_split", sequence_parallel=2, **kw)
@@ -86,8 +93,49 @@ def generation(report: dict, models: dict[str, str], scratch: Path) -> None:
             }
 
 
+def step_time(report: dict, group: dist.ProcessGroup) -> None:
+    """Forward + backward of 2 blocks at the Wan2.1-1.3B width (12 x 128, ffn 8960), bf16, LoRA rank 128,
+    81 frames 480p (21 x 1560 = 32,760 tokens): one GPU alone, then split over the group."""
+    from radial_lora import lora
+    from radial_lora.models.published import PUBLISHED, build_transformer
+
+    config = dict(PUBLISHED["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"].transformer) | {"num_layers": 2}
+    torch.manual_seed(0)
+    transformer = build_transformer("wan", config, DEVICE).to(torch.bfloat16)
+    transformer.requires_grad_(False)
+    lora.add_lora(transformer, rank=128)
+    apply_radial_attention(transformer)
+    latents = torch.randn(1, 16, 21, 60, 104, device=DEVICE, dtype=torch.bfloat16)
+    text = {"encoder_hidden_states": torch.randn(1, 512, 4096, device=DEVICE, dtype=torch.bfloat16)}
+
+    def timed() -> float:
+        best = float("inf")
+        for _ in range(4):
+            torch.cuda.synchronize(DEVICE)
+            start = time.perf_counter()
+            out = get_adapter("wan").predict(transformer, latents, torch.tensor([500.0], device=DEVICE), text)
+            out.float().square().mean().backward()
+            torch.cuda.synchronize(DEVICE)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    whole = timed()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    enable_sequence_parallel(transformer, group)
+    split = timed()
+    report["step_time"] = {
+        "case": "2 blocks of Wan2.1-1.3B width, 81 frames 480p, bf16, LoRA 128, fwd+bwd, best of 3 after warm-up",
+        "whole_s": whole,
+        "split_s": split,
+        "processes": dist.get_world_size(group),
+        "split_peak_gib": torch.cuda.max_memory_allocated(DEVICE) / 2**30,
+    }
+
+
 def main(path: str, models: dict[str, str], scratch: Path) -> None:
-    dist.init_process_group("gloo")
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     torch.set_num_threads(1)
     group, n = dist.group.WORLD, dist.get_world_size()
     report: dict = {"world": n}
@@ -115,7 +163,11 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
             }
             if family == "wan" and not checkpointing:
                 try:  # 7 latent frames x 16 = 112 tokens divide; 7 x 3 x 3 = 63 do not
-                    transformer(torch.randn(1, 4, 7, 6, 6), torch.tensor([1.0]), torch.randn(1, 4, 32))
+                    transformer(
+                        torch.randn(1, 4, 7, 6, 6, device=DEVICE),
+                        torch.tensor([1.0], device=DEVICE),
+                        torch.randn(1, 4, 32, device=DEVICE),
+                    )
                 except ValueError as exc:
                     report["indivisible_error"] = str(exc)
             disable_sequence_parallel(transformer)
@@ -123,12 +175,14 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
                 again, _ = run(family, transformer)
                 report["disabled_diff"] = float((again - want_out).abs().max())
     try:
-        three = build_tiny_pipeline("wan", num_attention_heads=3).transformer
+        three = build_tiny_pipeline("wan", num_attention_heads=3).transformer.to(DEVICE)
         apply_radial_attention(three, block_size=16)
         enable_sequence_parallel(three, group)
     except ValueError as exc:
         report["heads_error"] = str(exc)
     generation(report, models, scratch)
+    if DEVICE.type == "cuda":
+        step_time(report, group)
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
