@@ -62,8 +62,9 @@ def test_split_transformer_matches_whole_for_wan_and_hunyuan(
     tiny_wan_dir: Path, tiny_hunyuan_dir: Path, tmp_path: Path
 ) -> None:
     """Outputs and LoRA gradients of the token-split tiny Wan and HunyuanVideo (padded text) transformers,
-    with and without gradient checkpointing, equal the whole transformer's to float32 rounding; so do videos
-    generated with ``sequence_parallel=2`` (uint8 frames within one level of the one-process videos)."""
+    with and without gradient checkpointing, equal the whole transformer's to float32 rounding; so do the
+    losses of 3 LoRA training steps and videos generated with ``sequence_parallel=2`` (uint8 frames within
+    one level of the one-process videos)."""
     torchrun(str(WORKER), str(tmp_path / "report.json"), str(tiny_wan_dir), str(tiny_hunyuan_dir), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("wan", "wan_checkpointing", "hunyuan", "hunyuan_checkpointing"):
@@ -77,6 +78,10 @@ def test_split_transformer_matches_whole_for_wan_and_hunyuan(
         in (report["indivisible_error"])
     )
     assert "attention heads (3) to divide by 2; degrees that work for this model: [1, 3]" in report["heads_error"]
+    for family in ("wan", "hunyuan"):  # three AdamW steps of the LoRA: the same losses, split or whole
+        t = report[f"train_{family}"]
+        torch.testing.assert_close(torch.tensor(t["split"]), torch.tensor(t["whole"]), rtol=1e-5, atol=1e-7)
+        assert t["whole"][0] != t["whole"][2]  # the LoRA moved
     for family in ("wan", "hunyuan"):
         g = report[f"generate_{family}"]
         assert g["videos"] == 2 and g["processes"] == "2 procs = 1 data x 2 sequence", g

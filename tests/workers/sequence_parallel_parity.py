@@ -67,6 +67,39 @@ def run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[s
     return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
+def training(report: dict, group: dist.ProcessGroup) -> None:
+    """Three AdamW steps of each family's LoRA on the flow-matching loss, whole and split: the same losses."""
+    from radial_lora.train.flow_matching import flow_step
+
+    n = dist.get_world_size(group)
+    for family in ("wan", "hunyuan"):
+        losses = {}
+        for split in (False, True):
+            transformer = model(family)
+            apply_radial_attention(transformer, block_size=16, dense_layers=1)
+            if split:
+                enable_sequence_parallel(transformer, group)
+            params = [p for p in transformer.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-3, eps=1e-3)
+            latents, _, text = inputs(family)
+            run = []
+            for step in range(3):
+                g = torch.Generator().manual_seed(step)
+                noise = torch.randn(latents.shape, generator=g).to(DEVICE)
+                sigmas = torch.rand(latents.shape[0], generator=g)
+                loss = flow_step(get_adapter(family), transformer, latents, text, sigmas, noise).loss
+                loss.backward()
+                if split:  # what DDP/FSDP's average over the processes does in the trainer
+                    for p in params:
+                        dist.all_reduce(p.grad, group=group)
+                        p.grad.div_(n)
+                optimizer.step()
+                optimizer.zero_grad()
+                run.append(float(loss))
+            losses["split" if split else "whole"] = run
+        report[f"train_{family}"] = losses
+
+
 def generation(report: dict, models: dict[str, str], scratch: Path) -> None:
     """The same prompts rendered whole (each process alone) and token-split over the group (rank 0 writes)."""
     import numpy as np
@@ -180,6 +213,7 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
         enable_sequence_parallel(three, group)
     except ValueError as exc:
         report["heads_error"] = str(exc)
+    training(report, group)
     generation(report, models, scratch)
     if DEVICE.type == "cuda":
         step_time(report, group)
