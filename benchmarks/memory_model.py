@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 
 from radial_lora.memory_plan import BLOCK_FEATURES, OUTSIDE_FEATURES, features, measure_step
+from radial_lora.models.published import hunyuan_config, wan_config
 
 # heads, head_dim, ffn, rank, text, frames, channels
 DESIGN = [
@@ -38,37 +39,9 @@ DESIGN = [
 
 def config(family: str, heads: int, head_dim: int, ffn: int, channels: int, blocks: int, single: int) -> dict:
     if family == "wan":
-        return dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=heads,
-            attention_head_dim=head_dim,
-            in_channels=channels,
-            out_channels=channels,
-            text_dim=64,
-            freq_dim=32,
-            ffn_dim=ffn,
-            num_layers=blocks,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=1024,
-        )
-    return dict(
-        in_channels=channels,
-        out_channels=channels,
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        num_layers=blocks,
-        num_single_layers=single,
-        num_refiner_layers=1,
-        mlp_ratio=ffn / (heads * head_dim),
-        patch_size=2,
-        patch_size_t=1,
-        qk_norm="rms_norm",
-        guidance_embeds=True,
-        text_embed_dim=64,
-        pooled_projection_dim=32,
-        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
-    )
+        return wan_config(heads, ffn, blocks, head_dim=head_dim, channels=channels, text_dim=64, freq_dim=32)
+    mlp_ratio = ffn / (heads * head_dim)
+    return hunyuan_config(heads, blocks, single, head_dim, mlp_ratio, 1, channels, text_dim=64, pooled_dim=32)
 
 
 def row(names: tuple[str, ...], t: int, x: int, heads: int, head_dim: int, ffn: int, rank: int, c: int) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,3 +25,10 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def torchrun_train(config: dict, config_path: Path, *extra: str, nproc: int = 2) -> None:
+    """Write ``config`` (a ``TrainConfig.to_dict()``) to ``config_path`` and run ``radial-lora train`` on it
+    under torchrun; ``extra`` goes to the command (e.g. ``--resume DIR``)."""
+    config_path.write_text(json.dumps(config))
+    torchrun("radial-lora", "train", "--config", str(config_path), *extra, nproc=nproc)

@@ -10,7 +10,7 @@ import pytest
 
 from radial_lora.cli import main
 from radial_lora.memory_plan import BF16, GIB, dims_of, estimate, measure_step, plan_for_config, resolve_model
-from radial_lora.models.published import PUBLISHED
+from radial_lora.models.published import PUBLISHED, hunyuan_config, wan_config
 from radial_lora.train.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,40 +18,11 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def _wan(heads: int, head_dim: int, ffn: int, layers: int, channels: int = 16) -> dict:
-    return dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        in_channels=channels,
-        out_channels=channels,
-        text_dim=64,
-        freq_dim=32,
-        ffn_dim=ffn,
-        num_layers=layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=1024,
-    )
+    return wan_config(heads, ffn, layers, head_dim=head_dim, channels=channels, text_dim=64, freq_dim=32)
 
 
 def _hunyuan(heads: int, head_dim: int, mlp_ratio: float, layers: int, single: int) -> dict:
-    return dict(
-        in_channels=16,
-        out_channels=16,
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
-        num_layers=layers,
-        num_single_layers=single,
-        num_refiner_layers=1,
-        mlp_ratio=mlp_ratio,
-        patch_size=2,
-        patch_size_t=1,
-        qk_norm="rms_norm",
-        guidance_embeds=True,
-        text_embed_dim=64,
-        pooled_projection_dim=32,
-        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
-    )
+    return hunyuan_config(heads, layers, single, head_dim, mlp_ratio, refiner=1, text_dim=64, pooled_dim=32)
 
 
 # Configs the fit (benchmarks/memory_model.py) did not see: other widths, depths, ranks, lengths.

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from peft import LoraConfig
 
-from oracles import oracle_processors
+from model_cases import FRAMES, SIDE, TEXT, forward_backward, lora_model, model_inputs, oracle_processors
 from radial_lora.attention.reference import expand_block_mask
 from radial_lora.mask import mask_density, radial_block_mask
 from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_adapter, remove_radial_attention
@@ -20,58 +20,12 @@ from radial_lora.models.wan import RadialWanAttnProcessor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
-TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest is padding)
 BLOCK = 16
-
-
-def _inputs(family: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
-    timesteps = torch.tensor([700.0, 300.0])
-    if family == "hunyuan":
-        mask = torch.zeros(2, TEXT, dtype=torch.long)
-        for row, valid in enumerate(VALID):
-            mask[row, :valid] = 1
-        text = {
-            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
-            "encoder_attention_mask": mask,
-            "pooled_projections": torch.randn(2, 8, generator=g),
-        }
-    else:
-        text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
-    return latents, timesteps, text
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
-    """One tiny transformer per family with LoRA attached and non-zero (so every LoRA grad is non-zero)."""
-    out = {}
-    for family in ("wan", "hunyuan"):
-        transformer = build_tiny_pipeline(family).transformer
-        transformer.requires_grad_(False)
-        targets = ["to_q", "to_k", "to_v", "to_out.0"]
-        if family == "hunyuan":  # the text stream of the double-stream blocks goes through our processor too
-            targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for name, p in transformer.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        out[family] = transformer
-    return out
-
-
-def _run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Velocity prediction and the LoRA gradients of a fixed random projection of it."""
-    latents, timesteps, text = _inputs(family)
-    transformer.zero_grad(set_to_none=True)
-    out = get_adapter(family).predict(transformer, latents, timesteps, text)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    (out * weights).sum().backward()
-    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
-    return out.detach(), grads
+    return {family: lora_model(family) for family in ("wan", "hunyuan")}
 
 
 def _assert_same(a: tuple, b: tuple, atol: float = 2e-5) -> None:
@@ -100,12 +54,12 @@ def _token_mask(family: str) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_all_true_mask_equals_stock_model_and_lora_grads(family, models):
     transformer = models[family]
-    stock = _run(family, transformer)
+    stock = forward_backward(family, transformer)
     assert all(p.abs().sum() > 0 for p in stock[1].values()), "every LoRA parameter must get a gradient"
     assert all("lora_" in n for n in stock[1]), "only LoRA parameters may require grad"
     controller = apply_radial_attention(transformer, block_size=4096, backend="reference")
     try:
-        patched = _run(family, transformer)
+        patched = forward_backward(family, transformer)
         assert controller.calls["sparse"] == len(get_adapter(family).self_attention_modules(transformer))
         assert controller.last_density == 1.0
     finally:
@@ -116,19 +70,19 @@ def test_all_true_mask_equals_stock_model_and_lora_grads(family, models):
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_sparse_mask_matches_stock_processor_with_token_mask(family, models):
     transformer = models[family]
-    stock = _run(family, transformer)
+    stock = forward_backward(family, transformer)
     token_mask = _token_mask(family)
     originals = dict(transformer.attn_processors)
     transformer.set_attn_processor(oracle_processors(family, transformer, token_mask))
     try:
-        oracle = _run(family, transformer)
+        oracle = forward_backward(family, transformer)
     finally:
         transformer.set_attn_processor(dict(originals))
     assert (oracle[0] - stock[0]).abs().max() > 1e-3, "the radial mask must change the output"
 
     controller = apply_radial_attention(transformer, block_size=BLOCK, backend="reference")
     try:
-        radial = _run(family, transformer)
+        radial = forward_backward(family, transformer)
         assert controller.last_density < 0.97 and controller.calls["dense"] == 0
     finally:
         remove_radial_attention(transformer)
@@ -142,7 +96,7 @@ def test_default_backend_matches_reference_forward_and_grads(family, models):
     for backend in ("reference", "auto"):
         apply_radial_attention(transformer, block_size=BLOCK, backend=backend)
         try:
-            runs[backend] = _run(family, transformer)
+            runs[backend] = forward_backward(family, transformer)
         finally:
             remove_radial_attention(transformer)
     _assert_same(runs["auto"], runs["reference"], atol=1e-4)
@@ -153,9 +107,9 @@ def test_gradient_checkpointing_with_radial_and_lora(family, models):
     transformer = models[family]
     apply_radial_attention(transformer, block_size=BLOCK, backend="reference")
     try:
-        plain = _run(family, transformer)
+        plain = forward_backward(family, transformer)
         transformer.enable_gradient_checkpointing()
-        checkpointed = _run(family, transformer)
+        checkpointed = forward_backward(family, transformer)
     finally:
         transformer.disable_gradient_checkpointing()
         remove_radial_attention(transformer)
@@ -164,7 +118,7 @@ def test_gradient_checkpointing_with_radial_and_lora(family, models):
 
 def test_dense_layers_training_mode_and_force_dense(models):
     transformer = models["hunyuan"]  # 2 double + 2 single blocks = block indices 0..3
-    latents, timesteps, text = _inputs("hunyuan")
+    latents, timesteps, text = model_inputs("hunyuan")
     adapter = get_adapter("hunyuan")
     controller = apply_radial_attention(transformer, block_size=BLOCK, dense_layers=1, dense_timesteps=3)
     try:

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from oracles import oracle_processors
+from model_cases import oracle_processors
 from radial_lora.attention.reference import expand_block_mask
 from radial_lora.models import apply_radial_attention, get_adapter
 from radial_lora.models.published import PUBLISHED, build_transformer

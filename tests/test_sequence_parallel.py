@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import torchrun
+from launch import torchrun, torchrun_train
 from radial_lora import lora
 from radial_lora.parallel import ParallelLayout, check_layout
 from radial_lora.train import trainer
@@ -119,8 +119,7 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(
         "validation.sample_steps=2",
     )
     cfg_path = tmp_path / "sp.json"
-    cfg_path.write_text(json.dumps(cfg.to_dict()))
-    torchrun("radial-lora", "train", "--config", str(cfg_path))
+    torchrun_train(cfg.to_dict(), cfg_path)
     log = (tmp_path / "sp" / LOG_FILE).read_text()
     assert "2 procs = 1 data x 2 sequence; 2 micro x 2 accum" not in log  # one sample per forward, as one process
     assert "2 procs = 1 data x 2 sequence; 1 micro x 2 accum" in log
@@ -131,15 +130,8 @@ def test_sequence_parallel_training_matches_one_process_and_resumes(
     _close_lora(single_dir, tmp_path / "sp")
     assert len(list((tmp_path / "sp" / "samples" / "step_000003").glob("f17_000_*.mp4"))) == 1
     # Resume the split run from step 2: step 3 as in the uninterrupted split run, exactly.
-    cfg_path.write_text(json.dumps({**cfg.to_dict(), "output_dir": str(tmp_path / "resumed")}))
-    torchrun(
-        "radial-lora",
-        "train",
-        "--config",
-        str(cfg_path),
-        "--resume",
-        str(tmp_path / "sp" / "checkpoints" / "step_000002"),
-    )
+    resumed = {**cfg.to_dict(), "output_dir": str(tmp_path / "resumed")}
+    torchrun_train(resumed, cfg_path, "--resume", str(tmp_path / "sp" / "checkpoints" / "step_000002"))
     assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == losses
     a, b = load_file(tmp_path / "sp" / lora.LORA_FILENAME), load_file(tmp_path / "resumed" / lora.LORA_FILENAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -162,9 +154,7 @@ def test_fsdp_over_a_data_by_sequence_mesh_matches_one_process(
         "train.sequence_parallel=2",
         "train.distributed=fsdp",
     )
-    cfg_path = tmp_path / "mesh.json"
-    cfg_path.write_text(json.dumps(cfg.to_dict()))
-    torchrun("radial-lora", "train", "--config", str(cfg_path), nproc=4)
+    torchrun_train(cfg.to_dict(), tmp_path / "mesh.json", nproc=4)
     log = (tmp_path / "mesh" / LOG_FILE).read_text()
     assert "4 procs = 2 data x 2 sequence; 1 micro x 1 accum" in log
     assert "FSDP: transformer sharded over 4 processes" in log

@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from launch import torchrun
+from launch import torchrun_train
 from radial_lora import lora
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.video_io import read_video
@@ -116,10 +116,6 @@ ONE_PROCESS = ("train.batch_size=2", "train.grad_accum=2")
 TWO_PROCESSES = ("train.batch_size=2", "train.grad_accum=1")
 
 
-def _torchrun(cfg_path: Path, *extra: str, nproc: int = 2) -> None:
-    torchrun("radial-lora", "train", "--config", str(cfg_path), *extra, nproc=nproc)
-
-
 def _assert_same_lora(one: Path, two: Path) -> None:
     a, b = load_file(one / lora.LORA_FILENAME), load_file(two / lora.LORA_FILENAME)
     assert a.keys() == b.keys()
@@ -140,10 +136,8 @@ def test_two_process_data_parallel_matches_one_process(
         "train.consistency_weight=0.0",
     ]
     single = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "one", *common, *ONE_PROCESS))
-    cfg_path = tmp_path / "ddp.json"
     cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "two", *common, *TWO_PROCESSES, *SAMPLING)  # main samples
-    cfg_path.write_text(json.dumps(cfg.to_dict()))
-    _torchrun(cfg_path)
+    torchrun_train(cfg.to_dict(), tmp_path / "ddp.json")
     assert "2 procs = 2 data x 1 sequence; 1 micro x 1 accum" in (tmp_path / "two" / LOG_FILE).read_text()
     assert [p.name for p in (tmp_path / "two" / "samples").iterdir()] == ["step_000003"]  # the last step only
     assert len(list((tmp_path / "two" / "samples" / "step_000003").glob("f17_000_*.mp4"))) == 1
@@ -264,8 +258,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
         *SAMPLING,
     )
     cfg_path = tmp_path / "fsdp.json"
-    cfg_path.write_text(json.dumps(cfg.to_dict()))
-    _torchrun(cfg_path)
+    torchrun_train(cfg.to_dict(), cfg_path)
     log = (tmp_path / "two" / LOG_FILE).read_text()
     assert "2 procs = 2 data x 1 sequence; 1 micro x 1 accum" in log
     here, total = map(int, re.search(r"FSDP: transformer sharded over 2 processes, (\d+) of (\d+)", log).groups())
@@ -288,8 +281,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
         assert torch.equal(opt_two["state"][i]["exp_avg"], st["exp_avg"])
         assert torch.equal(opt_two["state"][i]["exp_avg_sq"], st["exp_avg_sq"])
     # Resume the sharded run from step 2: step 3 comes out as in the uninterrupted run.
-    cfg_path.write_text(json.dumps({**cfg.to_dict(), "output_dir": str(tmp_path / "three")}))
-    _torchrun(cfg_path, "--resume", str(tmp_path / "two" / "checkpoints" / "step_000002"))
+    resumed = {**cfg.to_dict(), "output_dir": str(tmp_path / "three")}
+    torchrun_train(resumed, cfg_path, "--resume", str(tmp_path / "two" / "checkpoints" / "step_000002"))
     assert json.loads((tmp_path / "three" / "losses.json").read_text()) == two
     _assert_same_lora(tmp_path / "two", tmp_path / "three")
 

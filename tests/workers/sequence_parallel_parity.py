@@ -15,56 +15,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig
 
 from radial_lora.models import apply_radial_attention, build_tiny_pipeline, get_adapter
 from radial_lora.models.sequence_parallel import disable_sequence_parallel, enable_sequence_parallel
 
-FRAMES, SIDE, TEXT, VALID = 9, 8, 10, (7, 4)  # 9 x 4 x 4 = 144 video tokens; Hunyuan text with padding
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests' shared tiny models and inputs
+from model_cases import forward_backward, lora_model, model_inputs  # noqa: E402
+
 DEVICE = torch.device(
     f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if os.environ.get("SP_DEVICE") == "cuda" else "cpu"
 )
-
-
-def inputs(family: str, frames: int = FRAMES) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, frames, SIDE, SIDE, generator=g)
-    if family == "hunyuan":
-        mask = torch.zeros(2, TEXT, dtype=torch.long)
-        for row, valid in enumerate(VALID):
-            mask[row, :valid] = 1
-        text = {
-            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
-            "encoder_attention_mask": mask,
-            "pooled_projections": torch.randn(2, 8, generator=g),
-        }
-    else:
-        text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
-    return latents.to(DEVICE), torch.tensor([700.0, 300.0], device=DEVICE), {k: v.to(DEVICE) for k, v in text.items()}
-
-
-def model(family: str) -> torch.nn.Module:
-    transformer = build_tiny_pipeline(family).transformer.to(DEVICE)
-    transformer.requires_grad_(False)
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    if family == "hunyuan":
-        targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return transformer
-
-
-def run(family: str, transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    latents, timesteps, text = inputs(family)
-    transformer.zero_grad(set_to_none=True)
-    out = get_adapter(family).predict(transformer, latents, timesteps, text)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    (out * weights).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
 def training(report: dict, group: dist.ProcessGroup) -> None:
@@ -75,13 +35,13 @@ def training(report: dict, group: dist.ProcessGroup) -> None:
     for family in ("wan", "hunyuan"):
         losses = {}
         for split in (False, True):
-            transformer = model(family)
+            transformer = lora_model(family, DEVICE)
             apply_radial_attention(transformer, block_size=16, dense_layers=1)
             if split:
                 enable_sequence_parallel(transformer, group)
             params = [p for p in transformer.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-3, eps=1e-3)
-            latents, _, text = inputs(family)
+            latents, _, text = model_inputs(family, DEVICE)
             run = []
             for step in range(3):
                 g = torch.Generator().manual_seed(step)
@@ -174,14 +134,14 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
     report: dict = {"world": n}
     for family in ("wan", "hunyuan"):
         for checkpointing in (False, True):
-            transformer = model(family)
+            transformer = lora_model(family, DEVICE)
             if checkpointing:
                 transformer.enable_gradient_checkpointing()
             controller = apply_radial_attention(transformer, block_size=16, dense_layers=1)
-            want_out, want_grads = run(family, transformer)
+            want_out, want_grads = forward_backward(family, transformer, DEVICE)
             enable_sequence_parallel(transformer, group)
             controller.reset_stats()
-            got_out, got_grads = run(family, transformer)
+            got_out, got_grads = forward_backward(family, transformer, DEVICE)
             for g in got_grads.values():  # each rank's gradients sum to n x the true one (parallel.py)
                 dist.all_reduce(g)
                 g.div_(n)
@@ -205,7 +165,7 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
                     report["indivisible_error"] = str(exc)
             disable_sequence_parallel(transformer)
             if family == "wan" and not checkpointing:
-                again, _ = run(family, transformer)
+                again, _ = forward_backward(family, transformer, DEVICE)
                 report["disabled_diff"] = float((again - want_out).abs().max())
     try:
         three = build_tiny_pipeline("wan", num_attention_heads=3).transformer.to(DEVICE)

@@ -23,15 +23,25 @@ class Published:
     experts: int = 1  # Wan2.2 A14B: two transformers
 
 
-def _wan(heads: int, ffn: int, layers: int, channels: int = 16) -> dict[str, Any]:
+def wan_config(
+    heads: int,
+    ffn: int,
+    layers: int,
+    head_dim: int = 128,
+    channels: int = 16,
+    text_dim: int = 4096,
+    freq_dim: int = 256,
+) -> dict[str, Any]:
+    """A ``WanTransformer3DModel`` config: the published ones, and smaller ones of the same shape for tests and
+    the memory fit."""
     return dict(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
-        attention_head_dim=128,
+        attention_head_dim=head_dim,
         in_channels=channels,
         out_channels=channels,
-        text_dim=4096,
-        freq_dim=256,
+        text_dim=text_dim,
+        freq_dim=freq_dim,
         ffn_dim=ffn,
         num_layers=layers,
         cross_attn_norm=True,
@@ -41,31 +51,46 @@ def _wan(heads: int, ffn: int, layers: int, channels: int = 16) -> dict[str, Any
     )
 
 
-HUNYUAN_VIDEO = dict(
-    in_channels=16,
-    out_channels=16,
-    num_attention_heads=24,
-    attention_head_dim=128,
-    num_layers=20,
-    num_single_layers=40,
-    num_refiner_layers=2,
-    mlp_ratio=4.0,
-    patch_size=2,
-    patch_size_t=1,
-    qk_norm="rms_norm",
-    guidance_embeds=True,
-    text_embed_dim=4096,
-    pooled_projection_dim=768,
-    rope_theta=256.0,
-    rope_axes_dim=(16, 56, 56),
-)
+def hunyuan_config(
+    heads: int,
+    layers: int,
+    single: int,
+    head_dim: int = 128,
+    mlp_ratio: float = 4.0,
+    refiner: int = 2,
+    channels: int = 16,
+    text_dim: int = 4096,
+    pooled_dim: int = 768,
+) -> dict[str, Any]:
+    """A ``HunyuanVideoTransformer3DModel`` config. RoPE splits the head as the published model does
+    (16, 56, 56 of 128): an eighth for time, the rest shared by height and width."""
+    time_dim = head_dim // 8
+    return dict(
+        in_channels=channels,
+        out_channels=channels,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=layers,
+        num_single_layers=single,
+        num_refiner_layers=refiner,
+        mlp_ratio=mlp_ratio,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=True,
+        text_embed_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        rope_theta=256.0,
+        rope_axes_dim=(time_dim, (head_dim - time_dim) // 2, (head_dim - time_dim) // 2),
+    )
+
 
 PUBLISHED: dict[str, Published] = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Published("wan", _wan(12, 8960, 30), (4, 8)),
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": Published("wan", _wan(40, 13824, 40), (4, 8)),
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", _wan(24, 14336, 30, channels=48), (4, 16)),
-    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", _wan(40, 13824, 40), (4, 8), experts=2),
-    "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", HUNYUAN_VIDEO, (4, 8)),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Published("wan", wan_config(12, 8960, 30), (4, 8)),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": Published("wan", wan_config(40, 13824, 40), (4, 8)),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", wan_config(24, 14336, 30, channels=48), (4, 16)),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", wan_config(40, 13824, 40), (4, 8), experts=2),
+    "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
 }
 
 

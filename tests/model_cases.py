@@ -1,0 +1,96 @@
+"""What the radial-attention model tests share: the tiny LoRA'd transformers and their inputs, the forward +
+backward they compare, and the oracle: diffusers' own stock processors given the radial mask expanded to
+tokens as an explicit attention mask (independent of our processors and kernels)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from peft import LoraConfig
+
+from radial_lora.models import build_tiny_pipeline, get_adapter
+
+FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
+TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest is padding)
+
+
+def model_inputs(
+    family: str, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Two samples' latents, timesteps and text conditioning for a tiny transformer of ``family``."""
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
+    if family == "hunyuan":
+        mask = torch.zeros(2, TEXT, dtype=torch.long)
+        for row, valid in enumerate(VALID):
+            mask[row, :valid] = 1
+        text = {
+            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.randn(2, 8, generator=g),
+        }
+    else:
+        text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
+    timesteps = torch.tensor([700.0, 300.0], device=device)
+    return latents.to(device), timesteps, {k: v.to(device) for k, v in text.items()}
+
+
+def lora_model(family: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A tiny transformer of ``family`` with a non-zero LoRA attached (so every LoRA grad is non-zero)."""
+    transformer = build_tiny_pipeline(family).transformer.to(device)
+    transformer.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    if family == "hunyuan":  # the text stream of the double-stream blocks goes through our processor too
+        targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g).to(p.device))
+    return transformer
+
+
+def forward_backward(
+    family: str, transformer: torch.nn.Module, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Velocity prediction and the LoRA gradients of a fixed random projection of it."""
+    latents, timesteps, text = model_inputs(family, device)
+    transformer.zero_grad(set_to_none=True)
+    out = get_adapter(family).predict(transformer, latents, timesteps, text)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+class OracleWan(WanAttnProcessor):
+    """Stock Wan self-attention with an explicit token mask."""
+
+    def __init__(self, token_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.token_mask = token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.token_mask, rotary_emb)
+
+
+class OracleHunyuan(HunyuanVideoAttnProcessor2_0):
+    """Stock HunyuanVideo joint attention with the token mask AND-ed into the model's text mask."""
+
+    def __init__(self, token_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.token_mask = token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        mask = self.token_mask[None, None] & attention_mask
+        return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+
+def oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
+    cls = OracleHunyuan if family == "hunyuan" else OracleWan
+    procs = dict(transformer.attn_processors)
+    for name, _, _ in get_adapter(family).self_attention_modules(transformer):
+        procs[f"{name}.processor"] = cls(token_mask)
+    return procs
