@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 tests  # two workers: the 2 cores of a CI machine (mostly one-thread tests)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
