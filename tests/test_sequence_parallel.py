@@ -23,20 +23,13 @@ from radial_lora.parallel import ParallelLayout, check_layout
 from radial_lora.train import trainer
 from radial_lora.train.components import LOG_FILE
 from radial_lora.train.config import ConfigError
-from tiny_config import quick_config
+from tiny_config import THREE_STEPS_CHECKPOINTED, quick_config
 
 WORKER = Path(__file__).parent / "workers" / "sequence_parallel_parity.py"
 COMMON = (
-    "train.steps=3",
+    *THREE_STEPS_CHECKPOINTED,
     "train.batch_size=2",
     "train.grad_accum=2",
-    "schedule.warmup_steps=0",
-    "checkpoint.every=2",
-    "validation.every=2",
-    "validation.max_clips=2",
-    "validation.timesteps=[500]",
-    "logging.tensorboard=false",
-    "train.consistency_weight=0.1",
     "train.gradient_checkpointing=true",
     "optimizer.eps=1e-3",
 )

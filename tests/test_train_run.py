@@ -20,7 +20,7 @@ from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
 from radial_lora.train.components import LOG_FILE
 from radial_lora.train.flow_matching import heldout_loss
-from tiny_config import quick_config
+from tiny_config import THREE_STEPS_CHECKPOINTED, quick_config
 
 SAMPLING = ('validation.sample_prompts=["a red fox in snow"]', "validation.sample_steps=2")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -236,16 +236,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     """FSDP (base and LoRA sharded over 2 gloo processes): the same losses, LoRA, held-out loss and checkpoint
     as one process, bit for bit, with gradient checkpointing, consistency loss and validation on; a sharded
     checkpoint resumes exactly."""
-    common = [
-        "train.steps=3",
-        "schedule.warmup_steps=0",
-        "checkpoint.every=2",
-        "validation.every=2",
-        "validation.max_clips=2",
-        "validation.timesteps=[500]",
-        "logging.tensorboard=false",
-        "train.consistency_weight=0.1",
-    ]
+    common = THREE_STEPS_CHECKPOINTED
     single = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "one", *common, *ONE_PROCESS))
     cfg = _cfg(
         tiny_wan_dir,

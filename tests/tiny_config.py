@@ -18,6 +18,19 @@ TINY_RANDOM = (
     "data.if_missing=error",
 )
 
+# Three steps with a checkpoint, validation and consistency loss at step 2: the multi-process runs compare
+# these (and resume from that checkpoint) against one process.
+THREE_STEPS_CHECKPOINTED = (
+    "train.steps=3",
+    "schedule.warmup_steps=0",
+    "checkpoint.every=2",
+    "validation.every=2",
+    "validation.max_clips=2",
+    "validation.timesteps=[500]",
+    "logging.tensorboard=false",
+    "train.consistency_weight=0.1",
+)
+
 
 def quick_config(model: Path, data: Path, out: Path, *extra: str) -> TrainConfig:
     """The quick-test config on ``model`` and the prepared ``data``, writing to ``out``; ``extra`` overrides last."""
