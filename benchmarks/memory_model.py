@@ -6,18 +6,23 @@ latent channels) it counts the bytes autograd keeps for backward in a bf16 train
 solves the least-squares fit of each kind's per-block and outside-block bytes. Prints the coefficients as
 the ``COEFFICIENTS`` literal and the worst relative residual; a few minutes on 2 cores.
 
-    python benchmarks/memory_model.py
+``--check-published``: the fitted model against exact counts at the published Wan2.1-14B and HunyuanVideo
+widths (one or two real blocks of each kind, LoRA rank 128, the pipelines' text lengths), per block, at two
+token counts; about two minutes on 2 cores.
+
+    python benchmarks/memory_model.py [--check-published]
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 import numpy as np
 
-from radial_lora.memory_plan import BLOCK_FEATURES, OUTSIDE_FEATURES, features, measure_step
-from radial_lora.models.published import hunyuan_config, wan_config
+from radial_lora.memory_plan import BLOCK_FEATURES, OUTSIDE_FEATURES, dims_of, features, kept_bytes, measure_step
+from radial_lora.models.published import PUBLISHED, hunyuan_config, wan_config
 
 # heads, head_dim, ffn, rank, text, frames, channels
 DESIGN = [
@@ -99,5 +104,37 @@ def main() -> None:
     print("}")
 
 
+def check_published() -> None:
+    """Per-block bytes kept for backward at the real widths: measured (difference of 2 and 1 blocks) vs the
+    fitted model. Text terms are per block, so the bytes per video token fall as the sequence grows."""
+    logging.disable(logging.INFO)
+    warnings.filterwarnings("ignore")
+    cases = (
+        ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan", {"wan": (2, 0)}, (1, 0)),
+        ("hunyuanvideo-community/HunyuanVideo", "hunyuan", {"double": (2, 1), "single": (1, 2)}, (1, 1)),
+    )
+    print("| model | block | video tokens | measured bytes | plan bytes | plan error | plan per token at 147,600 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for hub, family, kinds, base in cases:
+        spec = PUBLISHED[hub]
+        d = dims_of(family, spec.transformer)
+
+        def cfg(blocks: tuple[int, int], spec=spec, family=family) -> dict:
+            if family == "wan":
+                return dict(spec.transformer) | {"num_layers": blocks[0]}
+            return dict(spec.transformer) | {"num_layers": blocks[0], "num_single_layers": blocks[1]}
+
+        for frames in (2, 3):
+            run = {b: measure_step(family, cfg(b), frames=frames, side=32, rank=128, text=d.text_tokens,
+                                   checkpointing=False) for b in (base, *kinds.values())}  # fmt: skip
+            one, tokens = run[base]
+            for kind, blocks in kinds.items():
+                measured = run[blocks][0] - one
+                plan = kept_bytes(kind, tokens, d.text_tokens, d, 128)
+                long = kept_bytes(kind, 147_600, d.text_tokens, d, 128) / 147_600
+                print(f"| {hub} | {kind} | {tokens} | {measured:,} | {plan:,.0f} | {plan / measured - 1:+.2%} "
+                      f"| {long:,.0f} |", flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
-    main()
+    check_published() if "--check-published" in sys.argv else main()
