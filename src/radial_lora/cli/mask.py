@@ -57,13 +57,10 @@ def _model(name: str) -> tuple[str, int | None, tuple[int, int], tuple[int, int,
 
     if name in FAMILIES:
         return name, None, (4, 8), (1, 2, 2)
-    from radial_lora.models.published import describe_model
+    from radial_lora.models.published import describe_model, patch_of
 
     found = describe_model(name)
-    cfg = found.transformer
-    patch = cfg.get("patch_size", (1, 2, 2))
-    patch = tuple(patch) if isinstance(patch, list | tuple) else (int(cfg.get("patch_size_t", 1)), patch, patch)
-    return found.family, int(cfg["num_attention_heads"]), found.vae, patch  # type: ignore[return-value]
+    return found.family, int(found.transformer["num_attention_heads"]), found.vae, patch_of(found.transformer)
 
 
 def _geometry(args: argparse.Namespace, vae: tuple[int, int], patch: tuple[int, int, int]) -> tuple[int, int, str]:

@@ -110,6 +110,15 @@ def build_transformer(family: str, config: dict[str, Any], device: Any = "meta")
         return cls(**config)
 
 
+def patch_of(config: dict[str, Any]) -> tuple[int, int, int]:
+    """``(t, h, w)`` patch of a transformer config: Wan's ``patch_size`` is the triple, HunyuanVideo's a side
+    with ``patch_size_t`` beside it."""
+    patch = config.get("patch_size", (1, 2, 2))
+    if isinstance(patch, list | tuple):
+        return tuple(int(p) for p in patch)  # type: ignore[return-value]
+    return int(config.get("patch_size_t", 1)), int(patch), int(patch)
+
+
 def describe_model(model: str) -> Published:
     """A published hub id (no download) or a local pipeline / transformer folder (its JSON configs only):
     family, transformer config and VAE factors."""
@@ -124,20 +133,15 @@ def describe_model(model: str) -> Published:
             f"{model}: not a known hub id ({', '.join(PUBLISHED)}) nor a folder with transformer/config.json; "
             "download the pipeline or pass one of those ids"
         )
+    from radial_lora.models.registry import family_of_class
+    from radial_lora.models.wan import is_wan22_config, wan22_vae_spatial
+
     config = json.loads(config_file.read_text())
-    name = config.get("_class_name", "")
-    if name not in ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel"):
-        raise ValueError(f"{config_file}: transformer class {name!r} is not Wan or HunyuanVideo")
     index_file = root / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    second = index.get("transformer_2") or [None]
-    experts = 2 if second[0] is not None else 1
-    if name == "HunyuanVideoTransformer3DModel":
-        family = "hunyuan"
-    else:  # Wan2.2: a second expert, per-token timesteps (TI2V-5B) or its 48-channel latents
-        wan22 = experts == 2 or bool(index.get("expand_timesteps")) or config.get("in_channels") == 48
-        family = "wan22" if wan22 else "wan"
-    spatial = 16 if config.get("in_channels") == 48 and family != "hunyuan" else 8
+    family = family_of_class(config.get("_class_name", ""), is_wan22_config(index, config), str(config_file))
+    experts = 1 if (index.get("transformer_2") or [None])[0] is None else 2
+    spatial = 8 if family == "hunyuan" else wan22_vae_spatial(config.get("in_channels"))
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():
         vae = json.loads(vae_file.read_text())

@@ -2,7 +2,7 @@
 
 Explicit: the adapters are listed here, not registered as a side effect of importing their modules, and
 detection asks each adapter which diffusers classes are its own (``pipeline_class_name``,
-``transformer_class_name``); Wan2.2 shares Wan2.1's classes and is told apart by ``wan.is_wan22``.
+``transformer_class_name``); Wan2.2 shares Wan2.1's classes and is told apart by ``wan.is_wan22_config``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from radial_lora.models.adapter import ModelAdapter
 from radial_lora.models.hunyuan import HunyuanAdapter
-from radial_lora.models.wan import Wan22Adapter, WanAdapter, is_wan22
+from radial_lora.models.wan import Wan22Adapter, WanAdapter, is_wan22, is_wan22_config
 
 ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter())}
 # A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
@@ -55,7 +55,7 @@ def detect_family(pipe_or_transformer: Any) -> str:
             raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
         return family_of_index(json.loads(index.read_text()), where=str(pipe_or_transformer))
     name = type(pipe_or_transformer).__name__
-    family = _family_of(name, is_wan22(pipe_or_transformer), name)
+    family = family_of_class(name, is_wan22(pipe_or_transformer), name)
     if name in {a.pipeline_class_name for a in ADAPTERS.values()}:
         tag_transformers(pipe_or_transformer, family)
     return family
@@ -64,12 +64,11 @@ def detect_family(pipe_or_transformer: Any) -> str:
 def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
     """The family a ``model_index.json`` describes (its class; for Wan, a second transformer or per-token
     timesteps mean Wan2.2)."""
-    second = index.get("transformer_2")
-    wan22 = bool(second and second[0] is not None) or bool(index.get("expand_timesteps"))
-    return _family_of(index.get("_class_name", ""), wan22, where)
+    return family_of_class(index.get("_class_name", ""), is_wan22_config(index, {}), where)
 
 
-def _family_of(class_name: str, wan22: bool, where: str) -> str:
+def family_of_class(class_name: str, wan22: bool, where: str) -> str:
+    """The family of a pipeline or transformer class name (``wan22``: :func:`wan.is_wan22_config` said so)."""
     found = [a.family for a in ADAPTERS.values() if class_name in (a.pipeline_class_name, a.transformer_class_name)]
     if found:  # Wan2.1 and Wan2.2 share their classes
         return "wan22" if wan22 and "wan22" in found else next(f for f in found if f != "wan22")

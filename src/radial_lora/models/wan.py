@@ -8,7 +8,8 @@ noise, switched at ``boundary_ratio * num_train_timesteps``); both get radial at
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -83,20 +84,34 @@ class RadialWanAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](out)
 
 
-def is_wan22(pipe_or_transformer: object) -> bool:
-    """Wan2.2 shares Wan2.1's classes. A pipeline tells by a second expert (A14B) or per-token timesteps
-    (``expand_timesteps``: TI2V-5B); a lone transformer by TI2V-5B's 48 latent channels (its Wan2.2 VAE). A lone
-    A14B expert looks like Wan2.1 unless its pipeline tagged it (``registry.tag_transformers``)."""
-    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
-        return True
-    config = getattr(pipe_or_transformer, "config", None)
-    if config is None:
-        return False
-    if config.get("expand_timesteps"):
-        return True
-    return config.get("_class_name", type(pipe_or_transformer).__name__).startswith("Wan") and (
-        config.get("in_channels") == 48
+WAN22_LATENT_CHANNELS = 48  # TI2V-5B's Wan2.2 VAE: 48 latent channels, 16x spatial compression
+
+
+def wan22_vae_spatial(in_channels: int | None) -> int:
+    """A Wan transformer's spatial VAE factor from its latent channels (the VAE is not in its config)."""
+    return 16 if in_channels == WAN22_LATENT_CHANNELS else 8
+
+
+def is_wan22_config(index: Mapping[str, Any], transformer: Mapping[str, Any]) -> bool:
+    """Wan2.2 shares Wan2.1's classes. A pipeline's ``model_index.json`` tells by a second expert (A14B) or
+    per-token timesteps (``expand_timesteps``: TI2V-5B); a transformer's config by TI2V-5B's 48 latent
+    channels. A lone A14B expert looks like Wan2.1 unless its pipeline tagged it (``registry.tag_transformers``)."""
+    second = index.get("transformer_2") or [None]
+    return (
+        second[0] is not None
+        or bool(index.get("expand_timesteps"))
+        or transformer.get("in_channels") == WAN22_LATENT_CHANNELS
     )
+
+
+def is_wan22(pipe_or_transformer: object) -> bool:
+    """:func:`is_wan22_config` of a loaded pipeline (its config and its experts) or transformer."""
+    config = getattr(pipe_or_transformer, "config", None) or {}
+    if isinstance(pipe_or_transformer, nn.Module):
+        return is_wan22_config({}, config)
+    index = {**config, "transformer_2": [getattr(pipe_or_transformer, "transformer_2", None)]}
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    return is_wan22_config(index, getattr(transformer, "config", None) or {})
 
 
 class WanAdapter(ModelAdapter):
@@ -135,9 +150,8 @@ class WanAdapter(ModelAdapter):
     def vae_factors(self, pipe_or_transformer) -> tuple[int, int]:
         """The pipeline's own factors; a lone Wan2.2 TI2V-5B transformer (48 channels) has the 16x Wan2.2 VAE."""
         temporal, spatial = super().vae_factors(pipe_or_transformer)
-        lone = getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) is None
-        if lone and getattr(getattr(pipe_or_transformer, "config", None), "in_channels", None) == 48:
-            spatial = 16
+        if getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) is None:  # a lone transformer
+            spatial = wan22_vae_spatial(getattr(getattr(pipe_or_transformer, "config", None), "in_channels", None))
         return temporal, spatial
 
     def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16, *, skip=()):
