@@ -14,14 +14,14 @@ The transient gradients of the block being back-propagated are the one estimated
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from radial_lora.models.published import build_transformer, describe_model
+from radial_lora.models.published import build_transformer, describe_model, patch_of
+from radial_lora.models.registry import get_adapter
 
 GIB = 2**30
 BF16 = 2  # bytes per element of the frozen base, its activations and its checkpointed block inputs
@@ -195,17 +195,21 @@ def sequence_degrees(d: Dims, gpus: int, tokens: int) -> list[int]:
     return [n for n in range(1, gpus + 1) if gpus % n == 0 and d.heads % n == 0 and tokens % n == 0]
 
 
-def advise(d: Dims, base: Plan, make: Callable[..., Plan]) -> list[str]:
-    """The smallest switches that make a plan that does not fit, fit."""
+def smallest_fitting_degree(d: Dims, base: Plan, make: Callable[..., Plan]) -> int | None:
+    """The smallest sequence-parallel degree the GPUs, heads and tokens allow whose plan fits (``make`` is
+    :func:`estimate` with the base inputs and the given changes)."""
+    return next((n for n in sequence_degrees(d, base.gpus, base.tokens) if make(sequence_parallel=n).fits), None)
+
+
+def advise(base: Plan, make: Callable[..., Plan], smallest: int | None) -> list[str]:
+    """The smallest switches that make a plan that does not fit, fit (``smallest``: the smallest fitting
+    sequence-parallel degree)."""
     if base.fits:
         return []
     tips = []
-    for n in sequence_degrees(d, base.gpus, base.tokens):
-        if n > base.sequence_parallel and make(sequence_parallel=n).fits:
-            tips.append(
-                f"train.sequence_parallel={n} fits ({make(sequence_parallel=n).peak_bytes_per_gpu / GIB:.1f} GiB)"
-            )
-            break
+    if smallest is not None and smallest > base.sequence_parallel:
+        peak = make(sequence_parallel=smallest).peak_bytes_per_gpu
+        tips.append(f"train.sequence_parallel={smallest} fits ({peak / GIB:.1f} GiB)")
     if not base.checkpointing and make(checkpointing=True).fits:
         tips.append("train.gradient_checkpointing=true fits")
     if base.checkpointing and not base.offload and make(offload=True).fits:
@@ -234,12 +238,9 @@ def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tupl
     block_params = max(sum(p.numel() for p in b.parameters()) for mods in blocks for b in mods)
     heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
     if family == "wan":
-        patch = tuple(int(p) for p in config.get("patch_size", (1, 2, 2)))
-        ffn, single, text = int(config["ffn_dim"]), 0, 512
+        ffn, single = int(config["ffn_dim"]), 0
     else:
-        p, pt = int(config.get("patch_size", 2)), int(config.get("patch_size_t", 1))
-        patch = (pt, p, p)
-        ffn, single, text = int(heads * head_dim * config.get("mlp_ratio", 4.0)), int(config["num_single_layers"]), 256
+        ffn, single = int(heads * head_dim * config.get("mlp_ratio", 4.0)), int(config["num_single_layers"])
     return Dims(
         family=family,
         blocks=int(config["num_layers"]),
@@ -248,8 +249,8 @@ def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tupl
         head_dim=head_dim,
         ffn=ffn,
         in_channels=int(config["in_channels"]),
-        patch=patch,  # type: ignore[arg-type]
-        text_tokens=text,
+        patch=patch_of(config),
+        text_tokens=get_adapter(family).max_sequence_length,
         params=sum(p.numel() for p in model.parameters()),
         block_params=block_params,
         lora_width=_lora_width(model, tuple(targets or DEFAULT_TARGETS)),
@@ -322,7 +323,6 @@ def measure_step(
     q/k/v/out, radial attention, flow-matching loss) at ``frames`` latent frames of ``side x side``."""
     from radial_lora import lora
     from radial_lora.models.radial import apply_radial_attention
-    from radial_lora.models.registry import get_adapter
     from radial_lora.train.flow_matching import flow_step
 
     torch.manual_seed(0)
@@ -344,7 +344,3 @@ def measure_step(
     saved = saved_activation_bytes(model, lambda: flow_step(adapter, model, x0, cond, sigmas, noise).loss)
     pt, ph, pw = adapter.patch_size(model)
     return saved, (frames // pt) * (side // ph) * (side // pw)
-
-
-def gib(x: float) -> str:
-    return f"{x / GIB:.1f} GiB" if not math.isnan(x) else "?"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 PART_NAMES = {
     "weights": "base weights (bf16; FSDP shard + 2 gathered blocks)",
@@ -55,7 +56,7 @@ def _inputs(args: argparse.Namespace):
     if args.config:
         from radial_lora.train.config import load_config
 
-        raw = json.loads(open(args.config, encoding="utf-8").read())
+        raw = json.loads(Path(args.config).read_text(encoding="utf-8"))
         hardware = raw.get("_hardware", {})
         gpus = args.gpus or int(hardware.get("gpus", 1))
         memory = args.gpu_memory or float(hardware.get("gpu_memory_gb", 80.0))
@@ -88,7 +89,7 @@ def _inputs(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from radial_lora.memory_plan import GIB, advise, estimate, sequence_degrees
+    from radial_lora.memory_plan import GIB, advise, estimate, sequence_degrees, smallest_fitting_degree
 
     dims, base = _inputs(args)
 
@@ -103,8 +104,8 @@ def _plan(args: argparse.Namespace) -> int:
             f"sequence parallel {n} must divide the GPUs ({gpus}), the heads ({dims.heads}) and the tokens "
             f"({plan.tokens}); degrees that do: {degrees}"
         )
-    smallest = next((k for k in degrees if make(sequence_parallel=k).fits), None)
-    tips = advise(dims, plan, make)
+    smallest = smallest_fitting_degree(dims, plan, make)
+    tips = advise(plan, make, smallest)
     if args.json:
         print(json.dumps(plan.to_dict() | {"smallest_fitting_sequence_parallel": smallest, "advice": tips}))
         return 0
