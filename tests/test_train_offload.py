@@ -35,7 +35,7 @@ def _model(device: torch.device, offload_to: str | None) -> torch.nn.Module:
         for p in params:
             p.normal_(0, 0.1, generator=torch.Generator(device=p.device).manual_seed(1))
     apply_radial_attention(transformer, block_size=16)
-    kwargs = {} if offload_to is None else offload.checkpoint_offloading(device, offload_to)
+    kwargs = {} if offload_to is None else offload.checkpoint_offloading(offload_to)
     transformer.enable_gradient_checkpointing(**kwargs)
     return transformer.train()
 
@@ -74,7 +74,7 @@ def test_offload_moves_the_saved_block_inputs_off_the_gpu() -> None:
         transformer = build_tiny_pipeline("wan", num_layers=layers).transformer.to(cuda)
         lora.add_lora(transformer, rank=4)
         apply_radial_attention(transformer, block_size=128)
-        kwargs = {} if target is None else offload.checkpoint_offloading(cuda, target)
+        kwargs = {} if target is None else offload.checkpoint_offloading(target)
         transformer.enable_gradient_checkpointing(**kwargs)
         latents = torch.randn(1, 4, 21, 60, 104, device=cuda)
         text = {"encoder_hidden_states": torch.randn(1, 6, 32, device=cuda)}

@@ -52,14 +52,18 @@ class ParallelLayout:
         return f"{self.world} procs = {self.data} data x {self.sequence} sequence"
 
 
+def divisors(n: int, up_to: int | None = None) -> list[int]:
+    """The degrees that split ``n`` evenly (at most ``up_to``), for the error messages."""
+    return [d for d in range(1, min(n, up_to or n) + 1) if n % d == 0]
+
+
 def check_layout(world: int, sequence: int) -> None:
     """A clear error when ``sequence`` processes per sample cannot tile ``world`` processes."""
     if not isinstance(sequence, int) or isinstance(sequence, bool) or sequence < 1:
         raise ValueError(f"sequence parallel degree must be a positive integer; got {sequence!r}")
     if world % sequence:
-        divisors = [d for d in range(1, world + 1) if world % d == 0]
         raise ValueError(
-            f"sequence parallel degree {sequence} does not divide the {world} processes; use one of {divisors} "
+            f"sequence parallel degree {sequence} does not divide the {world} processes; use one of {divisors(world)} "
             f"or launch a multiple of {sequence} processes"
         )
 
@@ -100,10 +104,9 @@ def init_distributed(sequence: int, device: str | None) -> tuple[ParallelLayout,
 def check_divisible(count: int, what: str, degree: int, hint: str) -> None:
     """A clear error when ``count`` ``what`` do not split over ``degree`` processes."""
     if count % degree:
-        fits = [d for d in range(1, count + 1) if count % d == 0 and d <= max(degree * 2, 8)]
         raise ValueError(
             f"sequence parallelism over {degree} processes needs the {what} ({count}) to divide by {degree}; "
-            f"degrees that divide it: {fits}. {hint}"
+            f"degrees that divide it: {divisors(count, max(degree * 2, 8))}. {hint}"
         )
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from radial_lora.models.adapter import Split
 from radial_lora.models.radial import radial_controller
-from radial_lora.parallel import check_divisible, gather_shards, local_slice
+from radial_lora.parallel import check_divisible, divisors, gather_shards, local_slice
 
 _SP_ATTR = "_radial_lora_sequence_parallel"
 
@@ -72,11 +72,10 @@ def enable_sequence_parallel(transformer: nn.Module, group: dist.ProcessGroup) -
     n = dist.get_world_size(group)
     config = transformer.config
     heads = int(config.num_attention_heads)
-    fits = [d for d in range(1, heads + 1) if heads % d == 0]
     if heads % n:
         raise ValueError(
             f"sequence parallelism over {n} processes needs the attention heads ({heads}) to divide by {n}; "
-            f"degrees that work for this model: {fits}"
+            f"degrees that work for this model: {divisors(heads)}"
         )
     if getattr(config, "image_condition_type", None) == "token_replace":
         raise ValueError("sequence parallelism does not support HunyuanVideo's token-replace image conditioning")

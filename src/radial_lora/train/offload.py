@@ -38,6 +38,7 @@ def offloaded_checkpoint(function: Callable, *args: Any, offload_to: torch.devic
     return checkpoint(run, *moved, use_reentrant=False)
 
 
-def checkpoint_offloading(device: torch.device, offload_to: str = "cpu") -> dict[str, Any]:
-    """``enable_gradient_checkpointing`` keyword arguments that offload the block inputs from ``device``."""
+def checkpoint_offloading(offload_to: str = "cpu") -> dict[str, Any]:
+    """``enable_gradient_checkpointing`` keyword arguments that offload the block inputs to ``offload_to``
+    (from whichever device each block runs on)."""
     return {"gradient_checkpointing_func": functools.partial(offloaded_checkpoint, offload_to=torch.device(offload_to))}

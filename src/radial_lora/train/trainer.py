@@ -512,7 +512,7 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
             "sequence parallel: %s, each sample's tokens split %d ways", rt.layout.describe(), rt.layout.sequence
         )
     if cfg.train.gradient_checkpointing:
-        offload = checkpoint_offloading(rt.device) if cfg.train.offload_checkpoints else {}
+        offload = checkpoint_offloading() if cfg.train.offload_checkpoints else {}
         transformer.enable_gradient_checkpointing(**offload)
     transformer.train()
     lora_config = lora_io.adapter_config(transformer)
