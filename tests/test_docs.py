@@ -6,8 +6,8 @@ job, end to end"): model ids -> ``builtin:tiny-wan-base``; pixel sizes -> 32x32;
 a few steps (``--steps 2``, ``train.steps=2``, small LoRA, no periodic checkpoints, validation or samples);
 multi-GPU launchers -> the ``radial-lora`` command they launch, on one process (``train.sequence_parallel=1``,
 no ``--sequence-parallel``); ``/data/clips`` -> sample videos; ``mask`` and ``plan`` run as written (arithmetic
-at the real size). A required
-option missing from a documented command is not added: that command fails here, as it would for a reader.
+at the real size). A required option missing from a documented command is not added: that command fails
+here, as it would for a reader.
 ``text`` blocks are synopses (brackets, placeholders) and are not run; nor are lines of other programs.
 """
 
