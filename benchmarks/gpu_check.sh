@@ -48,7 +48,7 @@ stage() {  # stage NAME SECONDS COMMAND...: one bounded step; a failure or timeo
     [ "$rc" -eq 0 ] || status=1
 }
 
-stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_train_offload.py
 stage train_step 150 python3 benchmarks/train_step.py --device cuda
 stage attention 260 python3 benchmarks/attention.py --device cuda
 stage real_configs 150 env RADIAL_LORA_REAL_GEOMETRY=1 python3 -m pytest -q -p no:cacheprovider \
