@@ -8,7 +8,7 @@ the tokens; inside attention it holds all tokens of 1/N of the heads, the same b
 The activation model is linear in tokens, width, FFN width, heads and LoRA rank. Its coefficients were fitted
 to the bytes autograd keeps for backward in the real diffusers blocks (bf16 base, fp32 LoRA on q/k/v/out,
 counted exactly by :func:`saved_activation_bytes` at small widths: ``benchmarks/memory_model.py`` refits them);
-``tests/test_memory_plan.py`` checks the model against the same count at three configs the fit did not see.
+``tests/test_memory_plan.py`` checks the model against the same count at four configs the fit did not see.
 The transient gradients of the block being back-propagated are the one estimated term (not measured here).
 """
 
