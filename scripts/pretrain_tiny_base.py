@@ -754,6 +754,12 @@ def main() -> None:
         default=None,
         help="start the refine phases from this pipeline (skips phases 1-3: vae, pool, transformer)",
     )
+    p.add_argument(
+        "--fresh-transformer",
+        action="store_true",
+        help="with --init-from: keep its VAE and text encoder but train a new transformer from random weights "
+        "(in the refine phase: give --refine-lr and --refine-steps of a from-scratch run; v7)",
+    )
     p.add_argument("--dec-steps", type=int, default=700, help="refine: VAE steps (17-frame clips, batch 4)")
     p.add_argument("--dec-batch", type=int, default=4)
     p.add_argument(
@@ -831,7 +837,8 @@ def main() -> None:
     if args.init_from:
         init = WanPipeline.from_pretrained(args.init_from)
         comp = build_components(args.seed)  # the fresh tokenizer and scheduler; trained parts from --init-from
-        comp.update({k: getattr(init, k) for k in ("vae", "text_encoder", "transformer")})
+        kept = ("vae", "text_encoder") if args.fresh_transformer else ("vae", "text_encoder", "transformer")
+        comp.update({k: getattr(init, k) for k in kept})
         pipe = WanPipeline(**comp)
     else:
         comp = build_components(args.seed, args.vae_spatial, args.patch, args.z_dim)

@@ -9,7 +9,7 @@ import logging
 import sys
 
 # Each module defines register(subparsers) and sets a `func` default on its parser(s).
-_COMMAND_MODULES: list[str] = ["data", "train", "generate", "evaluate", "mask", "plan", "demo"]
+_COMMAND_MODULES: list[str] = ["data", "train", "generate", "evaluate", "score", "mask", "plan", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

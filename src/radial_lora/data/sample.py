@@ -1,12 +1,19 @@
-"""Synthetic sample dataset: one coloured shape bouncing between two walls, with known motion.
+"""Synthetic sample dataset: one coloured shape bouncing off the walls, with known motion.
 
 Why: the demo and the tests need videos whose content a tiny model can learn in minutes and whose motion
 we know exactly (for captions that are true, and for checking motion in generated clips). Rendering is a
 pure, vectorised numpy function of a :class:`ClipSpec`; any size and frame rate.
 
 Units: positions are fractions of the free range of the shape's centre (0 = touching the left/top wall,
-1 = touching the right/bottom wall); ``speed`` is in free ranges per second along the moving axis, so
-the same spec shows the same motion (and the same bounces) at any size and fps.
+1 = touching the right/bottom wall); ``speed`` is in free ranges per second along the captioned axis and
+``drift`` the speed across it as a fraction of ``speed`` (signed: + = right/down), so the same spec shows
+the same motion (and the same bounces) at any size and fps.
+
+Why the drift (``sample_specs`` gives every clip one of 0.35-0.6): a lone shape bouncing along one axis
+repeats itself exactly, back and forth, so the real clips of that world *are* looping videos and a looping
+detector could not tell a generated ping-pong from the data. With a sideways drift the walls are met at
+other times on the two axes and no stretch of a clip comes back. The caption names the captioned axis only
+(the drift is the model's to choose, as real captions leave most of the motion unsaid).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 # speed (free ranges per second) -> caption adverb; the threshold sits between the two sampled speeds
 SPEEDS: dict[str, float] = {"slowly": 0.4, "quickly": 0.9}
 _FAST_FROM = 0.65
+DRIFT_RANGE: tuple[float, float] = (0.35, 0.6)  # |drift| of ``sample_specs`` (see the module docstring)
 # shape radius (fraction of the shorter side) of ``sample_specs``: a 32-pixel frame then shows shapes 14-19 px
 # across, big enough that a circle, a square and a triangle differ in more than a few edge pixels (at 0.12-0.2,
 # 4-6 px radii, the tiny base's VAE rounded every shape into the same blob)
@@ -64,6 +72,7 @@ class ClipSpec:
     start_x: float = 0.5
     start_y: float = 0.5
     radius: float = 0.15  # fraction of the shorter canvas side
+    drift: float = 0.0  # speed across the captioned axis, as a fraction of ``speed`` (+ = right/down)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -80,6 +89,8 @@ class ClipSpec:
             raise ValueError(f"ClipSpec.radius={self.radius} must be in [0.02, 0.5)")
         if self.speed < 0:
             raise ValueError(f"ClipSpec.speed={self.speed} must be >= 0")
+        if not -1.0 < self.drift < 1.0:
+            raise ValueError(f"ClipSpec.drift={self.drift} must be in (-1, 1): slower than the captioned motion")
 
 
 def _as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -111,13 +122,14 @@ def _unit_trajectory(spec: ClipSpec, num_frames: int, fps: float) -> tuple[np.nd
         raise ValueError(f"num_frames={num_frames} must be >= 1 and fps={fps} > 0")
     t = np.arange(num_frames, dtype=np.float64) / fps
     sign = 1.0 if spec.direction in ("right", "down") else -1.0
+    along, across = sign * spec.speed * t, spec.drift * spec.speed * t
     if spec.direction in ("left", "right"):
-        return _reflect(spec.start_x + sign * spec.speed * t), np.full(num_frames, spec.start_y)
-    return np.full(num_frames, spec.start_x), _reflect(spec.start_y + sign * spec.speed * t)
+        return _reflect(spec.start_x + along), _reflect(spec.start_y + across)
+    return _reflect(spec.start_x + across), _reflect(spec.start_y + along)
 
 
 def count_bounces(spec: ClipSpec, num_frames: int, fps: float) -> int:
-    """Direction reversals visible in the sampled frames (what a viewer of the clip would see)."""
+    """Reversals along the captioned axis visible in the sampled frames (what the caption's bounce clause says)."""
     cx, cy = _unit_trajectory(spec, num_frames, fps)
     steps = np.diff(cx if spec.direction in ("left", "right") else cy)
     signs = np.sign(steps[np.abs(steps) > 1e-9])
@@ -205,6 +217,7 @@ def sample_specs(n: int, seed: int = 0) -> list[ClipSpec]:
                 start_x=float(rng.uniform(0.2, 0.8)),
                 start_y=float(rng.uniform(0.2, 0.8)),
                 radius=float(rng.uniform(*RADIUS_RANGE)),
+                drift=float(rng.choice((-1.0, 1.0)) * rng.uniform(*DRIFT_RANGE)),
             )
         )
     return specs

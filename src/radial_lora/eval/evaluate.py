@@ -3,8 +3,11 @@
 Every cell generates its videos through :func:`radial_lora.inference.generate` (mp4 + sidecar +
 lossless frames under ``OUT/videos``), so a rerun skips finished cells. Per cell: wall time, peak
 memory, attention density and FLOPs, and quality against the dense video of the same weights at
-the same length (PSNR, SSIM as the paper reports, drift along time), plus temporal consistency.
-With a prepared dataset, the held-out flow-matching loss per length and variant (``heldout_loss``).
+the same length (PSNR, SSIM as the paper reports, drift along time), plus temporal consistency, and what
+goes wrong in long videos (:mod:`radial_lora.eval.long_video`: motion per quarter, frozen, looping,
+degrading). With a prepared dataset, the held-out flow-matching loss per length and variant
+(``heldout_loss``), and the held-out clips themselves as the ``real`` row: decoded from their cached latents
+by the same VAE as the generated videos, the motion every cell's ``motion_ratio`` is measured against.
 The numbers go to ``results.json``; :mod:`radial_lora.eval.report` and :mod:`radial_lora.eval.plots`
 turn them into ``report.md`` and PNGs.
 """
@@ -21,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import radial_lora.eval.metrics as metrics
 from radial_lora import files
-from radial_lora.eval import shape_score
+from radial_lora.eval import long_video, shape_score
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +203,44 @@ def _heldout(
     return result.to_dict()
 
 
+def real_clips(pipe: Any, family: str, dataset: Path, lengths: Sequence[int], max_clips: int) -> dict[int, Any]:
+    """The held-out clips of each length (up to ``max_clips``) as ``uint8 [F, H, W, 3]`` videos, decoded from
+    their cached latents by the pipeline's VAE: the real videos the generated ones are measured against, through
+    the same decoder (so the VAE's own blur or colour shifts are in both)."""
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.inference.generate import frames_to_uint8
+    from radial_lora.models import get_adapter
+
+    ds, adapter = PreparedDataset(dataset), get_adapter(family)
+    out: dict[int, Any] = {}
+    for length in lengths:
+        records = ds.buckets.get(length, [])[:max_clips]
+        if not records:
+            logger.info("no held-out clips of %d frames in %s: no real motion to compare with", length, dataset)
+            continue
+        latents = torch.stack([ds.load(r)["latents"] for r in records])
+        with torch.no_grad():
+            video = adapter.decode_latents(pipe, latents)  # [B, 3, F, H, W] in [-1, 1]
+        out[length] = frames_to_uint8(((video + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy())
+    return out
+
+
+def motion_summary(scores: Sequence[long_video.VideoScore], real: dict[str, Any] | None) -> dict[str, Any]:
+    """A cell's (or the real clips') motion: median motion and per quarter, the failure rates, and with the real
+    clips' summary ``motion_ratio`` (median motion / the real clips' median, 1.0 = as much) per clip and quarter."""
+    motion = float(np.median([s.motion for s in scores]))
+    quarters = [float(q) for q in np.median([s.motion_quarters for s in scores], axis=0)]
+    ref = real["motion"] if real and real["motion"] > long_video.STILL else None
+    return {
+        "motion": motion,
+        "motion_quarters": quarters,
+        "motion_ratio": motion / ref if ref else None,
+        "motion_ratio_quarters": [q / ref for q in quarters] if ref else None,
+        "failure_rates": long_video.failure_rates(list(scores)),
+        "per_video": [s.to_dict() for s in scores],
+    }
+
+
 def _cell(
     length: int, variant: Variant, ref: Variant | None, results: list[Any], quality: dict[str, Any], out: Path
 ) -> dict[str, Any]:
@@ -241,8 +283,9 @@ def _results_doc(
     grid_attn: dict[str, Any],
     cells: list[dict[str, Any]],
     heldout: dict[str, Any],
+    real: dict[int, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The whole results.json: the grid's settings, every cell, the held-out losses."""
+    """The whole results.json: the grid's settings, every cell, the held-out losses, the real clips' motion."""
     return {
         "format": RESULTS_FORMAT,
         "model": model_name,
@@ -273,11 +316,18 @@ def _results_doc(
         "cells": cells,
         "heldout": heldout,
         "sample_scores": _sample_table(cells),
+        "real": {str(n): r for n, r in real.items()},
+        "motion_ratio": _motion_table(cells, "motion_ratio"),
+        "failure_rates": _motion_table(cells, "failure_rates")
+        | {"real": {str(n): r["failure_rates"] for n, r in real.items()}},
         "notes": {
             "psnr": "dB vs the reference (dense attention, same weights, prompt, seed, length); 'inf' = identical",
             "peak_memory_bytes": "CUDA max_memory_allocated, or process RSS peak on CPU (includes weights)",
             "sample_scores": "fraction of videos whose colour, shape and direction all match their sample caption "
             "(radial_lora.eval.shape_score); empty when the prompts are not sample captions",
+            "motion": "short sides of the frame per second that content keeps moving (radial_lora.eval.long_video); "
+            "motion_ratio = a cell's median over the real held-out clips' median at that length (1.0 = as much), "
+            "null without --dataset; failure_rates = share of videos frozen / looping / degrading",
         },
     }
 
@@ -289,6 +339,23 @@ def _sample_table(cells: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         if cell.get("sample_score"):
             table.setdefault(cell["variant"], {})[str(cell["length"])] = cell["sample_score"]["all"]
     return table
+
+
+def _motion_table(cells: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """``{variant: {frames: cell["motion"][key]}}``."""
+    table: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        table.setdefault(cell["variant"], {})[str(cell["length"])] = cell["motion"][key]
+    return table
+
+
+def _real_motion(pipe: Any, family: str, opts: GridOptions) -> dict[int, dict[str, Any]]:
+    """The real held-out clips' motion summary per length (empty without a dataset)."""
+    if opts.dataset is None:
+        return {}
+    videos = real_clips(pipe, family, Path(opts.dataset), opts.lengths, opts.heldout_max_clips)
+    scores = {n: [long_video.score_frames(v, opts.fps) for v in clips] for n, clips in videos.items()}
+    return {n: motion_summary(s, None) for n, s in scores.items()}
 
 
 def _riflex_component(pipe: Any, family: str, opts: GridOptions) -> int | None:
@@ -339,6 +406,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     first_lora = [s for v in opts.variants for s in v.loras][:1]
     attn, _ = resolve_attention_settings(user_attn, first_lora)
     grid_attn = {k: attn[k] for k in user_attn}
+    real = _real_motion(pipe, family, opts)
     for length, variant in tqdm(cells_todo, desc="eval cells", unit="cell"):
         results = generate(
             pipe,
@@ -372,6 +440,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         ref_frames = frames_of.get((ref.name, length)) if ref is not None else None
         cell = _cell(length, variant, ref, results, _quality(frames, ref_frames, opts.segments), out)
         cell["sample_score"] = shape_score.score_prompts(frames, opts.prompts, opts.fps)
+        cell["motion"] = motion_summary([long_video.score_frames(f, opts.fps) for f in frames], real.get(length))
         cell["strip"] = write_strip(out, cell, frames[0])
         cells.append(cell)
         logger.info(
@@ -391,7 +460,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             cell["heldout_loss"] = per_bucket.get(str(cell["length"]))
 
     cells.sort(key=lambda c: (c["length"], [v.name for v in opts.variants].index(c["variant"])))
-    results_doc = _results_doc(opts, model_name, family, grid_attn, cells, heldout)
+    results_doc = _results_doc(opts, model_name, family, grid_attn, cells, heldout, real)
     files.write_json_atomic(out / "results.json", results_doc)
     plots = write_plots(out, files.from_jsonable(files.jsonable(results_doc)), family)
     write_report(out, results_doc, plots)

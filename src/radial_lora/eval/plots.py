@@ -20,6 +20,9 @@ _LABEL_HEIGHT = 14
 
 # (cell key path, axis label); PSNR points that are inf (identical to the reference) are left out.
 _PANELS = [
+    (("motion", "motion_ratio"), "motion vs the real clips (1 = as much)"),
+    (("motion", "failure_rates", "frozen"), "share of videos frozen"),
+    (("motion", "failure_rates", "looping"), "share of videos looping"),
     (("quality", "psnr"), "PSNR vs dense (dB; identical not drawn)"),
     (("quality", "ssim"), "SSIM vs dense"),
     (("quality", "temporal_consistency"), "temporal consistency"),
@@ -75,6 +78,38 @@ def plot_metrics_vs_length(results: dict[str, Any], path: Path) -> Path | None:
     fig.legend(handles=handles, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_motion_over_time(results: dict[str, Any], path: Path) -> Path | None:
+    """Motion per quarter of the longest videos, one line per variant and one for the real clips: does the
+    motion keep up to the end, or die as the clip goes on?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    longest = max(results["lengths"])
+    lines = {c["variant"]: c["motion"]["motion_quarters"] for c in results["cells"] if c["length"] == longest}
+    lines = {k: v for k, v in lines.items() if v}
+    real = (results.get("real") or {}).get(str(longest))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if real:
+        ax.plot(range(1, 5), real["motion_quarters"], color="black", linewidth=2.5, marker="s", label="real")
+    for name, quarters in lines.items():
+        ax.plot(range(1, 5), quarters, marker="o", label=name)
+    ax.set_xticks(range(1, 5), ["Q1", "Q2", "Q3", "Q4"])
+    ax.set_ylabel("motion (short sides / s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"motion over the {longest}-frame videos (median per quarter)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -155,6 +190,9 @@ def write_plots(out_dir: Path, results: dict[str, Any], family: str | None = Non
     metrics_png = plot_metrics_vs_length(results, out_dir / "metrics_vs_length.png")
     if metrics_png is not None:
         plots["metrics"] = metrics_png.name
+    motion_png = plot_motion_over_time(results, out_dir / "motion_over_time.png")
+    if motion_png is not None:
+        plots["motion"] = motion_png.name
     mask_png = plot_masks(results, family or results["family"], out_dir / "radial_masks.png")
     if mask_png is not None:
         plots["masks"] = mask_png.name

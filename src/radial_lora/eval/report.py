@@ -112,6 +112,66 @@ def sample_lines(results: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def motion_lines(results: dict[str, Any]) -> list[str]:
+    """Motion and failures per variant and length (docs/EVALUATION.md): what a long video gets wrong."""
+    cells = [c for c in results["cells"] if c.get("motion")]
+    if not cells:
+        return []
+    lengths = sorted({c["length"] for c in cells})
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    real = results.get("real") or {}
+    has_real = bool(real)
+    head = "motion vs real (1.0 = as much)" if has_real else "motion (short sides / s)"
+    out = [
+        "## Motion at length: does the video keep moving, and does it loop, freeze or fade?",
+        "",
+        f"Per cell: {head}, and the share of videos frozen / looping / degrading "
+        "(`radial_lora.eval.long_video`; docs/EVALUATION.md)."
+        + (
+            " The real row is the held-out clips, decoded from their latents by the same VAE."
+            if has_real
+            else " With --dataset the real clips of that dataset are the reference."
+        ),
+        "",
+        "| variant | " + " | ".join(f"{n} frames" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+
+    def entry(m: dict[str, Any] | None) -> str:
+        if not m:
+            return "-"
+        value = m["motion_ratio"] if has_real else m["motion"]
+        r = m["failure_rates"]
+        return f"**{_fmt(value, 2)}** ({r['frozen']:.2f} / {r['looping']:.2f} / {r['degrading']:.2f})"
+
+    if has_real:
+
+        def real_entry(n: int) -> str:
+            r = real.get(str(n))
+            rates = " / ".join(f"{x:.2f}" for x in r["failure_rates"].values()) if r else ""
+            return f"{_fmt(r['motion'], 2)} /s ({rates})" if r else "-"
+
+        out.append("| real | " + " | ".join(real_entry(n) for n in lengths) + " |")
+    for name in variants:
+        out.append(
+            f"| {name} | " + " | ".join(entry((_cell(results, name, n) or {}).get("motion")) for n in lengths) + " |"
+        )
+    longest = lengths[-1]
+    out += [
+        "",
+        f"Per quarter of the {longest}-frame videos ({head}):",
+        "",
+        "| variant | Q1 | Q2 | Q3 | Q4 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in variants:
+        m = (_cell(results, name, longest) or {}).get("motion")
+        if m:
+            qs = m["motion_ratio_quarters"] if has_real and m["motion_ratio_quarters"] else m["motion_quarters"]
+            out.append(f"| {name} | " + " | ".join(_fmt(q, 2) for q in qs) + " |")
+    return out + [""]
+
+
 def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
     """The markdown text of the report (``results_json`` as written, inf as the string "inf")."""
     results = from_jsonable(results_json)
@@ -128,6 +188,7 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
         "",
         *[f"- {line}" for line in summary_lines(results)],
         "",
+        *motion_lines(results),
         *sample_lines(results),
     ]
     for length in results["lengths"]:
@@ -157,6 +218,8 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
             out.append(f"| {name} | " + " | ".join(row) + f" | {_fmt(h['mean'], 4)} | {h['count']} |")
         out.append("")
     out += ["## Pictures", ""]
+    if "motion" in plots:
+        out += [f"![motion over time]({plots['motion']})", ""]
     if "metrics" in plots:
         out += [f"![metrics vs length]({plots['metrics']})", ""]
     if "masks" in plots:
@@ -166,6 +229,10 @@ def render_report(results_json: dict[str, Any], plots: dict[str, Any]) -> str:
     out += [
         "## How to read this",
         "",
+        "- Motion: how far content keeps moving, in short sides of the frame per second; vs real = the cell's "
+        "median over the real clips' median at that length (with --dataset). Frozen: still for a quarter of the "
+        "clip or more; looping: a stretch of the clip comes back (played again or backwards); degrading: "
+        "contrast, sharpness or colour 40% lower in the last quarter (docs/EVALUATION.md).",
         "- PSNR/SSIM compare each video with the dense-attention video of the same weights, prompt, seed and "
         "length (column `vs`), as the Radial Attention paper does; `inf` dB / SSIM 1 means identical.",
         "- PSNR drop: PSNR of the first quarter minus the last; large positive values mean errors grow along time.",
