@@ -47,8 +47,18 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     flops = info["attention_flops"]
     assert flops["lora_radial"][str(QUAD)] < flops["lora_dense"][str(QUAD)] == flops["base_riflex"][str(QUAD)]
     assert set(info["vae_roundtrip"]) == {str(n) for n in (BASE, DOUBLE, QUAD)}
-    # The report leads with the verdicts, then samples, then loss, then cost.
-    heads = [report.index(h) for h in ("## What held", "## Samples", "## Held-out", "## Cost")]
+    # Motion of every row and of the real held-out clips at every length, relative to the real clips.
+    for key in ("motion_ratio", "failure_rates"):
+        assert set(info[key]) == {*VARIANTS, "real"}
+        assert all(set(info[key][v]) == {str(n) for n in (BASE, DOUBLE, QUAD)} for v in info[key])
+    for by_len in info["failure_rates"].values():
+        for rates in by_len.values():
+            assert set(rates) == {"frozen", "looping", "degrading"} and all(0.0 <= x <= 1.0 for x in rates.values())
+    assert info["motion_ratio"]["real"] == {str(n): 1.0 for n in (BASE, DOUBLE, QUAD)}
+    assert all(info["real_motion"][str(n)] > 0 for n in (BASE, DOUBLE, QUAD))  # the real clips move
+    assert all(x is None or x >= 0 for v in VARIANTS for x in info["motion_ratio"][v].values())
+    # The report leads with the verdicts, then motion, samples, loss, cost.
+    heads = [report.index(h) for h in ("## What held", "## Motion at length", "## Samples", "## Held-out", "## Cost")]
     assert heads == sorted(heads)
     for goal in info["goals"]:
         assert f"**{'held' if goal['held'] else 'did NOT hold'}**: {goal['claim']}" in report
@@ -86,6 +96,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert again[key] == info[key]
 
 
+RATES = ("frozen", "looping", "degrading")
+
+
 def _per_seed(scores: dict[str, dict[int, list[float]]]) -> dict:
     """collect()'s shape from ``{variant: {frames: [all-right score per seed]}}`` (parts = the same value)."""
     return {
@@ -94,6 +107,10 @@ def _per_seed(scores: dict[str, dict[int, list[float]]]) -> dict:
                 "score": [dict.fromkeys(("all", "colour", "shape", "direction", "speed"), x) for x in xs],
                 "loss": [1.0 + 0.01 * i for i in range(len(xs))],
                 "flops": [1.0],
+                "motion": [  # motion ratio = the score, no failures
+                    {"motion_ratio": x, "motion_ratio_quarters": [x] * 4, "failure_rates": dict.fromkeys(RATES, 0.0)}
+                    for x in xs
+                ],
             }
             for n, xs in by_len.items()
         }
@@ -111,13 +128,19 @@ def test_tables_average_seeds_and_goals_say_what_held() -> None:
     assert tables["sample_spread"]["lora_radial"][str(QUAD)] == pytest.approx(np.std([0.7, 0.6], ddof=1))
     assert tables["heldout_loss"]["lora_radial"][str(BASE)] == pytest.approx(1.005)
     assert tables["seeds"] == {"base_dense": 0, "base_radial": 0, "base_riflex": 0, "lora_radial": 2, "lora_dense": 2}
-    assert [g["held"] for g in goals(tables, prompts=24)] == [True, True, True, True, True]
+    assert tables["motion_ratio"]["lora_radial"][str(QUAD)] == pytest.approx(0.65)  # motion = score here
+    assert tables["failure_rates"]["lora_radial"][str(QUAD)] == {"frozen": 0.0, "looping": 0.0, "degrading": 0.0}
+    tables["failure_rates"]["real"] = {str(QUAD): {"frozen": 0.0, "looping": 0.0, "degrading": 0.0}}
+    # motion: 4x 0.65 < 0.8 fails; above the untuned 0.25; no failures; 1x 0.69 vs the base's 0.70
+    assert [g["held"] for g in goals(tables, prompts=24)] == [False, True, True, True] + [True] * 5
     # A LoRA that loses 1x samples, and a dense LoRA far ahead at 4x: those goals fail, the others stay.
     scores["lora_radial"] = {**scores["lora_radial"], BASE: [0.5, 0.5]}
     scores["lora_dense"] = {**scores["lora_dense"], QUAD: [1.0, 1.0]}
-    verdicts = goals(summarise_runs(_per_seed(scores), prompts=24), prompts=24)
-    assert [g["held"] for g in verdicts] == [True, True, False, False, True]
-    assert verdicts[3]["numbers"] == "0.50 vs 0.70"
+    tables = summarise_runs(_per_seed(scores), prompts=24)
+    tables["failure_rates"]["real"] = {str(QUAD): {"frozen": 0.0, "looping": 0.0, "degrading": 0.0}}
+    verdicts = goals(tables, prompts=24)
+    assert [g["held"] for g in verdicts] == [False, True, True, False, True, True, False, False, True]
+    assert verdicts[7]["numbers"] == "0.50 vs 0.70"
 
 
 def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:

@@ -55,8 +55,9 @@ PAPER = {
     "lora_dense": ("dense attention + LoRA", 0.133),
     "lora_radial": ("radial attention + LoRA", 0.134),
 }
-# The goals the issue sets the demo (issue 15), checked in ``goals``.
+# The goals the issues set the demo, checked in ``goals``: samples and loss (issue 15), motion (issue 24).
 GOAL_4X_SCORE, GOAL_4X_MARGIN, GOAL_1X_SCORE, GOAL_1X_LOSS = 0.6, 0.15, 0.05, 0.03
+GOAL_4X_MOTION, GOAL_1X_MOTION = 0.8, 0.1
 
 
 @dataclass(frozen=True)
@@ -419,16 +420,18 @@ def _demo_name(grid_name: str) -> str:
 
 
 def collect(grids: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per variant and length, the per-seed sample scores (all right, and each part), held-out losses and
-    attention FLOPs of the evaluate grids (one per training seed), under the demo's variant names."""
+    """Per variant and length, the per-seed sample scores (all right, and each part), held-out losses,
+    attention FLOPs and motion (ratio to the real clips, per quarter, failure rates) of the evaluate grids (one
+    per training seed), under the demo's variant names."""
     per_seed: dict[str, dict[str, dict[str, list[Any]]]] = {}
     for results in grids:
         for cell in results["cells"]:
             v, n = _demo_name(cell["variant"]), str(cell["length"])
-            slot = per_seed.setdefault(v, {}).setdefault(n, {"score": [], "loss": [], "flops": []})
+            slot = per_seed.setdefault(v, {}).setdefault(n, {k: [] for k in ("score", "loss", "flops", "motion")})
             slot["score"].append({k: cell["sample_score"][k] for k in ("all", "colour", "shape", "direction", "speed")})
             slot["loss"].append(cell.get("heldout_loss"))
             slot["flops"].append(cell["attention"]["attention_flops"])
+            slot["motion"].append(cell["motion"])
     return per_seed
 
 
@@ -461,7 +464,80 @@ def summarise_runs(per_seed: dict[str, Any], prompts: int) -> dict[str, Any]:
             out["heldout_loss_spread"].setdefault(v, {})[n] = _spread(losses) if losses else None
             out["attention_flops"].setdefault(v, {})[n] = slot["flops"][0]
         out["seeds"][v] = len(next(iter(by_len.values()))["score"]) if v.startswith("lora") else 0
+    return out | motion_tables(per_seed)
+
+
+def motion_tables(per_seed: dict[str, Any]) -> dict[str, Any]:
+    """demo.json's motion tables, mean over training seeds: ``motion_ratio[variant][frames]`` (median motion of
+    the row's videos over the real held-out clips' at that length, 1.0 = as much), its spread over seeds,
+    ``motion_quarters[variant][frames]`` (the same per quarter of the clip) and
+    ``failure_rates[variant][frames] = {"frozen", "looping", "degrading"}`` (shares of the videos)."""
+    out: dict[str, Any] = {k: {} for k in ("motion_ratio", "motion_ratio_spread", "motion_quarters", "failure_rates")}
+    for v, by_len in per_seed.items():
+        for n, slot in by_len.items():
+            ratios = [m["motion_ratio"] for m in slot["motion"] if m["motion_ratio"] is not None]
+            quarters = [m["motion_ratio_quarters"] for m in slot["motion"] if m["motion_ratio_quarters"]]
+            out["motion_ratio"].setdefault(v, {})[n] = _mean(ratios) if ratios else None
+            out["motion_ratio_spread"].setdefault(v, {})[n] = _spread(ratios) if ratios else None
+            out["motion_quarters"].setdefault(v, {})[n] = (
+                [float(x) for x in np.mean(quarters, axis=0)] if quarters else None
+            )
+            out["failure_rates"].setdefault(v, {})[n] = {
+                k: _mean([m["failure_rates"][k] for m in slot["motion"]]) for k in ("frozen", "looping", "degrading")
+            }
     return out
+
+
+def real_tables(results: dict[str, Any]) -> dict[str, Any]:
+    """The real held-out clips' row of the motion tables (ratio 1 by definition), and their motion in short
+    sides per second."""
+    real = results.get("real") or {}
+    return {
+        "motion_ratio": {n: 1.0 for n in real},
+        "motion_quarters": {n: [q / r["motion"] for q in r["motion_quarters"]] for n, r in real.items()},
+        "failure_rates": {n: r["failure_rates"] for n, r in real.items()},
+        "motion": {n: r["motion"] for n, r in real.items()},
+    }
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def motion_goals(tables: dict[str, Any]) -> list[dict[str, Any]]:
+    """The motion goals (issue 24): at 4x the radial LoRA keeps moving like the real clips, more than any untuned
+    row, and freezes and loops no more than they do; at 1x it keeps the base's motion."""
+    ratio, rates = tables["motion_ratio"], tables["failure_rates"]
+    q, b = str(QUAD), str(BASE)
+    lr4 = ratio["lora_radial"][q]
+    untuned = {v: ratio[v][q] for v in ("base_dense", "base_radial", "base_riflex")}
+    best = max((x for x in untuned.values() if x is not None), default=None)
+    real4, lora4 = rates.get("real", {}).get(q), rates["lora_radial"][q]
+    lr1, base1 = ratio["lora_radial"][b], ratio["base_dense"][b]
+    return [
+        {
+            "claim": f"at 4x the radial LoRA's videos move at least {GOAL_4X_MOTION} as much as the real clips",
+            "held": lr4 is not None and lr4 >= GOAL_4X_MOTION,
+            "numbers": f"motion ratio {_ratio(lr4)}",
+        },
+        {
+            "claim": "at 4x the radial LoRA moves more than every untuned row (original, radial, RIFLEx)",
+            "held": lr4 is not None and best is not None and lr4 > best,
+            "numbers": f"{_ratio(lr4)} vs " + ", ".join(f"{v} {_ratio(x)}" for v, x in untuned.items()),
+        },
+        {
+            "claim": "at 4x the radial LoRA's videos freeze and loop no more often than the real clips",
+            "held": real4 is not None and all(lora4[k] <= real4[k] for k in ("frozen", "looping")),
+            "numbers": "frozen {:.2f}, looping {:.2f} vs real {}".format(
+                lora4["frozen"], lora4["looping"], f"{real4['frozen']:.2f}, {real4['looping']:.2f}" if real4 else "n/a"
+            ),
+        },
+        {
+            "claim": f"at 1x the radial LoRA keeps the base's motion (within {GOAL_1X_MOTION})",
+            "held": lr1 is not None and base1 is not None and lr1 >= base1 - GOAL_1X_MOTION,
+            "numbers": f"{_ratio(lr1)} vs {_ratio(base1)}",
+        },
+    ]
 
 
 def goals(tables: dict[str, Any], prompts: int) -> list[dict[str, Any]]:
@@ -472,7 +548,7 @@ def goals(tables: dict[str, Any], prompts: int) -> list[dict[str, Any]]:
     best_base = max(s[v][q] for v in ("base_dense", "base_radial", "base_riflex"))
     noise = 2 * math.hypot(err["lora_radial"][q], err["lora_dense"][q])
     dl1 = (loss["lora_radial"][b] - loss["base_dense"][b]) / loss["base_dense"][b]
-    return [
+    return motion_goals(tables) + [
         {
             "claim": f"at 4x the radial LoRA's samples are right in at least {GOAL_4X_SCORE:.0%}",
             "held": lr4 >= GOAL_4X_SCORE,
@@ -517,8 +593,9 @@ def _pm(mean: float, spread: float, seeds: int, digits: int) -> str:
 
 
 def render_report(opts: DemoOptions, plan: DemoPlan, info: dict[str, Any]) -> str:
-    """REPORT.md: samples first, then loss, then cost; what held and what did not; every number of this run."""
-    lines = _intro(opts, plan, info) + _goals_section(info) + _samples_section(info) + _loss_section(info)
+    """REPORT.md: what held, then motion, samples, loss, cost; every number of this run."""
+    lines = _intro(opts, plan, info) + _goals_section(info) + _motion_section(opts, info)
+    lines += _samples_section(info) + _loss_section(info)
     lines += _cost_section(info) + _videos_section(info) + _training_section(info) + _files_section()
     return "\n".join(lines)
 
@@ -550,6 +627,43 @@ def _goals_section(info: dict[str, Any]) -> list[str]:
         "beat the first, since the LoRA adds length, not drawing skill.",
         "",
     ]
+
+
+def _motion_section(opts: DemoOptions, info: dict[str, Any]) -> list[str]:
+    ratio, spread, quarters = info["motion_ratio"], info["motion_ratio_spread"], info["motion_quarters"]
+    rates, seeds, q = info["failure_rates"], info["seeds"], str(QUAD)
+    real = info.get("real_motion", {})
+    lines = [
+        "## Motion at length: do the videos keep moving, or freeze, loop, fade?",
+        "",
+        "`radial-lora score` (`radial_lora.eval.long_video`, docs/EVALUATION.md) on every generated video and on "
+        "the real held-out clips (decoded from their latents by the same VAE). Motion: how far content keeps "
+        "moving, relative to the real clips of the same length (1.0 = as much). Frozen: still for a quarter of "
+        "the clip or more; looping: a stretch of the clip comes back (again or backwards); degrading: contrast, "
+        "sharpness or colour fades.",
+        "",
+        "| variant | 1x | 2x | 4x | 4x per quarter | 4x frozen / looping / degrading |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in ("real", *VARIANTS):
+        row = []
+        for n in LENGTHS:
+            x = ratio.get(v, {}).get(str(n))
+            cell = "n/a" if x is None else _pm(x, (spread.get(v, {}).get(str(n)) or 0.0), seeds.get(v, 0), 2)
+            row.append(f"{cell} ({real[str(n)]:.3f}/s)" if v == "real" and str(n) in real else cell)
+        qs = quarters.get(v, {}).get(q)
+        r = rates.get(v, {}).get(q)
+        lines.append(
+            f"| {v} | "
+            + " | ".join(row)
+            + f" | {' / '.join(f'{x:.2f}' for x in qs) if qs else 'n/a'} | "
+            + (f"{r['frozen']:.2f} / {r['looping']:.2f} / {r['degrading']:.2f}" if r else "n/a")
+            + " |"
+        )
+    plot = Path("eval") / f"seed{opts.seed}" / "motion_over_time.png"
+    if (opts.out / plot).is_file():
+        lines += ["", f"![motion over the 4x videos]({plot})"]
+    return lines + [""]
 
 
 def _samples_section(info: dict[str, Any]) -> list[str]:
@@ -733,6 +847,10 @@ def _run(opts: DemoOptions, plan: DemoPlan) -> Path:
     grids = [phases.run(f"evaluate seed{s}", False, lambda s=s: evaluate(opts, plan, s, cfg)) for s in seeds]
     vae = phases.run("vae round trip", False, lambda: vae_roundtrip(opts.model, plan, opts.seed))
     tables = summarise_runs(collect(grids), plan.eval_prompts)
+    real = real_tables(grids[0])
+    for key in ("motion_ratio", "motion_quarters", "failure_rates"):
+        tables[key]["real"] = real[key]
+    tables["real_motion"] = real["motion"]
     first = grids[0]
     info = {
         **tables,
