@@ -439,42 +439,33 @@ def generate(
     :mod:`radial_lora.models.sequence_parallel`); more processes than that split the prompts between their
     groups, and each group's first process writes. The result lists the videos this process's group made.
     """
-    from radial_lora.models import apply_radial_attention, get_adapter
-    from radial_lora.models.riflex import pipeline_ropes, resolve_component, riflex
-
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    attn, source = resolve_attention_settings(
-        {
-            "pattern": pattern,
-            "decay_factor": decay_factor,
-            "block_size": block_size,
-            "dense_layers": dense_layers,
-            "dense_timesteps": dense_timesteps,
-        },
-        lora_list,
-    )
+    user = dict(pattern=pattern, decay_factor=decay_factor, block_size=block_size, dense_layers=dense_layers)
+    attn, source = resolve_attention_settings(user | {"dense_timesteps": dense_timesteps}, lora_list)
     layout = None
     if sequence_parallel > 1:
         from radial_lora.parallel import init_distributed
 
         layout, device = init_distributed(sequence_parallel, device)
-    pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
-    exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
-    adapter = get_adapter(family)
-    if attn["block_size"] is None:
-        attn["block_size"] = adapter.default_block_size
-    ropes = pipeline_ropes(adapter, pipe) if riflex_base_frames or riflex_k else []
-    attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, adapter.vae_factors(pipe)[0])
-    call = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps)
-    call |= dict(negative_prompt=negative_prompt, device=exec_device)
-    base_settings = _base_settings(model, pipe, family, attn, backend, lora_list, call) | {"batch_size": batch_size}
+    run = _setup_run(
+        model,
+        family,
+        attn,
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        vae_tiling=vae_tiling,
+        riflex_base_frames=riflex_base_frames,
+        riflex_k=riflex_k,
+        call=dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps),
+        negative_prompt=negative_prompt,
+    )
+    base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
+    base_settings["batch_size"] = batch_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budget = attention_budget(
-        pipe, family, attn, num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance
-    )
     results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
     writer = True
     if layout is not None:
@@ -482,45 +473,107 @@ def generate(
         logger.info("sequence parallel: %s", layout.describe())
         todo, writer = todo[layout.data_rank :: layout.data], layout.sequence_rank == 0
         results = {i: r for i, r in results.items() if i % layout.data == layout.data_rank}
-    if todo:  # LoRAs and radial attention go in once, before the first video to render
-        set_loras(pipe, lora_list)
-        controller = apply_radial_attention(pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
-        if layout is not None:
-            from radial_lora.models.sequence_parallel import enable_sequence_parallel
-
-            for transformer in adapter.transformers(pipe):
-                enable_sequence_parallel(transformer, layout.sequence_group)
+    controller = _patch(run, lora_list, attn, backend, layout) if todo else None  # once, before the first video
     for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
-        logger.info(
-            "generating %s: %d frames %dx%d, %d steps, %s",
-            ", ".join(t.video.stem for t in chunk),
-            num_frames,
-            width,
-            height,
-            steps,
-            attn["pattern"],
-        )
-        with riflex(ropes, attn["riflex_k"]):
-            rendered = render_batch(
-                pipe,
-                controller,
-                [t.video if writer else None for t in chunk],
-                prompts=[t.prompt for t in chunk],
-                seeds=[t.settings["seed"] for t in chunk],
-                **call,
-            )
-        if not writer:
-            continue
-        for t, r in zip(chunk, rendered):
-            if t.frames_file is not None:
-                _save_frames(t.frames_file, r.frames)
-            info = _sidecar(t.prompt, t.index, t.video, t.frames_file, t.settings, source, r, budget)
+        for t, frames, info in _render_chunk(run, controller, chunk, attn, writer):
+            info["settings_source"] = source
             info["processes"] = layout.describe() if layout is not None else "1 process"
             write_json_atomic(t.sidecar, info)
-            results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, r.frames, jsonable(info))
+            results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, frames, jsonable(info))
     if layout is not None:
         torch.distributed.barrier()
     return [results[i] for i in range(len(prompts)) if i in results]
+
+
+@dataclass
+class _Run:
+    """A loaded pipeline and what every video of one generate() call shares."""
+
+    pipe: Any
+    family: str
+    adapter: Any
+    ropes: list[Any]
+    call: dict[str, Any]  # the pipeline-call arguments of render_batch (frames, size, steps, ... device)
+    budget: dict[str, Any]  # attention density and FLOPs of one video
+
+
+def _setup_run(
+    model: Any,
+    family: str | None,
+    attn: dict[str, Any],
+    *,
+    device: str | None,
+    dtype: Any,
+    offload: bool,
+    vae_tiling: bool,
+    riflex_base_frames: int | None,
+    riflex_k: int | None,
+    call: dict[str, Any],
+    negative_prompt: str | None,
+) -> _Run:
+    """Load (or reuse) the pipeline; fill in the family's block size and the RIFLEx component in ``attn``."""
+    from radial_lora.models import get_adapter
+    from radial_lora.models.riflex import pipeline_ropes, resolve_component
+
+    pipe, family = load_model(model, family, device=device, dtype=dtype, offload=offload, vae_tiling=vae_tiling)
+    adapter = get_adapter(family)
+    if attn["block_size"] is None:
+        attn["block_size"] = adapter.default_block_size
+    ropes = pipeline_ropes(adapter, pipe) if riflex_base_frames or riflex_k else []
+    attn["riflex_k"] = resolve_component(ropes, riflex_base_frames, riflex_k, adapter.vae_factors(pipe)[0])
+    exec_device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    call = call | dict(negative_prompt=negative_prompt, device=exec_device)
+    sizes = {k: call[k] for k in ("num_frames", "height", "width", "steps", "guidance")}
+    return _Run(pipe, family, adapter, ropes, call, attention_budget(pipe, family, attn, **sizes))
+
+
+def _patch(run: _Run, loras: list[tuple[str, float]], attn: dict[str, Any], backend: str, layout: Any) -> Any:
+    """LoRAs, radial attention and (under torchrun) the sequence-parallel hooks into the pipeline."""
+    from radial_lora.models import apply_radial_attention
+
+    set_loras(run.pipe, loras)
+    controller = apply_radial_attention(run.pipe, **{k: attn[k] for k in ATTENTION_KEYS}, backend=backend)
+    if layout is not None:
+        from radial_lora.models.sequence_parallel import enable_sequence_parallel
+
+        for transformer in run.adapter.transformers(run.pipe):
+            enable_sequence_parallel(transformer, layout.sequence_group)
+    return controller
+
+
+def _render_chunk(
+    run: _Run, controller: Any, chunk: list[_Pending], attn: dict[str, Any], writer: bool
+) -> list[tuple[_Pending, np.ndarray | None, dict[str, Any]]]:
+    """One pipeline call for a chunk of prompts; per video (only on the writing process) its lossless frames
+    written when asked for, and its sidecar (without ``settings_source``/``processes``, which the caller adds)."""
+    from radial_lora.models.riflex import riflex
+
+    logger.info(
+        "generating %s: %d frames %dx%d, %d steps, %s",
+        ", ".join(t.video.stem for t in chunk),
+        run.call["num_frames"],
+        run.call["width"],
+        run.call["height"],
+        run.call["steps"],
+        attn["pattern"],
+    )
+    with riflex(run.ropes, attn["riflex_k"]):
+        rendered = render_batch(
+            run.pipe,
+            controller,
+            [t.video if writer else None for t in chunk],
+            prompts=[t.prompt for t in chunk],
+            seeds=[t.settings["seed"] for t in chunk],
+            **run.call,
+        )
+    if not writer:
+        return []
+    out = []
+    for t, r in zip(chunk, rendered):
+        if t.frames_file is not None:
+            _save_frames(t.frames_file, r.frames)
+        out.append((t, r.frames, _sidecar(t.prompt, t.index, t.video, t.frames_file, t.settings, r, run.budget)))
+    return out
 
 
 @dataclass
@@ -584,16 +637,10 @@ def _base_settings(
 
 
 def _sidecar(
-    prompt: str,
-    index: int,
-    video: Path,
-    frames_file: Path | None,
-    settings: dict,
-    source: dict,
-    rendered: Any,
-    budget: dict,
+    prompt: str, index: int, video: Path, frames_file: Path | None, settings: dict, rendered: Any, budget: dict
 ) -> dict[str, Any]:
-    """The JSON written beside a video: its settings and where each came from, time, memory, attention cost."""
+    """The JSON written beside a video: its settings, time, memory, attention cost (the caller adds where each
+    setting came from, ``settings_source``)."""
     return {
         "format": SIDECAR_FORMAT,
         "prompt": prompt,
@@ -601,7 +648,6 @@ def _sidecar(
         "video": video.name,
         "frames_file": frames_file.name if frames_file is not None else None,
         "settings": settings,
-        "settings_source": source,
         "wall_time_s": rendered.wall_time_s,
         "peak_memory": rendered.peak_memory,
         "attention": {**budget, "calls": rendered.calls},
