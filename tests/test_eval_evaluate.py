@@ -130,6 +130,16 @@ def test_results_json_complete_and_finite(grid: Path) -> None:
     assert h["base_radial"]["per_bucket"]["9"] == pytest.approx(h["base_dense"]["per_bucket"]["9"], rel=1e-5)
     assert h["lora_radial"]["per_bucket"]["9"] != pytest.approx(h["base_radial"]["per_bucket"]["9"], rel=1e-6)
     assert cells[("lora_radial", 17)]["heldout_loss"] == h["lora_radial"]["per_bucket"]["17"]
+    # motion of every cell against the real held-out clips (decoded from their latents) of the same length
+    assert set(res["real"]) == {"9", "17"} and all(r["motion"] > 0 for r in res["real"].values())
+    assert set(res["failure_rates"]) == {*VARIANTS, "real"}
+    for (variant, n), c in cells.items():
+        m = c["motion"]
+        assert len(m["per_video"]) == 1 and len(m["motion_quarters"]) == 4
+        assert m["motion_ratio"] == pytest.approx(m["motion"] / res["real"][str(n)]["motion"])
+        assert res["motion_ratio"][variant][str(n)] == m["motion_ratio"]
+        assert set(m["failure_rates"]) == {"frozen", "looping", "degrading"}
+        assert res["failure_rates"][variant][str(n)] == m["failure_rates"]
 
 
 def test_report_and_pictures(grid: Path) -> None:
@@ -137,7 +147,8 @@ def test_report_and_pictures(grid: Path) -> None:
     assert report.index("## Summary") < report.index("## 9 frames") < report.index("## 17 frames")
     assert "held-out loss under radial attention is" in report
     assert "| lora_radial |" in report and "## Held-out flow-matching loss" in report
-    for png in ["metrics_vs_length.png", "radial_masks.png"] + [
+    assert "## Motion at length" in report and "| real |" in report
+    for png in ["metrics_vs_length.png", "radial_masks.png", "motion_over_time.png"] + [
         f"strips/{v}_f{n:04d}.png" for v in VARIANTS for n in LENGTHS
     ]:
         assert f"({png})" in report
