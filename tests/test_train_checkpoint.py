@@ -135,6 +135,18 @@ def test_a_checkpoint_of_the_older_pickle_format_resumes_exactly_as_data(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("name", ckpt.LEGACY_FILES)
+def test_a_truncated_file_of_an_older_checkpoint_is_named(run, tmp_path: Path, name: str) -> None:
+    out = _copy(run, tmp_path)
+    step = out / "checkpoints" / "step_000004"
+    _legacy(step)
+    _damage(step / name, "truncated")
+    with pytest.raises(
+        ckpt.CheckpointError, match=rf"{name.replace('.', '[.]')} cannot be read \(truncated or damaged"
+    ):
+        ckpt.load_checkpoint(step)
+
+
 class _Payload:
     """Unpickling this runs a shell command: what a checkpoint from someone else could hold."""
 

@@ -188,6 +188,7 @@ class LoraDamagedError(LoraFormatError):
 
 
 def _damaged(path: Path, what: str) -> LoraDamagedError:
+    what = " ".join(what.split())  # one line, whatever the underlying error printed
     return LoraDamagedError(
         f"LoRA {path} is damaged ({what}); copy it again, or export it again from its run's checkpoint"
     )

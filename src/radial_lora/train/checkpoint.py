@@ -62,6 +62,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: a file missing, damaged, or not plain data. ``reason`` names the file."""
 
     def __init__(self, path: Path, reason: str, advice: str) -> None:
+        reason = " ".join(reason.split())  # one line, whatever the underlying error printed
         super().__init__(f"checkpoint {path}: {reason}; {advice}")
         self.reason = reason
 
@@ -326,6 +327,8 @@ def _load_legacy(p: Path, state: dict[str, Any]) -> dict[str, Any]:
             with torch.serialization.safe_globals(allowed):
                 loaded[name] = torch.load(p / name, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if "weights only" not in str(exc).lower():  # a cut-off pickle, not a refused one
+                raise CheckpointError(p, f"{name} cannot be read (truncated or damaged: {exc})", _DAMAGED) from None
             what = re.search(r"(?i)unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(exc))
             holds = f"a reference to {what.group(1)}" if what else "more than tensors and numbers"
             raise CheckpointError(
