@@ -84,6 +84,7 @@ def test_resume_latest_passes_over_a_damaged_checkpoint_and_continues_exactly(
 ) -> None:
     out = _copy(run, tmp_path)
     _damage(out / "checkpoints" / "step_000006" / ckpt.OPTIMIZER_FILE, "changed")
+    damaged = (out / "checkpoints" / "step_000006" / ckpt.OPTIMIZER_FILE).read_bytes()
     caplog.set_level("WARNING", logger="radial_lora")
     resumed = trainer.train(quick_config(tiny_wan_dir, tiny_wan_dataset, out, *COMMON), resume="latest")
     (line,) = [r.getMessage() for r in caplog.records if "--resume latest" in r.getMessage()]
@@ -92,6 +93,8 @@ def test_resume_latest_passes_over_a_damaged_checkpoint_and_continues_exactly(
     a, b = load_file(run[0] / lora.LORA_FILENAME), load_file(out / lora.LORA_FILENAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
     ckpt.load_checkpoint(out / "checkpoints" / "step_000006")  # written anew, whole
+    (kept,) = (out / "previous").glob("*/checkpoints/step_000006")  # the damaged one moved aside, not deleted
+    assert (kept / ckpt.OPTIMIZER_FILE).read_bytes() == damaged
 
 
 def test_resume_path_to_a_damaged_checkpoint_is_one_line(run, tmp_path: Path, capsys) -> None:

@@ -13,8 +13,9 @@
 Nothing is pickled, so loading a checkpoint someone else made cannot run their code. Before loading, every file
 is checked against its recorded sha256: a truncated or damaged file is named, and ``--resume latest`` takes the
 newest checkpoint that is whole (:func:`find_resume`). The directory is assembled under a temporary name and
-renamed into place, so an interrupted save never leaves a half checkpoint behind. Only LoRA parameters are
-stored, never the base.
+renamed into place, so an interrupted save never leaves a half checkpoint behind; a checkpoint of the same step
+already there (a damaged one passed over, or a later one when resuming from an earlier) moves to
+``OUTPUT/previous/<time>/checkpoints/`` instead of being replaced. Only LoRA parameters are stored, never the base.
 
 Checkpoints of radial-lora before this format (``optimizer.pt``, ``scheduler.pt``, ``rng.pt``: pickles, no
 checksums) are read with ``torch.load(weights_only=True)`` (tensors, numbers, and numpy's RNG arrays only); one
@@ -42,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from radial_lora.files import atomic_path, jsonable, sha256_file, write_json_atomic
+from radial_lora.files import atomic_path, jsonable, set_aside, sha256_file, write_json_atomic
 from radial_lora.lora import LORA_FILENAME, load_lora_state, save_lora
 
 logger = logging.getLogger(__name__)
@@ -250,8 +251,9 @@ def save_checkpoint(
         checksums = {name: sha256_file(tmp / name) for name in FILES}
         state = jsonable({"format": CHECKPOINT_FORMAT, "step": step, **trainer_state, "files": checksums})
         write_json_atomic(tmp / STATE_FILE, {**state, "state_sha256": _state_digest(state)})
-        if final.exists():  # the same step of this run again (a resume from an earlier checkpoint)
-            shutil.rmtree(final)
+        if final.exists():  # this step again (resumed from an earlier checkpoint): keep the old one, aside
+            moved = set_aside(output_dir, [f"{CHECKPOINT_DIR}/{final.name}"], overwrite=True, holds="", ways="")
+            logger.info("%s was there already (resumed from an earlier step): moved to %s", final, moved)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
