@@ -166,7 +166,7 @@ def resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, name:
     """Load a phase checkpoint (weights, optimizer, torch RNG when saved) into ``model``/``opt``; the saved dict."""
     if not ckpt.exists():
         return None
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
     if "rng" in saved:
@@ -265,7 +265,7 @@ def build_pool(
     """``n`` encoded 17-frame clips + caption embeddings; ``keep_stats`` normalises with the VAE config's
     ``latents_mean``/``latents_std`` (a refine stage) instead of measuring them (phase 2)."""
     if path.exists():
-        pool = torch.load(path, weights_only=False)
+        pool = torch.load(path, weights_only=True)
         comp["vae"].register_to_config(latents_mean=pool["latents_mean"], latents_std=pool["latents_std"])
         log.info("pool: loaded %d clips from %s", len(pool["latents"]), path)
         return pool
@@ -858,7 +858,7 @@ def main() -> None:
     vae_final = dit_final = {}
     if not args.init_from:
         if args.vae_from:
-            comp["vae"].load_state_dict(torch.load(args.vae_from, weights_only=False)["model"])
+            comp["vae"].load_state_dict(torch.load(args.vae_from, weights_only=True)["model"])
             comp["vae"].eval()
             vae_final = {"from": str(args.vae_from)}
         else:

@@ -32,3 +32,26 @@ def torchrun_train(config: dict, config_path: Path, *extra: str, nproc: int = 2)
     under torchrun; ``extra`` goes to the command (e.g. ``--resume DIR``)."""
     config_path.write_text(json.dumps(config))
     torchrun("radial-lora", "train", "--config", str(config_path), *extra, nproc=nproc)
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from radial_lora.locks import FolderLock
+lock = FolderLock(sys.argv[1], sys.argv[2]).acquire()
+Path(sys.argv[3]).touch()
+time.sleep(600)
+"""
+
+
+def hold_lock(folder: Path, command: str, barrier: Path) -> subprocess.Popen:
+    """Another process holding ``folder``'s lock as ``command`` (kill it when done); returns once it holds it
+    (it touches ``barrier`` after taking the lock)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), command, str(barrier)])
+    end = time.monotonic() + 60
+    while not barrier.exists():
+        assert proc.poll() is None and time.monotonic() < end, "the lock holder did not start"
+        time.sleep(0.01)
+    return proc

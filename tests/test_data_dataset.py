@@ -169,3 +169,34 @@ def test_validate_unusable_folders(tmp_path) -> None:
     report = validate_dataset(root)
     assert "lists no clips" in report.problems[0]
     assert main(["data", "validate", str(tmp_path / "nope")]) == 2
+
+
+def test_validate_flags_a_clip_listed_twice_and_a_dataset_being_written(tmp_path, capsys) -> None:
+    from launch import hold_lock
+
+    root = make_dataset(tmp_path / "ds")
+    manifest = root / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines) + lines[2])  # two `data prepare` runs at once used to leave this
+    cid = json.loads(lines[2])["id"]
+    ds = PreparedDataset(root)
+    assert len(ds.records) == len(lines) and ds.duplicates == {cid: [3, len(lines) + 1]}
+    report = validate_dataset(root)
+    assert report.problems == [
+        f"clip {cid} is listed 2 times in the manifest (lines 3, {len(lines) + 1}): two `data prepare` runs wrote "
+        "it at once, or it was edited; run `data prepare` again to write each clip once"
+    ]
+    with pytest.raises(ValueError, match=rf"clip {cid} is listed 2 times"):
+        ds.verify(ds.records, files=False)
+    assert main(["data", "validate", str(root)]) == 1
+    assert f"clip {cid} is listed 2 times" in capsys.readouterr().err
+
+    manifest.write_text("".join(lines))
+    proc = hold_lock(root, "radial-lora data prepare", tmp_path / "held")
+    try:
+        (problem,) = validate_dataset(root).problems
+        assert problem.startswith(f"{root} is being written now by radial-lora data prepare (pid {proc.pid} on ")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert validate_dataset(root).ok

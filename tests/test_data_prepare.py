@@ -426,3 +426,47 @@ def test_offload_on_cpu_is_a_logged_no_op(tiny_wan_dir: Path, tmp_path: Path, ca
     )
     assert summary.exit_code == 0 and sum(summary.encoded.values()) == 1
     assert any("nothing to offload to on cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_two_prepares_into_one_folder_one_refused(sources: Path, tiny_wan_dir: Path, tmp_path: Path) -> None:
+    """Two real `data prepare` processes into one --out: the second starts while the first holds the folder (held
+    still with SIGSTOP once its lock file names it), exits 75 naming the folder and the first's pid, host and start
+    time, and writes nothing; the first finishes alone: each clip listed once, `validate` content."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from radial_lora.data.dataset import manifest_rows
+    from radial_lora.locks import EXIT_BUSY, LOCK_NAME
+
+    out = tmp_path / "ds"
+    cmd = [str(Path(sys.executable).with_name("radial-lora")), "data", "prepare", str(sources), "--out", str(out)]
+    cmd += ["--model", str(tiny_wan_dir), *ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        end = time.monotonic() + 120
+        while f'"pid": {first.pid},' not in ((out / LOCK_NAME).read_text() if (out / LOCK_NAME).is_file() else ""):
+            assert first.poll() is None and time.monotonic() < end, "the first prepare did not take the folder"
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGSTOP)
+        before = sorted(p.name for p in out.iterdir())
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == EXIT_BUSY, second.stderr[-2000:]
+        (line,) = [x for x in second.stderr.splitlines() if "error:" in x]
+        assert line.startswith(
+            f"radial-lora data: error: {out} is in use by radial-lora data prepare (pid {first.pid} on "
+            f"{socket.gethostname()}, started 20"
+        )
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 3, err[-2000:]  # done; the fixture's bad inputs were skipped
+    records, duplicates = manifest_rows(out / "manifest.jsonl")
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert not duplicates and len(lines) == len(records) == 10  # 5 good videos x 2 lengths, each once
+    assert validate_dataset(out).ok

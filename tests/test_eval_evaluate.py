@@ -13,6 +13,7 @@ from PIL import Image
 from radial_lora.cli import main
 from radial_lora.eval.evaluate import make_variants, parse_lengths
 from radial_lora.files import from_jsonable
+from radial_lora.locks import LOCK_NAME
 
 LENGTHS = (9, 17)
 VARIANTS = ("base_dense", "base_radial", "lora_dense", "lora_radial")
@@ -157,10 +158,13 @@ def test_report_and_pictures(grid: Path) -> None:
 
 
 def test_rerun_reuses_cells(grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tiny_wan_dataset: Path) -> None:
-    before = {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()}
+    def videos() -> dict[Path, int]:  # the lock file aside: it names each run's holder
+        return {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir() if p.name != LOCK_NAME}
+
+    before = videos()
     argv = [*_grid_args(tiny_wan_dir, tiny_wan_lora), "--out", str(grid)]
-    assert main(argv) == 0
-    assert {p: p.stat().st_mtime_ns for p in (grid / "videos").iterdir()} == before
+    assert main(argv) == 0  # without --dataset: an analysis option, the cells are still reused
+    assert videos() == before
     res = json.loads((grid / "results.json").read_text())
     assert all(c["reused"] for c in res["cells"]) and res["heldout"] == {}
     assert "held-out" not in (grid / "report.md").read_text()  # no dataset this time: no empty column
@@ -267,3 +271,42 @@ def test_riflex_variant_and_sample_scores(one_torch_thread, tiny_wan_dir: Path, 
 def test_sample_scores_are_left_out_for_free_text_prompts(grid: Path) -> None:
     results = json.loads((grid / "results.json").read_text())
     assert results["sample_scores"] == {} and all(c["sample_score"] is None for c in results["cells"])
+
+
+def test_other_settings_are_refused_and_overwrite_moves_the_evaluation_aside(
+    grid: Path, tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(grid, out)
+    old = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    argv = [*_grid_args(tiny_wan_dir, tiny_wan_lora), "--out", str(out)]
+    steps = argv.index("--steps") + 1
+    argv[steps] = "3"
+    capsys.readouterr()
+    assert main(argv) == 2  # before the model loads: results.json says the videos were made with 2 steps
+    (error,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert error == (
+        f"radial-lora evaluate: error: {out} already holds an evaluation with other settings (steps 2 -> 3); choose "
+        "another --out (a rerun with the same settings reuses its finished cells), or pass --overwrite to move it "
+        f"into {out}/previous/<time>/ (nothing is deleted)"
+    )
+    # An interrupted evaluation has no results.json yet: the first cell of other settings is caught before it is
+    # replaced, with the same way on (--overwrite moves OUT aside).
+    (out / "results.json").unlink()
+    assert main(argv) == 2
+    (error,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"{out} already holds videos made with other settings (" in error and "steps 2 -> 3" in error
+    assert f"--overwrite to move it into {out}/previous/<time>/" in error
+    now = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    assert now == {k: v for k, v in old.items() if k != Path("results.json")}  # nothing replaced
+
+    (out / "results.json").write_bytes(old[Path("results.json")])
+    assert main([*argv, "--overwrite"]) == 0
+    (aside,) = (out / "previous").iterdir()
+    assert {
+        p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and p.name != LOCK_NAME
+    } == old
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["steps"] == 3 and not any(c["reused"] for c in res["cells"])

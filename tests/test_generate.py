@@ -13,6 +13,7 @@ from radial_lora.cli import main
 from radial_lora.data.video_io import read_video
 from radial_lora.eval import metrics
 from radial_lora.inference.generate import generate, load_model, parse_lora_spec, read_prompts
+from radial_lora.locks import LOCK_NAME
 from radial_lora.lora import lora_digest
 
 PROMPT = "a red circle moves right"
@@ -87,7 +88,7 @@ def test_radial_dense_lora_effects(pipe, tiny_wan_lora: Path, tmp_path: Path) ->
     assert np.array_equal(run("lora0", pattern="radial", loras=[(tiny_wan_lora, 0.0)]), radial)
 
 
-def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path) -> None:
+def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na blue square\n\na green ball falls\n")
     argv = [
@@ -121,10 +122,21 @@ def test_cli_generate_and_skip_existing(tiny_wan_dir: Path, tiny_wan_lora: Path,
     infos = [json.loads(p.read_text()) for p in sidecars]
     assert [i["settings"]["seed"] for i in infos] == [7, 8]
     assert infos[0]["settings"]["loras"] == [[str(tiny_wan_lora), 0.5]]
-    mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()]
+    outputs = [p for p in (tmp_path / "out").iterdir() if p.name != LOCK_NAME]  # the lock names each run
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
     assert main(argv) == 0  # everything reused: no file rewritten
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()] == mtimes
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
     assert infos[0]["settings"]["lora_sha256"] == [lora_digest(tiny_wan_lora)]
+    # Other settings into the same --out would replace both videos: refused in one line, nothing touched.
+    argv[argv.index("--steps") + 1] = "2"
+    assert main(argv) == 2
+    (error,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert error.startswith(f"radial-lora generate: error: {tmp_path / 'out'} already holds videos made with other")
+    assert "(000_a-blue-square.mp4: steps 1 -> 2)" in error and "--overwrite" in error
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
+    assert main([*argv, "--overwrite"]) == 0
+    (aside,) = (tmp_path / "out" / "previous").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == sorted(p.name for p in outputs)
 
 
 def test_skip_existing_notices_a_changed_lora(pipe, tiny_wan_lora: Path, tmp_path: Path) -> None:
@@ -143,9 +155,16 @@ def test_skip_existing_notices_a_changed_lora(pipe, tiny_wan_lora: Path, tmp_pat
     first = generate(pipe, [PROMPT], **kw)[0]
     assert generate(pipe, [PROMPT], **kw)[0].reused
     save_lora(tmp_path / "lora", {k: 2 * v for k, v in state.items()}, {"run": 2})  # retrained at the same path
-    again = generate(pipe, [PROMPT], **kw)[0]
+    old_bytes = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("000_*")}
+    # Other settings (the LoRA's sha256) would replace the earlier video: refused, naming the file and the difference.
+    with pytest.raises(ValueError, match=r"000_.*\.mp4: lora_sha256 .* --overwrite to move it into .*previous"):
+        generate(pipe, [PROMPT], **kw)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("000_*")} == old_bytes
+    again = generate(pipe, [PROMPT], **kw, overwrite=True)[0]
     assert not again.reused and again.info["settings"]["lora_sha256"] != first.info["settings"]["lora_sha256"]
     assert not np.array_equal(again.frames, first.frames)  # the new weights were loaded, not the cached adapter
+    (aside,) = (tmp_path / "out" / "previous").iterdir()  # the earlier video and sidecar, byte for byte
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old_bytes
 
 
 def test_cli_errors(tiny_wan_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

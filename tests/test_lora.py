@@ -110,3 +110,56 @@ def test_metadata_of_a_newer_format_is_refused(tmp_path: Path) -> None:
         with pytest.raises(lora.LoraFormatError):
             reader(tmp_path / "later")
     assert lora.lora_expert(tmp_path / "now") is None
+
+
+def _damage(file: Path, how: str) -> None:
+    data = bytearray(file.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) - 100]
+    elif how == "header":  # the JSON header overwritten
+        data[8:40] = b"\xff" * 32
+    else:  # one byte of one tensor changed, the file still parses
+        data[-3] ^= 0x5A
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "header", "tensors"])
+def test_a_damaged_lora_is_one_line_for_every_reader(
+    tiny_wan_lora: Path, tiny_wan_dir: Path, tmp_path: Path, how, capsys
+) -> None:
+    from radial_lora.cli import main
+
+    damaged = tmp_path / "lora"
+    damaged.mkdir()
+    file = damaged / lora.LORA_FILENAME
+    file.write_bytes((tiny_wan_lora / lora.LORA_FILENAME).read_bytes())
+    _damage(file, how)
+    line = rf"^LoRA {file} is damaged \(.*\); copy it again, or export it again from its run's checkpoint$"
+    readers = [lora.load_lora_state, lora.check_lora, lambda p: lora.export_comfyui(p, tmp_path / "comfy", "wan")]
+    if how != "tensors":  # the header itself is gone: its metadata too
+        readers += [lora.read_lora_metadata, lora.lora_attention_settings, lora.lora_expert]
+    for reader in readers:
+        with pytest.raises(lora.LoraDamagedError, match=line):
+            reader(damaged)
+    assert not (tmp_path / "comfy").exists()
+    common = ["--model", str(tiny_wan_dir), "--lora", str(damaged), "--height", "32", "--width", "32", "--steps", "1"]
+    capsys.readouterr()
+    for argv in (
+        ["generate", "--prompt", "a red circle", "--frames", "9", "--out", str(tmp_path / "videos"), *common],
+        ["evaluate", "--prompt", "a red circle", "--lengths", "9", "--out", str(tmp_path / "eval"), *common],
+    ):
+        assert main(argv) == 2
+        (error,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+        assert error.startswith(f"radial-lora {argv[0]}: error: LoRA {file} is damaged (")
+    assert not (tmp_path / "videos").exists() and not (tmp_path / "eval").exists()  # refused before anything
+
+
+def test_the_lora_header_records_a_sha256_of_its_tensors(tiny_wan_lora: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state = lora.load_lora_state(tiny_wan_lora)
+    with safe_open(str(tiny_wan_lora / lora.LORA_FILENAME), framework="pt") as f:
+        assert f.metadata()[lora.DIGEST_KEY] == lora.tensors_digest(state)
+    save_file(state, str(tmp_path / "plain.safetensors"))  # a LoRA of another tool, no digest: still read
+    assert lora.load_lora_state(tmp_path / "plain.safetensors").keys() == state.keys()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,7 @@ from launch import torchrun_train
 from radial_lora import lora
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.video_io import read_video
+from radial_lora.locks import EXIT_BUSY, LOCK_NAME
 from radial_lora.models.registry import get_adapter
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import trainer
@@ -264,8 +271,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes(
     assert two == single.losses
     _assert_same_lora(tmp_path / "one", tmp_path / "two")
     # The checkpoint holds full (gathered) tensors: the same file layout and numbers as a one-process run.
-    opt_one = torch.load(tmp_path / "one" / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=False)
-    opt_two = torch.load(tmp_path / "two" / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=False)
+    opt_one = ckpt.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_000002")["optimizer"]
+    opt_two = ckpt.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_000002")["optimizer"]
     assert opt_one["state"].keys() == opt_two["state"].keys()
     for i, st in opt_one["state"].items():
         assert type(opt_two["state"][i]["exp_avg"]) is torch.Tensor
@@ -298,8 +305,13 @@ def test_quick_test_config_is_one_command(tmp_path: Path, monkeypatch: pytest.Mo
     before = {n for n, _ in pipe.transformer.named_parameters()}
     pipe.load_lora_weights(out)
     assert any("lora_A" in n for n, _ in pipe.transformer.named_parameters() if n not in before)
+    # The same command again would train over the finished run: refused, naming the ways on.
+    capsys.readouterr()
+    assert main(["train", "--config", str(QUICK)]) == 2
+    assert "runs/quick/lora already holds a training run" in capsys.readouterr().err
     # A real config stays strict: no dataset is an error that names the command making one.
-    assert main(["train", "--config", str(QUICK), "--set", "data.if_missing=error", "--set", "data.path=nowhere"]) == 2
+    other = ["--set", "output_dir=runs/other", "--set", "data.if_missing=error", "--set", "data.path=nowhere"]
+    assert main(["train", "--config", str(QUICK), *other]) == 2
     assert "radial-lora data prepare VIDEOS --out nowhere --model builtin:tiny-wan-base" in capsys.readouterr().err
 
 
@@ -452,3 +464,153 @@ def test_training_checks_every_clip_before_the_first_step(
         ValueError, match=rf"clip {re.escape(rows[0]['id'])}: bucket \d+ frames needs \d+ latent frames"
     ):
         trainer.train(_cfg(tiny_wan_dir, data, tmp_path / "run2", "train.steps=2"))
+
+
+# --- one writer per output folder, no silent overwrite, SIGKILL ----------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes (not the lock file: it names each holder)."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_NAME
+    }
+
+
+def _start_train(cfg, tmp_path: Path, name: str) -> subprocess.Popen:
+    """``radial-lora train --config`` on ``cfg`` as a process of its own (one torch thread, as this module)."""
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    cli = str(Path(sys.executable).with_name("radial-lora"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [cli, "train", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _wait_for(check, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < end, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
+def _holds_lock(folder: Path, pid: int) -> bool:
+    try:
+        return json.loads((folder / LOCK_NAME).read_text())["pid"] == pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def test_a_second_training_into_a_running_ones_folder_is_refused(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
+) -> None:
+    """Two real processes: the second starts while the first holds output_dir (held still with SIGSTOP once its
+    lock file names it, so they overlap for sure), stops with exit 75 naming the folder and the first's pid,
+    host and start time, and writes nothing; the first then finishes alone."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, out, "train.steps=3", "checkpoint.every=0", "validation.every=0")
+    first = _start_train(cfg, tmp_path, "first")
+    try:
+        _wait_for(lambda: _holds_lock(out, first.pid), first, "the first run's lock")
+        os.kill(first.pid, signal.SIGSTOP)
+        before = _files(out)
+        second = _start_train(cfg, tmp_path, "second")
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == EXIT_BUSY, err[-2000:]
+        (line,) = [x for x in err.splitlines() if "error:" in x]
+        assert line.startswith(f"radial-lora train: error: {out} is in use by radial-lora train (pid {first.pid} on ")
+        assert f" on {socket.gethostname()}, started 20" in line
+        assert _files(out) == before  # the second run wrote nothing
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert (out / LOG_FILE).read_text().count("training wan LoRA") == 1
+    assert len(json.loads((out / "losses.json").read_text())) == 3
+
+
+def test_a_rerun_without_resume_is_refused_and_overwrite_moves_the_old_run_aside(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    common = ("train.steps=2", "checkpoint.every=0", "validation.every=0", "logging.tensorboard=false")
+    trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *common))
+    old = _files(out)
+    with pytest.raises(ValueError) as err:
+        trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *common, "train.seed=1"))
+    assert str(err.value) == (
+        f"{out} already holds a training run (1 checkpoint(s) up to step_000002 and a final LoRA); continue it with "
+        "--resume latest, train into another output_dir (--set output_dir=...), or pass --overwrite to move it into "
+        f"{out}/previous/<time>/ (nothing is deleted)"
+    )
+    assert _files(out) == old  # untouched
+    with pytest.raises(ValueError, match="give one of them"):
+        trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *common), resume="latest", overwrite=True)
+
+    new = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *common, "train.seed=1"), overwrite=True)
+    (aside,) = (out / "previous").iterdir()
+    assert _files(aside) == old  # every file of the old run, byte for byte
+    assert "the earlier run in" in (out / LOG_FILE).read_text()
+    assert load_file(out / lora.LORA_FILENAME).keys() == load_file(aside / lora.LORA_FILENAME).keys()
+    assert (
+        json.loads((out / "losses.json").read_text()) == new.losses != json.loads((aside / "losses.json").read_text())
+    )
+    # --resume latest sees only the new run's checkpoints, never the one moved aside
+    assert ckpt.list_checkpoints(out) == [(2, out / "checkpoints" / "step_000002")]
+    state, _ = ckpt.find_resume(out, "latest")
+    assert state["state"]["losses"] == new.losses
+    trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, out, *common), overwrite=True)  # twice in one second: kept
+    assert len(list((out / "previous").iterdir())) == 2
+    with pytest.raises(SystemExit):  # the CLI takes one of the two
+        from radial_lora.cli import main
+
+        main(["train", "--config", "x.json", "--resume", "latest", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_sigkill_then_resume_latest_is_bit_exact_and_leaves_no_lock(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
+) -> None:
+    """A real process SIGKILLed mid-run (after its first checkpoint, before its end): the next run takes the
+    folder (the kernel dropped the lock with the process) and ``--resume latest`` gives the LoRA and losses of an
+    uninterrupted run bit for bit."""
+    extra = ("train.steps=30", "checkpoint.every=3", "validation.every=0", "logging.tensorboard=false")
+    extra += ("lora.dropout=0.1",)
+    reference = trainer.train(_cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "a", *extra))
+    out = tmp_path / "b"
+    cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, out, *extra)
+    proc = _start_train(cfg, tmp_path, "killed")
+    try:
+        _wait_for(lambda: ckpt.list_checkpoints(out), proc, "a checkpoint")
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not (out / lora.LORA_FILENAME).exists()  # still mid-run
+        assert _holds_lock(out, proc.pid)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert _holds_lock(out, proc.pid)  # the file still names the dead holder: it is not the lock
+    resumed = trainer.train(cfg, resume="latest")
+    assert resumed.losses == reference.losses
+    a, b = load_file(tmp_path / "a" / lora.LORA_FILENAME), load_file(out / lora.LORA_FILENAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_refuses_a_dataset_that_lists_a_clip_twice(
+    tiny_wan_dir: Path, tiny_wan_dataset: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_wan_dataset, data)
+    manifest = data / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines) + lines[0])  # what two `data prepare` runs at once used to leave
+    first = json.loads(lines[0])["id"]
+    pattern = rf"clip {re.escape(first)} is listed 2 times \(manifest.jsonl lines 1, {len(lines) + 1}\)"
+    for verify in ("true", "false"):  # a cheap check: even without reading the files
+        with pytest.raises(ValueError, match=pattern):
+            trainer.train(_cfg(tiny_wan_dir, data, tmp_path / "run", "train.steps=1", f"data.verify={verify}"))

@@ -1,6 +1,7 @@
 """Finished files only: every file radial-lora writes goes to a temporary name beside it, then is renamed over
 the target, so a crash or a reader never sees half a dataset record, LoRA, report or video. One home for that,
-and for strict JSON (identical videos have an infinite PSNR: ``inf`` is written as the string ``"inf"``).
+for strict JSON (identical videos have an infinite PSNR: ``inf`` is written as the string ``"inf"``), and for
+not replacing an earlier run's results unasked (:func:`set_aside`).
 
 No torch or model imports beyond what :func:`jsonable` converts, so every layer can use it.
 """
@@ -12,8 +13,9 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,37 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+PREVIOUS_DIR = "previous"  # FOLDER/previous/<time>/: an earlier run moved aside by --overwrite
+
+
+def set_aside(
+    folder: str | os.PathLike[str], names: Sequence[str], *, overwrite: bool, holds: str, ways: str
+) -> Path | None:
+    """Keep an earlier run's results from being replaced: ``names`` are the entries of ``folder`` a new run would
+    replace (none: None, nothing to do). Without ``overwrite`` a ValueError says so in one line: the folder,
+    what it ``holds``, the ``ways`` on, and ``--overwrite``. With it they move into ``folder/previous/<time>/``
+    (returned), never deleted, and out of sight of what reads ``folder`` (``--resume latest`` reads only
+    ``folder/checkpoints``). The one helper of ``train``, ``generate`` and ``evaluate`` for this."""
+    folder = Path(folder)
+    names = [n for n in names if os.path.lexists(folder / n)]
+    if not names:
+        return None
+    if not overwrite:
+        raise ValueError(
+            f"{folder} already holds {holds}; {ways}, or pass --overwrite to move it into "
+            f"{folder / PREVIOUS_DIR}/<time>/ (nothing is deleted)"
+        )
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest, n = folder / PREVIOUS_DIR / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = folder / PREVIOUS_DIR / f"{stamp}-{n}"
+    for name in names:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(folder / name, dest / name)
+    return dest
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -4,7 +4,8 @@ The file is what ``pipe.load_lora_weights(dir)`` of the stock diffusers pipeline
 ``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A.weight`` /
 ``lora_B.weight`` and diffusers' own ``lora_adapter_metadata`` header (the LoraConfig, so rank and
 alpha load exactly). Our training settings (base model, lengths, mask settings, steps) ride along in
-the same header under ``radial_lora`` (JSON), so a LoRA file says how it must be used.
+the same header under ``radial_lora`` (JSON), so a LoRA file says how it must be used, and a sha256 of
+its tensors under ``radial_lora_tensors_sha256``, so a damaged copy is told from a LoRA (:func:`load_lora_state`).
 
 ``export_comfyui`` rewrites the keys to ComfyUI's native module names (``diffusion_model.<module>``,
 original Wan / HunyuanVideo checkpoint naming), folding the LoRA scale into ``lora_B``.
@@ -12,6 +13,7 @@ original Wan / HunyuanVideo checkpoint naming), folding the LoRA scale into ``lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from radial_lora.constants import DEFAULT_TARGETS
@@ -36,6 +38,7 @@ METADATA_KEY = "radial_lora"
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY: LoraConfig kwargs, keys prefixed "transformer."
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 LORA_FORMAT = "radial-lora/1"  # the "format" of our metadata; read_lora_metadata refuses a newer one
+DIGEST_KEY = "radial_lora_tensors_sha256"  # header key: tensors_digest() of the file's tensors
 # Spellings of the attention settings in a LoRA's radial_lora metadata (top level or a nested section).
 _META_ALIASES = {
     "pattern": ("pattern",),
@@ -156,7 +159,7 @@ def save_lora(
     # Ours, not the pipelines' save_lora_weights(transformer_lora_adapter_metadata=...): that writes diffusers'
     # key (the same JSON as below, which tests/test_lora.py loads back through load_lora_weights) but has no
     # slot for our training metadata, so a second write would be needed to add it, and it is not atomic.
-    header = {"format": "pt", METADATA_KEY: meta_json}
+    header = {"format": "pt", METADATA_KEY: meta_json, DIGEST_KEY: tensors_digest(state)}
     if lora_config is not None:
         header[DIFFUSERS_METADATA_KEY] = json.dumps({PREFIX + k: v for k, v in lora_config.items()}, sort_keys=True)
     path = Path(out_dir) / filename
@@ -174,14 +177,40 @@ def _lora_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _header(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 class LoraFormatError(ValueError):
     """A LoRA whose metadata is of a newer format than this radial-lora reads: an error everywhere, never taken
     for "no metadata" (a Wan2.2 low-noise LoRA would otherwise load into the wrong expert)."""
+
+
+class LoraDamagedError(LoraFormatError):
+    """A LoRA file that cannot be read whole (truncated, a damaged header, tensors that differ from the sha256
+    in its header): an error everywhere too, in one line naming the file."""
+
+
+def _damaged(path: Path, what: str) -> LoraDamagedError:
+    what = " ".join(what.split())  # one line, whatever the underlying error printed
+    return LoraDamagedError(
+        f"LoRA {path} is damaged ({what}); copy it again, or export it again from its run's checkpoint"
+    )
+
+
+def _header(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(path, f"not a readable safetensors file, truncated or overwritten: {exc}") from None
+
+
+def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a LoRA's tensors (names, dtypes, shapes and bytes, in name order), independent of the file
+    layout; :func:`save_lora` records it in the header and :func:`load_lora_state` checks it."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -258,10 +287,34 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def load_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file (diffusers keys)."""
+    """The tensors of a LoRA file (diffusers keys), read whole: a truncated or damaged file, or tensors that
+    differ from the sha256 its header records, is a :class:`LoraDamagedError` naming the file."""
     p = _lora_file(path)
-    with safe_open(str(p), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(p, f"not a readable safetensors file, truncated or overwritten: {exc}") from None
+    if DIGEST_KEY in header and header[DIGEST_KEY] != tensors_digest(state):
+        raise _damaged(p, f"its tensors differ from the sha256 recorded in its header ({DIGEST_KEY})")
+    return state
+
+
+def check_lora(path: str | os.PathLike) -> Path:
+    """The LoRA file of ``path`` (a folder or the file) after reading it whole (:func:`load_lora_state`): what
+    ``generate`` and ``evaluate`` run before loading a model, so a damaged file is one line, not a traceback.
+    Once per file version (path, size, modification time) in a process."""
+    p = _lora_file(path)
+    stat = p.stat()
+    _checked(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    return p
+
+
+@lru_cache(maxsize=64)
+def _checked(path: str, size: int, mtime_ns: int) -> bool:
+    load_lora_state(path)
+    return True
 
 
 def _lora_scale(path: Path, module: str, rank: int) -> float:

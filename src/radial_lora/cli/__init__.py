@@ -8,6 +8,8 @@ import importlib
 import logging
 import sys
 
+from radial_lora.locks import EXIT_BUSY, FolderBusy
+
 # Each module defines register(subparsers) and sets a `func` default on its parser(s).
 _COMMAND_MODULES: list[str] = ["data", "train", "generate", "evaluate", "score", "mask", "plan", "demo"]
 
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"radial-lora {args.command}"
     try:
         return int(args.func(args) or 0)
+    except FolderBusy as exc:  # another run writes that folder now: the same command may work later
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except (ValueError, FileNotFoundError) as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2

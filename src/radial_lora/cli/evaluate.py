@@ -43,6 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-max-clips", type=int, default=8, help="clips per length for the held-out loss")
     p.add_argument("--segments", type=int, default=4, help="time segments for the drift metric (4 = quarters)")
     p.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: an earlier evaluation in --out moves to OUT/previous/<time>/ (without it, one made "
+        "with other settings is an error; one with the same settings is resumed)",
+    )
     add_attention_arguments(p)
     p.set_defaults(func=_evaluate, steps=30)
 
@@ -91,6 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         base_frames=base_frames,
         riflex_k=args.riflex_k,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
     )
     run_grid(opts)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")

@@ -87,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="reuse videos already written with the same settings")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="videos of the same names made with other settings move to OUT/previous/<time>/ (without it: an error)",
+    )
+    p.add_argument(
         "--riflex",
         action="store_true",
         help="training-free length extrapolation (RIFLEx, Zhao et al. 2025): slow the temporal RoPE component "
@@ -140,6 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
         riflex_k=args.riflex_k,
         batch_size=args.batch_size,
         sequence_parallel=args.sequence_parallel,
+        overwrite=args.overwrite,
     )
     for r in results:
         a = r.info["attention"]

@@ -1,4 +1,4 @@
-"""`radial-lora train --config FILE [--set key=value ...] [--resume latest|PATH]` (docs/TRAINING.md)."""
+"""`radial-lora train --config FILE [--set key=value ...] [--resume latest|PATH | --overwrite]` (docs/TRAINING.md)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value by dotted key, VALUE parsed as JSON (e.g. --set train.steps=100); repeatable",
     )
-    p.add_argument(
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
         "--resume",
         default=None,
         metavar="latest|PATH",
-        help="continue from the newest checkpoint of output_dir, or from a checkpoint directory",
+        help="continue from the newest whole checkpoint of output_dir, or from a checkpoint directory",
+    )
+    how.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh even if output_dir holds a run: the old run moves to OUTPUT/previous/<time>/ (kept, "
+        "and out of --resume latest's sight); without it such a folder is an error",
     )
     p.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
     p.set_defaults(func=run)
@@ -42,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from radial_lora.train.trainer import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.lora_path is not None:
         print(
             f"LoRA: {result.lora_path} (steps {result.last_step}, final loss {result.losses[-1]:.6f})"

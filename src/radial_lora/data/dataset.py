@@ -90,11 +90,20 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Record]:
 
     A cut-off *last* line (interrupted append) is dropped with a warning; any other bad line is an error.
     """
+    return manifest_rows(path)[0]
+
+
+def manifest_rows(path: str | os.PathLike[str]) -> tuple[list[Record], dict[str, list[int]]]:
+    """:func:`read_manifest`'s records, and the ids listed on more than one line with those line numbers.
+
+    ``data prepare`` writes each clip once (it rewrites the manifest when it starts), so an id listed twice means
+    two writers at once, or an edit: ``data validate`` and training name them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `radial-lora data prepare` first")
     lines = path.read_text(encoding="utf-8").splitlines()
     by_id: dict[str, Record] = {}
+    seen: dict[str, list[int]] = defaultdict(list)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -108,7 +117,8 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Record]:
         record = Record.from_json(row, f"{path}:{number}")
         by_id.pop(record.id, None)
         by_id[record.id] = record
-    return list(by_id.values())
+        seen[record.id].append(number)
+    return list(by_id.values()), {i: n for i, n in seen.items() if len(n) > 1}
 
 
 class PreparedDataset:
@@ -127,7 +137,7 @@ class PreparedDataset:
             raise ValueError(f"{info_path}: not valid JSON ({exc})") from exc
         if self.info.get("format") != FORMAT:
             raise ValueError(f"{info_path}: format {self.info.get('format')!r} is not {FORMAT!r}")
-        self.records: list[Record] = read_manifest(self.path / MANIFEST)
+        self.records, self.duplicates = manifest_rows(self.path / MANIFEST)  # duplicates: id -> manifest lines
 
     def __len__(self) -> int:
         return len(self.records)
@@ -143,13 +153,17 @@ class PreparedDataset:
     def file_of(self, record: Record) -> Path:
         return self.path / record.file
 
-    def verify(self, records: list[Record], temporal_factor: int = 4) -> None:
-        """Every record's file exists with its manifest sha256 and latent frames matching its bucket
-        (``1 + (bucket - 1) / temporal_factor``); else a ValueError naming the first bad clips and files."""
+    def verify(self, records: list[Record], temporal_factor: int = 4, *, files: bool = True) -> None:
+        """No clip listed twice in the manifest, and (``files``) every record's file exists with its manifest
+        sha256 and latent frames matching its bucket (``1 + (bucket - 1) / temporal_factor``); else a ValueError
+        naming the first bad clips and files."""
         from tqdm import tqdm
 
-        problems = []
-        for record in tqdm(records, desc="verify clips", unit="clip", disable=None):
+        problems = [
+            f"clip {cid} is listed {len(lines)} times ({MANIFEST} lines {', '.join(map(str, lines))})"
+            for cid, lines in self.duplicates.items()
+        ]
+        for record in tqdm(records if files else [], desc="verify clips", unit="clip", disable=None):
             file = self.file_of(record)
             frames = 1 + (record.bucket - 1) // temporal_factor
             if len(record.latent_shape) < 2 or record.latent_shape[1] != frames:
@@ -166,7 +180,7 @@ class PreparedDataset:
             raise ValueError(
                 f"{self.path}: {len(problems)} clip(s) fail the check{more}: "
                 + "; ".join(problems[:5])
-                + "; re-run `radial-lora data prepare` (it re-encodes them)"
+                + "; re-run `radial-lora data prepare` (it re-encodes them and writes each clip once)"
             )
 
     def null_text(self) -> dict[str, torch.Tensor]:

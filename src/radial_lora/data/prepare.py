@@ -7,7 +7,8 @@ bucket (``latents/f{N}/``); the same source gives base-length and extended-lengt
 The job never stops for one bad input: an unreadable file, a too-short video or a missing caption is
 skipped with one log line and counted in the summary. It is resumable: clips whose file is present and
 matches the manifest checksum are not encoded again, and each finished clip is appended to the manifest
-right away, so an interrupted run loses nothing it finished.
+right away, so an interrupted run loses nothing it finished. A run holds its ``--out`` folder's lock
+(:mod:`radial_lora.locks`) from start to end: a second run into it stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, NULL_TEXT, 
 from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video, video_stream
 from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
+from radial_lora.locks import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -771,11 +773,18 @@ def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: A
     """
     _check_options(opts)
     _resolve_dtype(opts.dtype)
-    out = opts.out
     items, skipped = collect_inputs(opts.input, video_column=opts.video_column, caption_column=opts.caption_column)
     for skip in skipped:
         log.warning("skip %s: %s", skip.source, skip.reason)
+    with FolderLock(opts.out, "radial-lora data prepare"):  # one writer: a second run refuses (locks.py)
+        return _prepare(opts, items, skipped, adapter, pipe)
 
+
+def _prepare(
+    opts: PrepareOptions, items: list[SourceItem], skipped: list[Skip], adapter: Any | None, pipe: Any | None
+) -> PrepareSummary:
+    """The job once it holds ``opts.out``: settings, clips already there, encoding, the manifest."""
+    out = opts.out
     info_path = out / DATASET_JSON
     previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     adapter, pipe = _load(opts, adapter, pipe)

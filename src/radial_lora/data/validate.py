@@ -1,8 +1,9 @@
 """Check a prepared dataset before spending GPU hours on it (``radial-lora data validate``).
 
-Checks that every manifest row agrees with ``dataset.json`` (frame count, size, fps, latent geometry
-``F' = 1 + (F - 1) / t``, ``h = H / s``), that every file is there, matches its checksum, loads, holds
-finite float32 latents of the recorded shape and the same text tensors as every other clip.
+Checks that no clip is listed twice, that no ``data prepare`` is writing it now, that every manifest row agrees
+with ``dataset.json`` (frame count, size, fps, latent geometry ``F' = 1 + (F - 1) / t``, ``h = H / s``), that
+every file is there, matches its checksum, loads, holds finite float32 latents of the recorded shape and the same
+text tensors as every other clip.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from radial_lora.data.dataset import PreparedDataset, Record
 from radial_lora.files import sha256_file
+from radial_lora.locks import holder
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,15 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
     info = dataset.info
     if not dataset.records:
         report.problems.append(f"{dataset.path}: the manifest lists no clips")
-    if info.get("finished") is False:
+    for cid, lines in dataset.duplicates.items():
+        report.problems.append(
+            f"clip {cid} is listed {len(lines)} times in the manifest (lines {', '.join(map(str, lines))}): two "
+            "`data prepare` runs wrote it at once, or it was edited; run `data prepare` again to write each clip once"
+        )
+    writer = holder(dataset.path)
+    if writer is not None:
+        report.problems.append(f"{dataset.path} is being written now by {writer}; validate it once that has ended")
+    if info.get("finished") is False and writer is None:
         report.problems.append(
             f"{dataset.path}: the last `data prepare` run did not finish (interrupted?); run it again to complete it"
         )

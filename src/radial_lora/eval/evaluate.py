@@ -9,11 +9,13 @@ degrading). With a prepared dataset, the held-out flow-matching loss per length 
 (``heldout_loss``), and the held-out clips themselves as the ``real`` row: decoded from their cached latents
 by the same VAE as the generated videos, the motion every cell's ``motion_ratio`` is measured against.
 The numbers go to ``results.json``; :mod:`radial_lora.eval.report` and :mod:`radial_lora.eval.plots`
-turn them into ``report.md`` and PNGs.
+turn them into ``report.md`` and PNGs. A run holds ``OUT``'s lock; finished cells with equal settings are reused,
+but an evaluation made with other settings is never replaced unasked (:func:`claim_output`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,6 +32,8 @@ from tqdm import tqdm
 import radial_lora.eval.metrics as metrics
 from radial_lora import files
 from radial_lora.eval import long_video, shape_score
+from radial_lora.locks import FolderLock
+from radial_lora.lora import check_lora
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +146,7 @@ class GridOptions:
     base_frames: int | None = None  # what RIFLEx variants extend from
     riflex_k: int | None = None  # their RoPE component (default: the RIFLEx rule for base_frames)
     batch_size: int = 1  # prompts per pipeline call
+    overwrite: bool = False  # move an earlier evaluation in out_dir aside (previous/<time>/) and start afresh
 
 
 def _cell_name(variant: Variant, length: int, prompt_index: int) -> str:
@@ -276,6 +281,21 @@ def _cell(
     }
 
 
+def _grid_settings(opts: GridOptions, grid_attn: dict[str, Any]) -> dict[str, Any]:
+    """results.json's ``settings``: what every cell shares (and what a rerun must share to reuse them)."""
+    return {
+        "height": opts.height,
+        "width": opts.width,
+        "seed": opts.seed,
+        "steps": opts.steps,
+        "guidance": opts.guidance,
+        "fps": opts.fps,
+        "segments": opts.segments,
+        "dataset": str(opts.dataset) if opts.dataset else None,
+        **grid_attn,
+    }
+
+
 def _results_doc(
     opts: GridOptions,
     model_name: str | None,
@@ -302,17 +322,7 @@ def _results_doc(
             }
             for v in opts.variants
         ],
-        "settings": {
-            "height": opts.height,
-            "width": opts.width,
-            "seed": opts.seed,
-            "steps": opts.steps,
-            "guidance": opts.guidance,
-            "fps": opts.fps,
-            "segments": opts.segments,
-            "dataset": str(opts.dataset) if opts.dataset else None,
-            **grid_attn,
-        },
+        "settings": _grid_settings(opts, grid_attn),
         "cells": cells,
         "heldout": heldout,
         "sample_scores": _sample_table(cells),
@@ -370,11 +380,59 @@ def _riflex_component(pipe: Any, family: str, opts: GridOptions) -> int | None:
     return resolve_component(pipeline_ropes(adapter, pipe), opts.base_frames, opts.riflex_k, temporal_factor)
 
 
+# What an evaluation writes into its folder: the entries --overwrite moves aside (anything else stays put).
+EVAL_OUTPUTS = (
+    "results.json",
+    "report.md",
+    "metrics_vs_length.png",
+    "motion_over_time.png",
+    "radial_masks.png",
+    "strips",
+    "videos",
+)
+
+
+def claim_output(opts: GridOptions, model_name: str | None, settings: dict[str, Any]) -> None:
+    """Before a grid writes anything: with ``opts.overwrite`` an earlier evaluation in ``out_dir`` moves to
+    ``previous/<time>/``; without, an earlier ``results.json`` whose videos were made from another model, other
+    prompts or other settings stops the run in one line, before the model loads. Other lengths or variants are
+    fine (the cells they share are reused), and so are other analysis options (``segments``, ``dataset``): they
+    change only results.json and the report, which every run writes anew from its cells. (A cell made with other
+    settings that this check cannot see, e.g. a LoRA retrained at the same path, is caught by ``generate`` before
+    it is replaced.)"""
+    out = Path(opts.out_dir)
+    holds, differ = "an earlier evaluation", []
+    if not opts.overwrite:
+        try:
+            old = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        analysis = ("segments", "dataset")
+        new = {"model": model_name, "prompts": opts.prompts, **files.jsonable(settings)}
+        old = {"model": old.get("model"), "prompts": old.get("prompts"), **(old.get("settings") or {})}
+        differ = [
+            f"{k} {json.dumps(old.get(k))} -> {json.dumps(v)}"
+            for k, v in new.items()
+            if k not in analysis and old.get(k) != v
+        ]
+        if not differ:
+            return
+        holds = f"an evaluation with other settings ({', '.join(differ[:3])})"
+    moved = files.set_aside(
+        out,
+        EVAL_OUTPUTS,
+        overwrite=opts.overwrite,
+        holds=holds,
+        ways="choose another --out (a rerun with the same settings reuses its finished cells)",
+    )
+    if moved is not None:
+        logger.info("--overwrite: the earlier evaluation in %s moved to %s", out, moved)
+
+
 def run_grid(opts: GridOptions) -> dict[str, Any]:
-    """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``."""
-    from radial_lora.eval.plots import write_plots, write_strip
-    from radial_lora.eval.report import write_report
-    from radial_lora.inference.generate import generate, load_model, resolve_attention_settings
+    """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``,
+    holding its lock (:class:`radial_lora.locks.FolderLock`)."""
+    from radial_lora.inference.generate import resolve_attention_settings
 
     if not opts.prompts:
         raise ValueError("no prompts; pass --prompt TEXT or --prompts FILE")
@@ -382,19 +440,9 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         raise ValueError("RIFLEx variants need the length the model was trained for (--base-frames) or --riflex-k")
     if opts.dataset is not None and not (Path(opts.dataset) / "dataset.json").is_file():
         raise FileNotFoundError(f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first")
-    out = Path(opts.out_dir)
-    videos = out / "videos"
-    videos.mkdir(parents=True, exist_ok=True)
-    pipe, family = load_model(
-        opts.model, opts.family, device=opts.device, dtype=opts.dtype, offload=opts.offload, vae_tiling=opts.vae_tiling
-    )
-    model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
-    riflex_k = _riflex_component(pipe, family, opts)
-    # Dense references first, so every radial cell can be compared as soon as it is done.
-    order = sorted(opts.variants, key=lambda v: v.pattern != "dense")
-    cells_todo = [(length, v) for length in opts.lengths for v in order]
-    frames_of: dict[tuple[str, int], list[np.ndarray]] = {}
-    cells: list[dict[str, Any]] = []
+    for variant in opts.variants:
+        for path, _ in variant.loras:
+            check_lora(path)  # a missing, truncated or damaged LoRA: one line, before the model loads
     user_attn = {
         "decay_factor": opts.decay_factor,
         "block_size": opts.block_size,
@@ -405,7 +453,32 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
     # left out), so base and LoRA cells are compared under the same mask.
     first_lora = [s for v in opts.variants for s in v.loras][:1]
     attn, _ = resolve_attention_settings(user_attn, first_lora)
-    grid_attn = {k: attn[k] for k in user_attn}
+    model_name = str(opts.model) if isinstance(opts.model, str | os.PathLike) else None
+    with FolderLock(opts.out_dir, "radial-lora evaluate"):
+        claim_output(opts, model_name, _grid_settings(opts, {k: attn[k] for k in user_attn}))
+        return _run_grid(opts, attn, {k: attn[k] for k in user_attn}, model_name)
+
+
+def _run_grid(
+    opts: GridOptions, attn: dict[str, Any], grid_attn: dict[str, Any], model_name: str | None
+) -> dict[str, Any]:
+    """The grid once it holds ``out_dir``: every cell, the held-out losses, results.json, plots, report."""
+    from radial_lora.eval.plots import write_plots, write_strip
+    from radial_lora.eval.report import write_report
+    from radial_lora.inference.generate import generate, load_model
+
+    out = Path(opts.out_dir)
+    videos = out / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    pipe, family = load_model(
+        opts.model, opts.family, device=opts.device, dtype=opts.dtype, offload=opts.offload, vae_tiling=opts.vae_tiling
+    )
+    riflex_k = _riflex_component(pipe, family, opts)
+    # Dense references first, so every radial cell can be compared as soon as it is done.
+    order = sorted(opts.variants, key=lambda v: v.pattern != "dense")
+    cells_todo = [(length, v) for length in opts.lengths for v in order]
+    frames_of: dict[tuple[str, int], list[np.ndarray]] = {}
+    cells: list[dict[str, Any]] = []
     real = _real_motion(pipe, family, opts)
     for length, variant in tqdm(cells_todo, desc="eval cells", unit="cell"):
         results = generate(
@@ -429,6 +502,7 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
             skip_existing=True,
             riflex_k=riflex_k if variant.riflex else None,
             batch_size=opts.batch_size,
+            results_root=out,  # a cell of other settings: "--overwrite moves OUT aside", this run's flag
             **grid_attn,
         )
         if any(key[1] != length for key in frames_of):

@@ -6,6 +6,11 @@ stock ``pipe(...)`` with a seeded CPU generator (same noise on every device) and
 ``NAME.mp4`` and a ``NAME.json`` sidecar holding every setting, the wall time, the peak memory and
 the attention density and FLOPs. A LoRA trained by radial-lora carries its attention settings in its
 header (:func:`radial_lora.lora.read_lora_metadata`); they become the defaults unless overridden.
+
+A call holds its output folder's lock (:mod:`radial_lora.locks`) and never replaces a video made with other
+settings unasked: that is an error naming the file and the first difference, or with ``overwrite`` the old
+files move to ``previous/<time>/`` (:func:`radial_lora.files.set_aside`). Every LoRA is read whole first, so a
+truncated or damaged file is one line.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from radial_lora.files import atomic_path, jsonable, write_json_atomic
-from radial_lora.lora import lora_attention_settings, lora_digest, lora_expert
+from radial_lora.files import atomic_path, jsonable, set_aside, write_json_atomic
+from radial_lora.locks import job_lock
+from radial_lora.lora import check_lora, lora_attention_settings, lora_digest, lora_expert
 from radial_lora.mask import attention_cost, radial_block_mask
 from radial_lora.memory import peak_memory
 
@@ -422,6 +428,8 @@ def generate(
     riflex_k: int | None = None,
     batch_size: int = 1,
     sequence_parallel: int = 1,
+    overwrite: bool = False,
+    results_root: str | os.PathLike | None = None,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -438,6 +446,8 @@ def generate(
     ``sequence_parallel``: split each video's tokens over that many processes of a ``torchrun`` job (Ulysses,
     :mod:`radial_lora.models.sequence_parallel`); more processes than that split the prompts between their
     groups, and each group's first process writes. The result lists the videos this process's group made.
+    ``overwrite``: an earlier video of the same name made with other settings moves to ``previous/<time>/`` of
+    ``results_root`` (default ``out_dir``; ``evaluate`` passes its own folder) instead of stopping the call.
     """
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
     if batch_size < 1:
@@ -449,39 +459,40 @@ def generate(
         from radial_lora.parallel import init_distributed
 
         layout, device = init_distributed(sequence_parallel, device)
-    run = _setup_run(
-        model,
-        family,
-        attn,
-        device=device,
-        dtype=dtype,
-        offload=offload,
-        vae_tiling=vae_tiling,
-        riflex_base_frames=riflex_base_frames,
-        riflex_k=riflex_k,
-        call=dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps),
-        negative_prompt=negative_prompt,
-    )
-    base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
-    base_settings["batch_size"] = batch_size
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
-    writer = True
-    if layout is not None:
-        torch.distributed.barrier()  # every process has planned before any writes
-        logger.info("sequence parallel: %s", layout.describe())
-        todo, writer = todo[layout.data_rank :: layout.data], layout.sequence_rank == 0
-        results = {i: r for i, r in results.items() if i % layout.data == layout.data_rank}
-    controller = _patch(run, lora_list, attn, backend, layout) if todo else None  # once, before the first video
-    for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
-        for t, frames, info in _render_chunk(run, controller, chunk, attn, writer):
-            info["settings_source"] = source
-            info["processes"] = layout.describe() if layout is not None else "1 process"
-            write_json_atomic(t.sidecar, info)
-            results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, frames, jsonable(info))
-    if layout is not None:
-        torch.distributed.barrier()
+    with job_lock(out, "radial-lora generate"):  # the processes of a torchrun job share it
+        run = _setup_run(
+            model,
+            family,
+            attn,
+            device=device,
+            dtype=dtype,
+            offload=offload,
+            vae_tiling=vae_tiling,
+            riflex_base_frames=riflex_base_frames,
+            riflex_k=riflex_k,
+            call=dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance=guidance, fps=fps),
+            negative_prompt=negative_prompt,
+        )
+        base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
+        base_settings["batch_size"] = batch_size
+        results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
+        _keep_earlier(todo, Path(results_root or out), overwrite, mover=layout is None or layout.rank == 0)
+        writer = True
+        if layout is not None:
+            torch.distributed.barrier()  # every process has planned (and old files moved) before any writes
+            logger.info("sequence parallel: %s", layout.describe())
+            todo, writer = todo[layout.data_rank :: layout.data], layout.sequence_rank == 0
+            results = {i: r for i, r in results.items() if i % layout.data == layout.data_rank}
+        controller = _patch(run, lora_list, attn, backend, layout) if todo else None  # once, before the first
+        for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
+            for t, frames, info in _render_chunk(run, controller, chunk, attn, writer):
+                info["settings_source"] = source
+                info["processes"] = layout.describe() if layout is not None else "1 process"
+                write_json_atomic(t.sidecar, info)
+                results[t.index] = GenerationResult(t.prompt, t.index, t.video, t.sidecar, frames, jsonable(info))
+        if layout is not None:
+            torch.distributed.barrier()
     return [results[i] for i in range(len(prompts)) if i in results]
 
 
@@ -614,6 +625,41 @@ def _plan_outputs(
     return results, todo
 
 
+def _keep_earlier(todo: list[_Pending], root: Path, overwrite: bool, *, mover: bool) -> None:
+    """Stop before replacing a video made with other settings (its sidecar says which; a video without our
+    sidecar counts as other settings), or with ``overwrite`` move its files to ``root/previous/<time>/``
+    (:func:`radial_lora.files.set_aside`; ``mover``: the process that moves, the others only check)."""
+    replaced: list[str] = []
+    first = ""
+    for t in todo:
+        files = [f for f in (t.video, t.sidecar, t.frames_file) if f is not None and f.exists()]
+        if not files:
+            continue
+        try:
+            old = json.loads(t.sidecar.read_text(encoding="utf-8")).get("settings")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        old = old if isinstance(old, dict) else None
+        new = jsonable(t.settings)
+        if old == new:
+            continue  # the same settings again: rendered anew in place
+        replaced += [f.resolve().relative_to(root.resolve()).as_posix() for f in files]
+        if not first:
+            changed = [
+                f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in new if old and old.get(k) != new[k]
+            ]
+            first = f"{t.video.name}: " + (", ".join(changed[:3]) if changed else "no settings of radial-lora")
+    if replaced and (mover or not overwrite):
+        moved = set_aside(
+            root,
+            replaced,
+            overwrite=overwrite,
+            holds=f"videos made with other settings ({first})",
+            ways="choose another --out",
+        )
+        logger.info("--overwrite: %d earlier file(s) moved to %s", len(replaced), moved)
+
+
 def _base_settings(
     model: Any, pipe: Any, family: str, attn: dict, backend: str, loras: list, call: dict
 ) -> dict[str, Any]:
@@ -672,6 +718,7 @@ def _checked_inputs(
     for path, _ in lora_list:
         if not Path(path).exists():
             raise FileNotFoundError(f"LoRA {path} not found; pass a LoRA folder or .safetensors file")
+        check_lora(path)  # read whole: a truncated or damaged file is one line here, not a traceback later
     return prompts, lora_list
 
 

@@ -38,13 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from radial_lora import locks
 from radial_lora import lora as lora_io
+from radial_lora.files import set_aside
 from radial_lora.memory import process_peak_mb
 from radial_lora.models.sequence_parallel import enable_sequence_parallel
 from radial_lora.parallel import ParallelLayout, make_layout
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
-from radial_lora.train.components import Checkpointer, Loggers, SampleRenderer, Validator
+from radial_lora.train.components import LOG_FILE, Checkpointer, Loggers, SampleRenderer, Validator
 from radial_lora.train.config import ConfigError, TrainConfig, check_expert_family
 from radial_lora.train.distributed import load_optimizer_state, shard_model
 from radial_lora.train.offload import checkpoint_offloading
@@ -217,6 +219,43 @@ RESULT_KEYS = (
     "train.consistency_weight",
     "train.caption_dropout",
 )
+
+
+# What a run writes into output_dir: the entries --overwrite moves aside (anything else there stays put).
+RUN_OUTPUTS = (
+    ckpt.CHECKPOINT_DIR,
+    lora_io.LORA_FILENAME,
+    lora_io.COMFYUI_FILENAME,
+    "config.json",
+    "config.previous.json",
+    "losses.json",
+    LOG_FILE,
+    "tensorboard",
+    "samples",
+    "wandb",
+)
+
+
+def claim_output(out: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Before a run writes anything into ``out``: a fresh run (no ``resume``) into a folder that holds a run
+    (a checkpoint or a final LoRA) stops with one line naming the ways on, unless ``overwrite``, which moves the
+    old run's files into ``out/previous/<time>/`` (returned). Leftovers of a run that died before its first
+    checkpoint are no run: they are replaced, as before."""
+    if resume is not None:
+        return None
+    checkpoints = ckpt.list_checkpoints(out)
+    final = (out / lora_io.LORA_FILENAME).is_file()
+    if not (checkpoints or final or overwrite):
+        return None
+    parts = [f"{len(checkpoints)} checkpoint(s) up to {checkpoints[-1][1].name}"] if checkpoints else []
+    parts += ["a final LoRA"] if final else []
+    return set_aside(
+        out,
+        RUN_OUTPUTS,
+        overwrite=overwrite,
+        holds=f"a training run ({' and '.join(parts)})",
+        ways="continue it with --resume latest, train into another output_dir (--set output_dir=...)",
+    )
 
 
 def record_config(out: Path, cfg: TrainConfig, *, resumed: bool) -> list[str]:
@@ -407,6 +446,9 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
     from radial_lora.data.dataset import PreparedDataset
 
     if rt.main:
+        writer = locks.holder(cfg.data.path)
+        if writer is not None:
+            raise locks.FolderBusy(f"data.path {cfg.data.path} is being written by {writer}; train once it has ended")
         ensure_dataset(cfg)
     rt.acc.wait_for_everyone()
     dataset = PreparedDataset(cfg.data.path)
@@ -416,8 +458,8 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
             f"resolution {cfg.resolution.height}x{cfg.resolution.width} differs from the dataset's "
             f"{info.get('height')}x{info.get('width')} ({cfg.data.path}/dataset.json); set resolution.* to match"
         )
-    if rt.main and cfg.data.verify:
-        dataset.verify(dataset.records, int(info.get("vae_temporal_factor") or 4))
+    if rt.main:  # clips listed twice always; each file against its checksum with data.verify
+        dataset.verify(dataset.records, int(info.get("vae_temporal_factor") or 4), files=cfg.data.verify)
     rt.acc.wait_for_everyone()
     train_records, holdout = dataset.split(cfg.data.holdout, seed=cfg.data.holdout_seed)
     by_bucket: dict[int, list[Any]] = {}
@@ -665,25 +707,45 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
     return StepStats(bucket, loss, float(cons_loss), grad_norm, tuple(r.id for r in records))
 
 
-def train(cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, resume: str | None = None, *, pipe: Any | None = None, overwrite: bool = False
+) -> TrainResult:
     """Run (or continue) a training job described by ``cfg``; see the module docstring.
 
-    ``pipe`` may be an already loaded pipeline (tests, demo); otherwise ``cfg.model.id`` is loaded.
+    ``pipe`` may be an already loaded pipeline (tests, demo); otherwise ``cfg.model.id`` is loaded. The job holds
+    ``output_dir``'s lock (:func:`radial_lora.locks.job_lock`) from start to end: a second run into it stops at
+    once. Without ``resume`` a run already there is kept: an error, or with ``overwrite`` moved aside first
+    (:func:`claim_output`).
     """
+    if resume is not None and overwrite:
+        raise ValueError("--resume continues the run in output_dir and --overwrite moves it aside: give one of them")
+    out = Path(cfg.output_dir)
+    rt = setup_runtime(cfg)
+    moved: list[Path | None] = []
+    with locks.job_lock(out, "radial-lora train", setup=lambda: moved.append(claim_output(out, resume, overwrite))):
+        return _run(cfg, rt, resume, pipe, moved[0] if moved else None)
+
+
+def _run(cfg: TrainConfig, rt: Runtime, resume: str | None, pipe: Any | None, moved: Path | None) -> TrainResult:
+    """The job, once it holds its output folder: setup, the loop, the export."""
     from accelerate.utils import set_seed
 
     out, t = Path(cfg.output_dir), cfg.train
-    rt = setup_runtime(cfg)
     loggers = Loggers(cfg, out, rt.main)
     try:
+        if moved is not None:
+            logger.info("--overwrite: the earlier run in %s moved to %s", out, moved)
         if rt.main:
             record_config(out, cfg, resumed=resume is not None)
         set_seed(t.seed)
         data = setup_data(cfg, rt)
         state = None
         if resume:
-            path = ckpt.resolve_resume(out, resume)
-            state = {**ckpt.load_checkpoint(path), "path": path}
+            state, skipped = ckpt.find_resume(out, resume)
+            if skipped and rt.main:
+                logger.warning(
+                    "--resume latest: resuming from %s; skipped the newer %s", state["path"].name, "; ".join(skipped)
+                )
         m = setup_model(cfg, rt, data, pipe, state)
         del pipe
         optimizer, scheduler = setup_optimizer(cfg, m)
