@@ -28,7 +28,13 @@ Usage: ``python scripts/pretrain_tiny_base.py --work runs/pretrain --out src/rad
 (all phases, ~1.5 h on 2 shared cores); ``--init-from DIR`` runs only the refine phases on an existing pipeline;
 ``--eval [--eval-model DIR]`` scores one (``--eval-guidance`` with no value: only the VAE reconstructions).
 
-The defaults are the shipped "v5" recipe: a 4x-spatial VAE with 4 latent channels (a 32x32 frame is an 8x8x4
+The shipped weights are "v7": v6's VAE and text encoder (the defaults below are their "v5" recipe, plus
+phase 5 of the model card) and a transformer trained anew on the sample clips that drift across their
+captioned direction (``radial_lora.data.sample``): ``--init-from src/radial_lora/assets/tiny-wan-base
+--fresh-transformer --dec-steps 0 --dec-image-steps 0 --long-dec-steps 0 --refine-steps 16000 --refine-lr 1e-3
+--refine-pool 4096`` (the model card has the numbers).
+
+The defaults are the "v5" recipe: a 4x-spatial VAE with 4 latent channels (a 32x32 frame is an 8x8x4
 latent), a 2x2-patch transformer (16 tokens of 16 numbers per latent frame), an image-then-video decoder
 refine (300 + 700 steps, edge weight 3), 8000 transformer refine steps. Earlier layouts stay reachable for
 comparison (the model card has their scores): ``--vae-spatial 8 --patch 1 --z-dim 16 --dec-image-steps 0
@@ -61,6 +67,7 @@ from tqdm import tqdm
 from transformers import UMT5Config, UMT5EncoderModel
 
 from radial_lora.data.sample import BACKGROUNDS, CAPTION_VOCABULARY, caption_for, render_clip, sample_specs
+from radial_lora.eval.long_video import failure_rates, score_frames
 from radial_lora.eval.shape_score import score_clip, summarise
 from radial_lora.models import get_adapter
 from radial_lora.models.tiny import build_tokenizer, caption_vocabulary
@@ -653,6 +660,9 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
         "generated": {},
     }
     result["truth"] = summarise([score_clip(c, s, FPS) for c, s in zip(truths, specs)])
+    truth_motion = [score_frames(c, FPS) for c in truths]
+    truth_speed = float(np.median([m.motion for m in truth_motion]))
+    result["truth_motion"] = {"motion": truth_speed, **failure_rates(truth_motion)}
     result["vae_recon"] = summarise([score_clip(c, s, FPS) for c, s in zip(recons, specs)])
     gens: dict[float, list[np.ndarray]] = {}
     for g in args.eval_guidance:
@@ -673,6 +683,13 @@ def evaluate(pipe: WanPipeline, work: Path, args: argparse.Namespace, tag: str) 
             gens[g].append(to_uint8(video))
             rows.append(score_clip(gens[g][-1], spec, FPS) | {"caption": caption_for(spec, args.eval_frames, FPS)})
         result["generated"][str(g)] = summarise(rows)
+        moved = [score_frames(v, FPS) for v in gens[g]]
+        result.setdefault("motion", {})[str(g)] = {
+            "motion_ratio": float(np.median([m.motion for m in moved])) / truth_speed,
+            "motion_ratio_quarters": [float(q) / truth_speed for q in np.median([m.motion_quarters for m in moved], 0)],
+            **failure_rates(moved),
+        }
+        log.info("eval %s g=%s motion (radial_lora.eval.long_video): %s", tag, g, result["motion"][str(g)])
         result.setdefault("per_clip", {})[str(g)] = rows
     result["wall_s"] = time.time() - t0
     k = min(6, len(specs))
