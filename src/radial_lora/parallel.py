@@ -101,6 +101,14 @@ def init_distributed(sequence: int, device: str | None) -> tuple[ParallelLayout,
     return make_layout(sequence, torch.device(device)), device
 
 
+def close_distributed() -> None:
+    """Leave the ``torch.distributed`` job, if this process joined one: without it gloo's worker threads
+    outlive the interpreter and a rank can abort (SIGABRT, 'terminate called without an active exception')
+    after the work is done, failing the whole torchrun job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def check_divisible(count: int, what: str, degree: int, hint: str) -> None:
     """A clear error when ``count`` ``what`` do not split over ``degree`` processes."""
     if count % degree:

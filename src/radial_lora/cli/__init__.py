@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("%s failed", name, exc_info=True)
         print(f"{name}: error: {os_error_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that imported torch can have joined a job
+            from radial_lora.parallel import close_distributed
+
+            close_distributed()
 
 
 _NO_PERMISSION = "no permission to write there: choose another --out / output_dir, or fix its permissions"
