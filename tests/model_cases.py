@@ -18,7 +18,8 @@ TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest
 def model_inputs(
     family: str, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Two samples' latents, timesteps and text conditioning for a tiny transformer of ``family``."""
+    """Two samples' latents, timesteps and conditioning (text; image for image-to-video) for a tiny transformer
+    of ``family``."""
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
     if family == "hunyuan":
@@ -32,6 +33,11 @@ def model_inputs(
         }
     else:
         text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
+    if family.endswith("-i2v"):  # the image's latents (channels after the frame mask) and, Wan2.1-I2V, CLIP's
+        text["image_latents"] = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
+        if family == "wan-i2v":  # its cross-attention takes the last 512 tokens as text (diffusers hard-codes it)
+            text["encoder_hidden_states"] = torch.randn(2, 512, 32, generator=g)
+            text["encoder_hidden_states_image"] = torch.randn(2, 17, 16, generator=g)
     timesteps = torch.tensor([700.0, 300.0], device=device)
     return latents.to(device), timesteps, {k: v.to(device) for k, v in text.items()}
 

@@ -22,11 +22,10 @@ from radial_lora.data.prepare import (
     collect_inputs,
     load_resampled,
     prepare_dataset,
-    resize_center_crop,
 )
 from radial_lora.data.sample import render_clip, sample_specs, write_sample_dataset
 from radial_lora.data.validate import validate_dataset
-from radial_lora.data.video_io import read_video, write_video
+from radial_lora.data.video_io import read_video, resize_center_crop, write_video
 from radial_lora.files import sha256_file
 from radial_lora.models.registry import get_adapter
 

@@ -188,15 +188,25 @@ def test_prompt_defaults(tmp_path: Path) -> None:
     import argparse
 
     from radial_lora.cli.evaluate import DEFAULT_PROMPTS
-    from radial_lora.cli.generate import prompts_from_args
+    from radial_lora.cli.generate import images_of, prompt_entries
 
     none = argparse.Namespace(prompt=None, prompts=None)
-    assert prompts_from_args(none, DEFAULT_PROMPTS) == DEFAULT_PROMPTS
+    assert prompt_entries(none, DEFAULT_PROMPTS) == [(p, None) for p in DEFAULT_PROMPTS]
     with pytest.raises(ValueError, match="--prompt"):
-        prompts_from_args(none)  # generate has no default
+        prompt_entries(none)  # generate has no default
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     given = argparse.Namespace(prompt=["zero"], prompts=tmp_path / "p.txt")
-    assert prompts_from_args(given, DEFAULT_PROMPTS) == ["zero", "one", "two"]
+    assert [p for p, _ in prompt_entries(given, DEFAULT_PROMPTS)] == ["zero", "one", "two"]
+    assert images_of(prompt_entries(given)) is None
+    # Image-to-video: a JSON file pairs prompts with images (relative to the file); --image fills the others.
+    (tmp_path / "p.json").write_text('[{"prompt": "a", "image": "a.png"}, "b"]')
+    paired = argparse.Namespace(prompt=None, prompts=tmp_path / "p.json", image=tmp_path / "all.png")
+    assert prompt_entries(paired) == [("a", tmp_path / "a.png"), ("b", tmp_path / "all.png")]
+    with pytest.raises(ValueError, match="prompt 1 .* has no image"):
+        images_of(prompt_entries(argparse.Namespace(prompt=None, prompts=tmp_path / "p.json", image=None)))
+    (tmp_path / "bad.json").write_text('[{"prompt": "a", "image": 3}]')
+    with pytest.raises(ValueError, match="entry 0's image must be a path"):
+        prompt_entries(argparse.Namespace(prompt=None, prompts=tmp_path / "bad.json"))
 
 
 def test_base_length_comes_from_flag_lora_then_family(tiny_wan_dir: Path, tiny_wan_lora: Path, tmp_path: Path) -> None:

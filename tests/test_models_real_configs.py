@@ -1,6 +1,6 @@
-"""The published transformer configs (Wan2.1-1.3B, -14B, Wan2.2-TI2V-5B, HunyuanVideo) at their real width,
-heads and norms, one block of each kind, random weights: radial attention equals diffusers' stock processor
-given the radial mask as a token mask, in float32.
+"""The published transformer configs (Wan2.1-1.3B, -14B, Wan2.2-TI2V-5B, HunyuanVideo, Wan2.1-I2V-14B) at
+their real width, heads and norms, one block of each kind, random weights: radial attention equals diffusers'
+stock processor given the radial mask as a token mask, in float32.
 
 Here: Wan2.1-1.3B at the real 480p geometry (5 latent frames x 1560 tokens, 128-token blocks: 12.2 blocks
 a frame), about 20 s on 2 CPU cores; the wider configs at a geometry of several latent frames whose frames are
@@ -39,7 +39,8 @@ def _geometry(hub: str) -> tuple[tuple[int, int, int], int | None]:
     return ((5, 44, 80) if "TI2V" in hub else (5, 60, 104)), None  # 704x1280 / 16; 480x832 / 8
 
 
-@pytest.fixture(params=[h for h in PUBLISHED if "A14B" not in h])  # A14B's experts are the 14B config
+# A14B's experts are the 14B configs; Wan2.1-I2V's 720P transformer is its 480P one
+@pytest.fixture(params=[h for h in PUBLISHED if "A14B" not in h and "720P" not in h])
 def real(request):
     hub = request.param
     spec = PUBLISHED[hub]
@@ -64,9 +65,18 @@ def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> t
         extra = {"guidance": torch.tensor([6000.0], device=DEVICE)}
     else:
         text, extra = {"encoder_hidden_states": torch.randn(1, 16, 4096, generator=g)}, {}
+    if family.endswith("-i2v"):  # the frame mask and image latents on channels; Wan2.1-I2V's CLIP tokens
+        f, h, w = latents.shape[2:]
+        text["image_latents"] = torch.randn(1, 16, f, h, w, generator=g)
+        if transformer.config.image_dim:  # its cross-attention reads the last 512 tokens as text
+            text["encoder_hidden_states"] = torch.randn(1, 512, 4096, generator=g)
+            text["encoder_hidden_states_image"] = torch.randn(1, 257, 1280, generator=g)
     text = {k: v.to(DEVICE) for k, v in text.items()}
+    t = torch.tensor([700.0], device=DEVICE)
     with torch.no_grad():
-        return transformer(latents, torch.tensor([700.0], device=DEVICE), **text, **extra, return_dict=False)[0]
+        if family.endswith("-i2v"):
+            return get_adapter(family).predict(transformer, latents, t, text)
+        return transformer(latents, t, **text, **extra, return_dict=False)[0]
 
 
 def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
@@ -74,7 +84,7 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     family = detect_family(transformer)  # a lone transformer: TI2V-5B's 48 channels say Wan2.2
     assert family == spec.family
     (frames, h, w), block_size = _geometry(hub)
-    shape = (1, transformer.config.in_channels, frames, h, w)
+    shape = (1, transformer.config.out_channels, frames, h, w)  # image-to-video: the image is added by _call
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     adapter = get_adapter(family)
     controller = apply_radial_attention(transformer, block_size=block_size)  # backend auto: the CPU kernel
@@ -93,4 +103,4 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     assert density is not None and density < 0.95, density  # the mask really drops blocks
     err = float((radial - oracle).abs().max() / oracle.abs().max())
     assert err < 1e-5, (hub, err)
-    assert adapter.default_block_size == (64 if family == "wan22" else 128)
+    assert adapter.default_block_size == (64 if adapter.architecture == "wan22" else 128)

@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from radial_lora.constants import DEFAULT_TARGETS
+from radial_lora.constants import ARCHITECTURE, DEFAULT_TARGETS
 from radial_lora.files import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -410,8 +410,9 @@ def export_comfyui(
     state = load_lora_state(p)
     meta = read_lora_metadata(p) if family is None else {}
     family = family or meta.get("family")
-    if family not in ("wan", "wan22", "hunyuan"):
+    if family not in ARCHITECTURE:
         raise ValueError(f"unknown or missing model family {family!r} for ComfyUI export; pass family='wan'|'hunyuan'")
+    family = ARCHITECTURE[family]  # an image-to-video model has its text-to-video twin's block names
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
     skipped = []

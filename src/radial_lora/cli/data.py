@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from radial_lora.constants import FAMILIES
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -44,7 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=Path, dest="input_option", metavar="INPUT", help="the same, as an option")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write (resumed if it exists)")
     p.add_argument("--model", required=True, help="diffusers model folder or hub id")
-    p.add_argument("--family", required=True, choices=["wan", "wan22", "hunyuan"], help="model family")
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=None,
+        help="model family (default: read from the model's model_index.json)",
+    )
     p.add_argument("--lengths", type=_int_list, default=(17, 65), help="frame counts, 4k+1 each (default 17,65)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)

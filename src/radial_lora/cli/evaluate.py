@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from radial_lora.cli.generate import add_attention_arguments, base_length, prompts_from_args
+from radial_lora.cli.generate import add_attention_arguments, base_length, images_of, prompt_entries
 from radial_lora.inference.generate import parse_lora_spec
 
 # Used when no prompt is given: varied motion, so temporal quality differences show.
@@ -24,7 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "docs/LORA_LENGTH_EXTENSION.md explains the report.",
     )
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help='file with one prompt per line, or a JSON list of prompts and {"prompt": ..., "image": PATH} entries '
+        "(image-to-video with --dataset and no images: the held-out clips' captions and first frames)",
+    )
     p.add_argument(
         "--lengths",
         default="1x,2x",
@@ -68,9 +74,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     base_frames, source = base_length(args.base_frames, lora, args.family, args.model)
     lengths = parse_lengths(args.lengths, base_frames)
     print(f"lengths {args.lengths} = {lengths} frames: 1x is {base_frames} frames ({source})")
+    entries = prompt_entries(args, DEFAULT_PROMPTS)
     opts = GridOptions(
         model=args.model,
-        prompts=prompts_from_args(args, DEFAULT_PROMPTS),
+        prompts=[prompt for prompt, _ in entries],
+        images=images_of(entries),
         lengths=lengths,
         variants=make_variants(names, lora, lora2),
         out_dir=args.out,

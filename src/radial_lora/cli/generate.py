@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from radial_lora.constants import FAMILIES
 from radial_lora.inference.generate import parse_lora_spec
 
 
@@ -14,9 +15,15 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
     p.add_argument(
         "--family",
-        choices=["wan", "wan22", "hunyuan"],
+        choices=FAMILIES,
         default=None,
-        help="model family (detected from a local folder's model_index.json)",
+        help="model family (default: read from the model's model_index.json, folder or hub id)",
+    )
+    p.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="image-to-video: the first frame of every video (scaled and centre-cropped to --height x --width)",
     )
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -58,18 +65,33 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
 
-def prompts_from_args(args: argparse.Namespace, default: list[str] | None = None) -> list[str]:
-    """--prompt values plus the --prompts file; ``default`` when neither is given (else an error)."""
-    from radial_lora.inference.generate import read_prompts
+def prompt_entries(args: argparse.Namespace, default: list[str] | None = None) -> list[tuple[str, Path | None]]:
+    """``(prompt, image)`` of every --prompt and --prompts entry: an entry's own image, else --image."""
+    from radial_lora.inference.generate import read_prompt_entries
 
-    prompts = list(args.prompt or [])
+    entries: list[tuple[str, Path | None]] = [(p, None) for p in args.prompt or []]
     if args.prompts is not None:
-        prompts += read_prompts(args.prompts)
-    if not prompts and default:
-        return list(default)
-    if not prompts:
+        entries += read_prompt_entries(args.prompts)
+    if not entries and default:
+        entries = [(p, None) for p in default]
+    if not entries:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
-    return prompts
+    image = getattr(args, "image", None)
+    return [(prompt, own or image) for prompt, own in entries]
+
+
+def images_of(entries: list[tuple[str, Path | None]]) -> list[Path] | None:
+    """The image of every prompt, or None when no prompt has one; some with and some without is an error."""
+    images = [image for _, image in entries]
+    if all(i is None for i in images):
+        return None
+    missing = [n for n, i in enumerate(images) if i is None]
+    if missing:
+        raise ValueError(
+            f"prompt {missing[0]} ({entries[missing[0]][0][:40]!r}) has no image while others have one: give "
+            "--image PATH for those, or an image in every prompts-file entry"
+        )
+    return images
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Settings left out come from the LoRA's training metadata, else the defaults. docs/LORA_LENGTH_EXTENSION.md",
     )
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
-    p.add_argument("--prompts", type=Path, default=None, help="file with one prompt per line (or a JSON list)")
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help='file with one prompt per line, or a JSON list of prompts and {"prompt": ..., "image": PATH} entries',
+    )
     p.add_argument("--frames", type=int, required=True, help="frames, 4k+1 (e.g. 81, 161)")
     p.add_argument("--pattern", choices=["radial", "dense"], default=None, help="attention (default radial)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to apply (repeatable)")
@@ -116,9 +143,11 @@ def _generate(args: argparse.Namespace) -> int:
     riflex_base = None
     if args.riflex:
         riflex_base = base_length(args.base_frames, loras[0] if loras else None, args.family, args.model)[0]
+    entries = prompt_entries(args)
     results = generate(
         args.model,
-        prompts_from_args(args),
+        [prompt for prompt, _ in entries],
+        images=images_of(entries),
         num_frames=args.frames,
         height=args.height,
         width=args.width,
@@ -185,6 +214,6 @@ def base_length(given: int | None, lora: tuple[str, float] | None, family: str |
         except ValueError:
             raise ValueError(
                 f"cannot tell what 1x means for {model}: pass --base-frames N (the length it was trained for) "
-                "or --family wan|wan22|hunyuan"
+                f"or --family ({', '.join(FAMILIES)})"
             ) from None
     return get_adapter(family).default_frames, f"the {family} default, family from {how}"

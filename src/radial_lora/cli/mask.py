@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default="wan",
-        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan) for its defaults, or a published hub id / pipeline "
+        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan; wan-i2v, wan22-i2v) for its defaults, or a "
+        "published hub id / pipeline "
         "folder (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers: its VAE, patch and heads too)",
     )
     p.add_argument("--frames", type=int, help="video frames (4k+1, e.g. 81, 161)")
@@ -122,22 +123,23 @@ def save_png(mask: np.ndarray, path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY
+    from radial_lora.constants import ARCHITECTURE, FAMILY_BLOCK_SIZE, FAMILY_DECAY
     from radial_lora.mask import attention_cost, radial_block_mask
 
     family, heads, vae, patch = _model(args.model)
+    arch = ARCHITECTURE[family]  # an image-to-video family: its text-to-video twin's attention
     frames, tokens, described = _geometry(args, vae, patch)
     decay = FAMILY_DECAY[family] if args.decay is None else args.decay
     block = FAMILY_BLOCK_SIZE[family] if args.block_size is None else args.block_size
     args.block_size = block
-    text = DEFAULT_TEXT_TOKENS[family] if args.text_tokens is None else args.text_tokens
+    text = DEFAULT_TEXT_TOKENS[arch] if args.text_tokens is None else args.text_tokens
     if args.heads is None:
-        args.heads = heads or DEFAULT_HEADS[family]
+        args.heads = heads or DEFAULT_HEADS[arch]
     for name, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     mask = radial_block_mask(
-        frames, tokens, block_size=block, decay_factor=decay, model_type=MASK_TYPE[family], num_text_tokens=text
+        frames, tokens, block_size=block, decay_factor=decay, model_type=MASK_TYPE[arch], num_text_tokens=text
     )
     seq = frames * tokens + text
     cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)

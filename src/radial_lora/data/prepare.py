@@ -33,12 +33,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from radial_lora.data.dataset import DATASET_JSON, FORMAT, MANIFEST, NULL_TEXT, Record, read_manifest
-from radial_lora.data.video_io import VIDEO_EXTENSIONS, VideoReadError, iter_timed_frames, probe_video, video_stream
+from radial_lora.data.video_io import (
+    VIDEO_EXTENSIONS,
+    VideoReadError,
+    iter_timed_frames,
+    probe_video,
+    resize_center_crop,
+    video_stream,
+)
 from radial_lora.files import atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from radial_lora.geometry import latent_geometry
 from radial_lora.locks import FolderLock
@@ -80,7 +86,7 @@ class PrepareOptions:
     input: Path
     out: Path
     model: str
-    family: str
+    family: str | None = None  # None: read from the model's model_index.json
     lengths: tuple[int, ...] = (17, 65)
     height: int = 480
     width: int = 832
@@ -353,17 +359,6 @@ def collect_inputs(
 # ---------------------------------------------------------------------------------------------- frames
 
 
-def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Scale so the frame covers ``height x width`` (aspect kept), then cut the centre."""
-    h, w = frame.shape[:2]
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    if (nh, nw) != (h, w):
-        frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return frame[top : top + height, left : left + width]
-
-
 def resampled_frames(path: Path, height: int, width: int, fps: float) -> Iterator[np.ndarray | None]:
     """The video at ``fps``, resized and centre-cropped, one ``uint8 [H, W, 3]`` frame at a time (streaming:
     nothing else is held); ``None`` for an output time whose source frame was damaged (see
@@ -540,6 +535,24 @@ class _Encoder:
         return result
 
     @torch.no_grad()
+    def images(self, clips: list[np.ndarray], length: int) -> list[dict[str, torch.Tensor]]:
+        """Per clip, the image-to-video conditioning of its first frame at its length (none for text-to-video)
+        and the frame itself (uint8, what ``evaluate`` conditions the generated videos on)."""
+        if self.adapter.task != "i2v":
+            return [{} for _ in clips]
+        from radial_lora.models.wan_i2v import FIRST_FRAME
+
+        firsts = [np.ascontiguousarray(c[0]) for c in clips]
+        encoded = self.adapter.encode_images(self.pipe, firsts, length)
+        return [
+            {
+                **{k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in encoded.items()},
+                FIRST_FRAME: torch.from_numpy(f),
+            }
+            for i, f in enumerate(firsts)
+        ]
+
+    @torch.no_grad()
     def videos(self, clips: list[np.ndarray]) -> torch.Tensor:
         """uint8 [F,H,W,3] clips -> latents [B,C,f,h,w] float32 on the CPU."""
         batch = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3)  # B,3,F,H,W
@@ -590,10 +603,11 @@ def _check_options(opts: PrepareOptions) -> None:
         raise ValueError(f"--max-clips {opts.max_clips} must be >= 1")
 
 
-def _dataset_info(opts: PrepareOptions, pipe: Any, previous: dict[str, Any] | None) -> dict[str, Any]:
+def _dataset_info(opts: PrepareOptions, adapter: Any, pipe: Any, previous: dict[str, Any] | None) -> dict[str, Any]:
     info = {
         "format": FORMAT,
         "family": opts.family,
+        "task": getattr(adapter, "task", "t2v"),
         "model": opts.model,
         "height": opts.height,
         "width": opts.width,
@@ -618,6 +632,7 @@ def _dataset_info(opts: PrepareOptions, pipe: Any, previous: dict[str, Any] | No
         info["lengths"] = sorted(set(previous.get("lengths", [])) | set(opts.lengths))
         info["latent_shapes"] = previous.get("latent_shapes", {})
         info["text_keys"] = previous.get("text_keys")
+        info["image_keys"] = previous.get("image_keys")
     return info
 
 
@@ -631,9 +646,11 @@ def _resolve_dtype(name: str) -> torch.dtype:
 def _load(opts: PrepareOptions, adapter: Any | None, pipe: Any | None) -> tuple[Any, Any]:
     """Adapter and pipeline; checks the clip sizes against the model's own geometry rules."""
     if adapter is None:
-        from radial_lora.models.registry import get_adapter
+        from radial_lora.models.registry import detect_family, get_adapter
 
+        opts.family = opts.family or detect_family(opts.model)
         adapter = get_adapter(opts.family)
+    opts.family = opts.family or adapter.family
     transformer = None  # a given pipeline has its own
     if pipe is None:
         # Encoding needs only the VAE and the text encoder(s): the transformer(s) are not loaded at all; the
@@ -741,9 +758,10 @@ def _encode_and_write(
     """Encode a batch of same-length clips (VAE + text encoder), write each clip's file and manifest line."""
     latents = encoder.videos([c.frames for c in clips])
     texts = encoder.text([c.item.caption for c in clips])
-    for clip, latent, text in zip(clips, latents, texts):
+    images = encoder.images([c.frames for c in clips], length)
+    for clip, latent, text, image in zip(clips, latents, texts, images):
         rel = f"latents/f{length}/{clip.id}.safetensors"
-        tensors = {"latents": latent.contiguous(), **text}
+        tensors = {"latents": latent.contiguous(), **text, **image}
         digest = _save_clip(opts.out / rel, tensors, {"id": clip.id, "source": clip.item.source})
         record = Record(
             id=clip.id,
@@ -765,6 +783,8 @@ def _encode_and_write(
         info.setdefault("latent_shapes", {})[str(length)] = list(latent.shape)
         if info.get("text_keys") is None:
             info["text_keys"] = sorted(text)
+        if image and info.get("image_keys") is None:
+            info["image_keys"] = sorted(image)
 
 
 def prepare_dataset(opts: PrepareOptions, *, adapter: Any | None = None, pipe: Any | None = None) -> PrepareSummary:
@@ -789,7 +809,7 @@ def _prepare(
     previous = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
     adapter, pipe = _load(opts, adapter, pipe)
     warn_long_captions(items, adapter, pipe, opts.input)
-    info = _dataset_info(opts, pipe, previous)
+    info = _dataset_info(opts, adapter, pipe, previous)
     info["finished"] = False  # until this run ends: `validate` flags an interrupted dataset
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(info_path, info, indent=2)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 from radial_lora.files import atomic_path
 
@@ -320,3 +321,30 @@ def _encode(
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+def resize_center_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scale so the frame covers ``height x width`` (aspect kept), then cut the centre."""
+    h, w = frame.shape[:2]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frame[top : top + height, left : left + width]
+
+
+def read_image(path: str | os.PathLike[str], height: int, width: int) -> np.ndarray:
+    """A picture file (PNG, JPEG, WebP, ...) as uint8 ``[height, width, 3]``, scaled to cover and centre-cropped
+    as ``data prepare`` does the videos' frames; a file that cannot be read is one line naming it."""
+    from PIL import UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        with Image.open(p) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {p} not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{p}: cannot read it as a picture ({exc}); give a PNG, JPEG or WebP file") from None
+    return np.ascontiguousarray(resize_center_crop(rgb, height, width))

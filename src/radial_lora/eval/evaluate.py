@@ -146,6 +146,7 @@ class GridOptions:
     base_frames: int | None = None  # what RIFLEx variants extend from
     riflex_k: int | None = None  # their RoPE component (default: the RIFLEx rule for base_frames)
     batch_size: int = 1  # prompts per pipeline call
+    images: list[Any] | None = None  # image-to-video: prompt i's first frame (path or uint8 [H, W, 3])
     overwrite: bool = False  # move an earlier evaluation in out_dir aside (previous/<time>/) and start afresh
 
 
@@ -228,6 +229,23 @@ def real_clips(pipe: Any, family: str, dataset: Path, lengths: Sequence[int], ma
             video = adapter.decode_latents(pipe, latents)  # [B, 3, F, H, W] in [-1, 1]
         out[length] = frames_to_uint8(((video + 1) / 2).permute(0, 2, 3, 4, 1).cpu().numpy())
     return out
+
+
+def heldout_conditions(dataset: Path, lengths: Sequence[int], max_clips: int) -> tuple[list[str], list[np.ndarray]]:
+    """An image-to-video evaluation's prompts and images: the captions and first frames of the held-out clips
+    (the longest length's, up to ``max_clips``), so each generated video has a real continuation to compare with."""
+    from radial_lora.data.dataset import PreparedDataset
+    from radial_lora.models.wan_i2v import FIRST_FRAME
+
+    ds = PreparedDataset(dataset)
+    length = max((n for n in lengths if ds.buckets.get(n)), default=None)
+    if length is None:
+        raise ValueError(f"--dataset {dataset} has no clips of {list(lengths)} frames to take first frames from")
+    records = ds.buckets[length][:max_clips]
+    tensors = [ds.load(r) for r in records]
+    if any(FIRST_FRAME not in t for t in tensors):
+        raise ValueError(f"--dataset {dataset} was prepared for text-to-video: its clips hold no first frames")
+    return [r.caption for r in records], [t[FIRST_FRAME].numpy() for t in tensors]
 
 
 def motion_summary(scores: Sequence[long_video.VideoScore], real: dict[str, Any] | None) -> dict[str, Any]:
@@ -429,6 +447,12 @@ def claim_output(opts: GridOptions, model_name: str | None, settings: dict[str, 
         logger.info("--overwrite: the earlier evaluation in %s moved to %s", out, moved)
 
 
+def _dataset_task(dataset: Path) -> str:
+    """ "i2v" for a dataset prepared with an image-to-video model (its dataset.json), else "t2v"."""
+    info = json.loads((Path(dataset) / "dataset.json").read_text(encoding="utf-8"))
+    return info.get("task") or "t2v"
+
+
 def run_grid(opts: GridOptions) -> dict[str, Any]:
     """Run (or resume) the grid and write ``results.json``, ``report.md`` and the plots into ``opts.out_dir``,
     holding its lock (:class:`radial_lora.locks.FolderLock`)."""
@@ -440,6 +464,9 @@ def run_grid(opts: GridOptions) -> dict[str, Any]:
         raise ValueError("RIFLEx variants need the length the model was trained for (--base-frames) or --riflex-k")
     if opts.dataset is not None and not (Path(opts.dataset) / "dataset.json").is_file():
         raise FileNotFoundError(f"--dataset {opts.dataset}: no dataset.json; run `radial-lora data prepare` first")
+    if opts.images is None and opts.dataset is not None and _dataset_task(opts.dataset) == "i2v":
+        opts.prompts, opts.images = heldout_conditions(opts.dataset, opts.lengths, opts.heldout_max_clips)
+        logger.info("image-to-video: %d held-out clips' captions and first frames", len(opts.prompts))
     for variant in opts.variants:
         for path, _ in variant.loras:
             check_lora(path)  # a missing, truncated or damaged LoRA: one line, before the model loads
@@ -502,6 +529,7 @@ def _run_grid(
             skip_existing=True,
             riflex_k=riflex_k if variant.riflex else None,
             batch_size=opts.batch_size,
+            images=opts.images,
             results_root=out,  # a cell of other settings: "--overwrite moves OUT aside", this run's flag
             **grid_attn,
         )

@@ -15,6 +15,7 @@ truncated or damaged file is one line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 
 from radial_lora.files import atomic_path, jsonable, set_aside, write_json_atomic
 from radial_lora.locks import job_lock
-from radial_lora.lora import check_lora, lora_attention_settings, lora_digest, lora_expert
+from radial_lora.lora import check_lora, lora_attention_settings, lora_digest, lora_expert, read_lora_metadata
 from radial_lora.mask import attention_cost, radial_block_mask
 from radial_lora.memory import peak_memory
 
@@ -141,13 +142,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if family is None:
-        from radial_lora.models.builtin import resolve_model_id
-
-        if Path(resolve_model_id(model)).is_dir():
-            family = detect_family(model)
-        else:
-            raise ValueError(f"--model {model} is not a local folder; pass --family (wan, wan22, hunyuan) for hub ids")
+    family = family or detect_family(model)  # the folder's or hub id's model_index.json
     logger.info("loading %s pipeline from %s (%s on %s)", family, model, dtype, device)
     pipe = get_adapter(family).load_pipeline(model, torch_dtype=dtype)
     if offload and device.startswith("cuda"):
@@ -158,6 +153,21 @@ def load_model(
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe, family
+
+
+def check_lora_family(loras: Sequence[tuple[str, float]], family: str) -> None:
+    """A LoRA trained on another family (or task: a text-to-video LoRA on an image-to-video model, whose blocks
+    have the same names) is one line, before anything loads; a LoRA without our metadata is let through."""
+    from radial_lora.constants import FAMILY_TASK
+
+    for path, _ in loras:
+        trained = read_lora_metadata(path).get("family")
+        if trained is not None and trained != family:
+            task, here = FAMILY_TASK.get(trained, "?"), FAMILY_TASK.get(family, "?")
+            raise ValueError(
+                f"LoRA {path} was trained for the {trained} family ({task}), this model is {family} ({here}); "
+                "use a LoRA trained on this model"
+            )
 
 
 def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
@@ -243,7 +253,7 @@ def attention_budget(
         block_size=settings["block_size"],
     )
     layers = len(adapter.self_attention_modules(transformer))
-    passes = 2 if family in ("wan", "wan22") and guidance > 1.0 else 1
+    passes = 2 if family != "hunyuan" and guidance > 1.0 else 1
     total = dense_total = 0.0
     for step in range(steps):
         for layer in range(layers):
@@ -344,6 +354,7 @@ def render_batch(
     negative_prompt: str | None = None,
     device: torch.device | None = None,
     measure_memory: bool = True,
+    images: Sequence[np.ndarray] | None = None,
 ) -> list[Rendered]:
     """One stock ``pipe(...)`` call for a batch of prompts, prompt ``i`` with a CPU generator seeded
     ``seeds[i]`` (diffusers draws each item's noise from its own generator: the same noise as alone), each
@@ -352,7 +363,8 @@ def render_batch(
     ``controller`` (the pipeline's :class:`~radial_lora.models.radial.RadialController`, or None) starts a
     new denoising run, so ``dense_timesteps`` counts from this call's first step. A ``None`` path runs the
     denoising only (``output_type="latent"``: no decode, nothing written; a process that must take part in
-    a sharded forward but writes nothing).
+    a sharded forward but writes nothing). ``images``: the first frame of each video, uint8 ``[H, W, 3]`` of
+    the video's size (image-to-video pipelines; the stock call's ``image``, as PIL pictures).
     """
     from radial_lora.data.video_io import write_video
 
@@ -371,6 +383,12 @@ def render_batch(
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="np" if decode else "latent",
     )
+    if images is not None:
+        from PIL import Image
+
+        if len(images) != 1 or len(prompts) != 1:  # diffusers 0.42's I2V pipelines repeat a batch's image latents
+            raise ValueError("image-to-video renders one video per pipeline call (batch_size 1)")
+        call["image"] = Image.fromarray(np.ascontiguousarray(images[0]))
     if len(prompts) == 1:
         call["generator"] = call["generator"][0]
     if negative_prompt is not None:
@@ -430,6 +448,7 @@ def generate(
     sequence_parallel: int = 1,
     overwrite: bool = False,
     results_root: str | os.PathLike | None = None,
+    images: Sequence[str | os.PathLike | np.ndarray] | None = None,
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
@@ -448,10 +467,20 @@ def generate(
     groups, and each group's first process writes. The result lists the videos this process's group made.
     ``overwrite``: an earlier video of the same name made with other settings moves to ``previous/<time>/`` of
     ``results_root`` (default ``out_dir``; ``evaluate`` passes its own folder) instead of stopping the call.
+    ``images``: image-to-video models only, the first frame of prompt ``i``'s video (a picture file, scaled
+    and centre-cropped to the video's size, or uint8 ``[H, W, 3]``); one video per pipeline call.
     """
+    from radial_lora.models import detect_family, get_adapter
+
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    family = family or detect_family(model)  # a folder's or hub id's model_index.json: nothing loads yet
+    check_lora_family(lora_list, family)
+    firsts = _first_frames(get_adapter(family), images, len(prompts), height, width)
+    if firsts is not None and batch_size > 1:
+        logger.info("image-to-video: one video per pipeline call (batch_size %d -> 1)", batch_size)
+        batch_size = 1
     user = dict(pattern=pattern, decay_factor=decay_factor, block_size=block_size, dense_layers=dense_layers)
     attn, source = resolve_attention_settings(user | {"dense_timesteps": dense_timesteps}, lora_list)
     layout = None
@@ -476,7 +505,7 @@ def generate(
         )
         base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
         base_settings["batch_size"] = batch_size
-        results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed)
+        results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed, firsts)
         _keep_earlier(todo, Path(results_root or out), overwrite, mover=layout is None or layout.rank == 0)
         writer = True
         if layout is not None:
@@ -568,6 +597,7 @@ def _render_chunk(
         run.call["steps"],
         attn["pattern"],
     )
+    images = [t.image for t in chunk] if chunk[0].image is not None else None
     with riflex(run.ropes, attn["riflex_k"]):
         rendered = render_batch(
             run.pipe,
@@ -575,6 +605,7 @@ def _render_chunk(
             [t.video if writer else None for t in chunk],
             prompts=[t.prompt for t in chunk],
             seeds=[t.settings["seed"] for t in chunk],
+            images=images,
             **run.call,
         )
     if not writer:
@@ -597,6 +628,34 @@ class _Pending:
     sidecar: Path
     frames_file: Path | None
     settings: dict[str, Any]
+    image: np.ndarray | None = None  # the first frame (image-to-video)
+
+
+def _first_frames(
+    adapter: Any, images: Sequence[Any] | None, count: int, height: int, width: int
+) -> list[tuple[np.ndarray, str]] | None:
+    """Per prompt, the image an image-to-video model starts from and a name for it (its path, or "array"); None
+    for a text-to-video model. A missing or extra image is one line saying what to pass."""
+    from radial_lora.data.video_io import read_image, resize_center_crop
+
+    if adapter.task != "i2v":
+        if images:
+            raise ValueError(f"the {adapter.family} model generates from text only; drop --image")
+        return None
+    if not images:
+        raise ValueError(
+            f"the {adapter.family} model generates from an image: pass --image PATH, or a JSON prompts file of "
+            '{"prompt": ..., "image": PATH} entries'
+        )
+    if len(images) != count:
+        raise ValueError(f"got {len(images)} images for {count} prompts; give one image per prompt (or one for all)")
+    out = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            out.append((np.ascontiguousarray(resize_center_crop(image, height, width)), "array"))
+        else:
+            out.append((read_image(image, height, width), str(image)))
+    return out
 
 
 def _plan_outputs(
@@ -607,8 +666,10 @@ def _plan_outputs(
     skip_existing: bool,
     base_settings: dict[str, Any],
     seed: int,
+    firsts: list[tuple[np.ndarray, str]] | None = None,
 ) -> tuple[dict[int, GenerationResult], list[_Pending]]:
-    """The results that can be reused as they are (``skip_existing``: same settings) and the videos to render."""
+    """The results that can be reused as they are (``skip_existing``: same settings) and the videos to render;
+    an image-to-video video's settings name its image and the sha256 of its pixels."""
     results: dict[int, GenerationResult] = {}
     todo: list[_Pending] = []
     for i, prompt in enumerate(prompts):
@@ -616,12 +677,16 @@ def _plan_outputs(
         video_path, sidecar = out / f"{stem}.mp4", out / f"{stem}.json"
         frames_file = out / f"{stem}.npz" if save_frames else None
         settings = {**base_settings, "prompt": prompt, "seed": seed + i}
+        image = None
+        if firsts is not None:
+            image, source = firsts[i]
+            settings |= {"image": source, "image_sha256": hashlib.sha256(image.tobytes()).hexdigest()}
         found = _load_existing(video_path, sidecar, frames_file, settings) if skip_existing else None
         if found is not None:
             logger.info("reusing %s (same settings)", video_path)
             results[i] = GenerationResult(prompt, i, video_path, sidecar, found[1], found[0], reused=True)
         else:
-            todo.append(_Pending(prompt, i, video_path, sidecar, frames_file, settings))
+            todo.append(_Pending(prompt, i, video_path, sidecar, frames_file, settings, image))
     return results, todo
 
 
@@ -724,20 +789,41 @@ def _checked_inputs(
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file (one per line; blank lines and ``#`` comments skipped) or a JSON list."""
+    return [prompt for prompt, _ in read_prompt_entries(path)]
+
+
+def read_prompt_entries(path: str | os.PathLike) -> list[tuple[str, Path | None]]:
+    """``(prompt, image)`` pairs of a prompts file: a text file (one prompt per line, no images) or a JSON list
+    of prompt strings and ``{"prompt": TEXT, "image": PATH}`` objects (image-to-video; a relative PATH is
+    relative to the file's folder)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} not found")
     text = p.read_text(encoding="utf-8")
+    wanted = 'a JSON list of prompt strings or {"prompt": TEXT, "image": PATH} objects'
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON ({exc}); expected a list of prompt strings") from exc
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise ValueError(f"{p}: expected a JSON list of prompt strings")
-        prompts = [x.strip() for x in data if x.strip()]
+            raise ValueError(f"{p}: not valid JSON ({exc}); expected {wanted}") from exc
+        if not isinstance(data, list):
+            raise ValueError(f"{p}: expected {wanted}")
+        entries: list[tuple[str, Path | None]] = []
+        for i, item in enumerate(data):
+            if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                image = item.get("image")
+                if image is not None and not isinstance(image, str):
+                    raise ValueError(f"{p}: entry {i}'s image must be a path (a string), got {image!r}")
+                entries.append((item["prompt"].strip(), None if image is None else p.parent / image))
+            elif isinstance(item, str):
+                entries.append((item.strip(), None))
+            else:
+                raise ValueError(f"{p}: entry {i} is {item!r}; expected {wanted}")
+        entries = [e for e in entries if e[0]]
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
+        entries = [
+            (line.strip(), None) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+        ]
+    if not entries:
         raise ValueError(f"{p} holds no prompts; write one prompt per line")
-    return prompts
+    return entries

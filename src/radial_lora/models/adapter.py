@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from radial_lora.constants import ARCHITECTURE, FAMILY_TASK
 from radial_lora.geometry import LatentGeometry, latent_geometry
 
 if TYPE_CHECKING:
@@ -59,6 +60,16 @@ class ModelAdapter(ABC):
     pipeline_class_name: str
     transformer_class_name: str
     sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
+
+    @property
+    def architecture(self) -> str:
+        """The transformer's kind ("wan", "wan22", "hunyuan"): ComfyUI keys, memory model, mask CLI."""
+        return ARCHITECTURE[self.family]
+
+    @property
+    def task(self) -> str:
+        """ "t2v" or "i2v": what the pipeline generates from (an image-to-video family is a family of its own)."""
+        return FAMILY_TASK[self.family]
 
     # -- structure -------------------------------------------------------------------------------
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
@@ -160,6 +171,19 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decode_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> ``[B,3,F,H,W]`` in [-1, 1]; the exact inverse path of :meth:`encode_videos`."""
+
+    def encode_images(self, pipe: DiffusionPipeline, frames: list, num_frames: int) -> dict[str, torch.Tensor]:
+        """Image conditioning of videos starting from ``frames`` (image-to-video families only)."""
+        raise ValueError(f"the {self.family} family generates from text only; it takes no image")
+
+    def pipeline_inputs(self, frames: list) -> dict[str, Any]:
+        """Extra arguments of the stock pipeline call for videos starting from ``frames`` (image-to-video)."""
+        raise ValueError(f"the {self.family} family generates from text only; it takes no image")
+
+    def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
+        """The conditioning of a clip's first ``latent_frames`` latent frames alone (text does not depend on
+        the length; an image's latents do)."""
+        return text
 
     @abstractmethod
     def predict(

@@ -4,7 +4,8 @@ Why: ``radial-lora plan`` and ``radial-lora mask`` answer questions about the re
 frame, heads) on a laptop, and the tests build the real configs with few blocks and random weights. The
 values are those of the models' diffusers ``config.json`` files that matter here (the Wan team's configs:
 Wan2.1 1.3B 1536 = 12 x 128, 14B 5120 = 40 x 128; Wan2.2 TI2V-5B 3072 = 24 x 128 with the 16x-spatial,
-48-channel Wan2.2 VAE; HunyuanVideo 24 x 128, 20 double + 40 single blocks).
+48-channel Wan2.2 VAE; HunyuanVideo 24 x 128, 20 double + 40 single blocks; the image-to-video 14B models
+take 36 input channels, Wan2.1-I2V also CLIP ViT-H embeddings, 1280 wide, into every cross-attention).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Published:
-    family: str  # radial-lora family: "wan", "wan22", "hunyuan"
+    family: str  # radial-lora family (radial_lora.constants.FAMILIES)
     transformer: dict[str, Any]  # the diffusers transformer config (as its config.json, no "_" keys)
     vae: tuple[int, int]  # (temporal, spatial) compression
     experts: int = 1  # Wan2.2 A14B: two transformers
@@ -31,14 +32,18 @@ def wan_config(
     channels: int = 16,
     text_dim: int = 4096,
     freq_dim: int = 256,
+    i2v: bool = False,
+    image_dim: int | None = None,
 ) -> dict[str, Any]:
     """A ``WanTransformer3DModel`` config: the published ones, and smaller ones of the same shape for tests and
-    the memory fit."""
-    return dict(
+    the memory fit. ``i2v``: the input also holds the frame mask and the image latents (2 x channels + 4);
+    ``image_dim``: CLIP image embeddings into every cross-attention (Wan2.1-I2V: ViT-H, 1280)."""
+    image = {"image_dim": image_dim, "added_kv_proj_dim": heads * head_dim} if image_dim else {}
+    return image | dict(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
-        in_channels=channels,
+        in_channels=2 * channels + 4 if i2v else channels,
         out_channels=channels,
         text_dim=text_dim,
         freq_dim=freq_dim,
@@ -91,6 +96,13 @@ PUBLISHED: dict[str, Published] = {
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", wan_config(24, 14336, 30, channels=48), (4, 16)),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", wan_config(40, 13824, 40), (4, 8), experts=2),
     "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": Published(
+        "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
+    ),
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": Published(
+        "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
+    ),
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": Published("wan22-i2v", wan_config(40, 13824, 40, i2v=True), (4, 8), experts=2),
 }
 
 
@@ -135,11 +147,13 @@ def describe_model(model: str) -> Published:
         )
     from radial_lora.models.registry import family_of_class
     from radial_lora.models.wan import is_wan22_config, wan22_vae_spatial
+    from radial_lora.models.wan_i2v import is_wan_i2v_config
 
     config = json.loads(config_file.read_text())
     index_file = root / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    family = family_of_class(config.get("_class_name", ""), is_wan22_config(index, config), str(config_file))
+    i2v = index.get("_class_name", "").endswith("ImageToVideoPipeline") or is_wan_i2v_config(config)
+    family = family_of_class(config.get("_class_name", ""), is_wan22_config(index, config), str(config_file), i2v=i2v)
     experts = 1 if (index.get("transformer_2") or [None])[0] is None else 2
     spatial = 8 if family == "hunyuan" else wan22_vae_spatial(config.get("in_channels"))
     vae_file = root / "vae" / "config.json"

@@ -17,15 +17,18 @@ from torch import nn
 from radial_lora.models.adapter import ModelAdapter
 from radial_lora.models.hunyuan import HunyuanAdapter
 from radial_lora.models.wan import Wan22Adapter, WanAdapter, is_wan22, is_wan22_config
+from radial_lora.models.wan_i2v import Wan22I2VAdapter, WanI2VAdapter, is_wan_i2v_config
 
-ADAPTERS: dict[str, ModelAdapter] = {a.family: a for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter())}
+ADAPTERS: dict[str, ModelAdapter] = {
+    a.family: a for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter(), WanI2VAdapter(), Wan22I2VAdapter())
+}
 # A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
 # WanTransformer3DModel): detecting a pipeline tags its transformers with this attribute.
 _FAMILY_ATTR = "_radial_lora_family"
 
 
 def families() -> list[str]:
-    """The family names ("hunyuan", "wan", "wan22")."""
+    """The family names ("hunyuan", "wan", "wan-i2v", "wan22", "wan22-i2v")."""
     return sorted(ADAPTERS)
 
 
@@ -48,17 +51,34 @@ def detect_family(pipe_or_transformer: Any) -> str:
     if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
         return tagged
     if isinstance(pipe_or_transformer, str | os.PathLike):
-        from radial_lora.models.builtin import resolve_model_id
-
-        index = Path(resolve_model_id(pipe_or_transformer)) / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{pipe_or_transformer} has no model_index.json; pass a diffusers pipeline directory")
-        return family_of_index(json.loads(index.read_text()), where=str(pipe_or_transformer))
+        return family_of_index(_model_index(pipe_or_transformer), where=str(pipe_or_transformer))
     name = type(pipe_or_transformer).__name__
-    family = family_of_class(name, is_wan22(pipe_or_transformer), name)
+    config = getattr(pipe_or_transformer, "config", None) or {}
+    i2v = isinstance(pipe_or_transformer, nn.Module) and is_wan_i2v_config(dict(config))
+    family = family_of_class(name, is_wan22(pipe_or_transformer), name, i2v=i2v)
     if name in {a.pipeline_class_name for a in ADAPTERS.values()}:
         tag_transformers(pipe_or_transformer, family)
     return family
+
+
+def _model_index(model: str | os.PathLike) -> dict[str, Any]:
+    """A pipeline's ``model_index.json``: from its folder, or for a hub id that file alone (no weights)."""
+    from radial_lora.models.builtin import resolve_model_id
+
+    path = Path(resolve_model_id(model))
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{model} has no model_index.json; pass a diffusers pipeline directory")
+        return json.loads(index.read_text())
+    if path.exists() or str(model).count("/") != 1:
+        raise ValueError(f"{model} is not a diffusers pipeline folder or hub id (owner/name); pass --family")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return dict(DiffusionPipeline.load_config(str(model)))
+    except (OSError, ValueError) as exc:  # offline, unknown id, gated
+        raise ValueError(f"cannot read {model}'s model_index.json ({exc}); pass --family") from None
 
 
 def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
@@ -67,15 +87,19 @@ def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
     return family_of_class(index.get("_class_name", ""), is_wan22_config(index, {}), where)
 
 
-def family_of_class(class_name: str, wan22: bool, where: str) -> str:
-    """The family of a pipeline or transformer class name (``wan22``: :func:`wan.is_wan22_config` said so)."""
-    found = [a.family for a in ADAPTERS.values() if class_name in (a.pipeline_class_name, a.transformer_class_name)]
+def family_of_class(class_name: str, wan22: bool, where: str, *, i2v: bool = False) -> str:
+    """The family of a pipeline or transformer class name (``wan22``: :func:`wan.is_wan22_config` said so;
+    ``i2v``: a transformer whose config takes image conditioning, :func:`wan_i2v.is_wan_i2v_config`)."""
+    task = "i2v" if i2v else "t2v"
+    found = [a for a in ADAPTERS.values() if class_name == a.pipeline_class_name] or [
+        a for a in ADAPTERS.values() if class_name == a.transformer_class_name and a.task == task
+    ]
     if found:  # Wan2.1 and Wan2.2 share their classes
-        return "wan22" if wan22 and "wan22" in found else next(f for f in found if f != "wan22")
+        return next((a.family for a in found if (a.architecture == "wan22") == wan22), found[0].family)
     supported = ", ".join(sorted({a.pipeline_class_name for a in ADAPTERS.values()}))
     raise ValueError(
         f"cannot tell the model family of {where or class_name!r} ({class_name or 'no class name'}); supported: "
-        f"{supported} (Wan2.1, Wan2.2, HunyuanVideo) and their transformers"
+        f"{supported} (Wan2.1, Wan2.2, HunyuanVideo; Wan image-to-video) and their transformers"
     )
 
 

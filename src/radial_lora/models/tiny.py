@@ -38,6 +38,8 @@ from tokenizers.models import WordLevel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlamaModel,
     PreTrainedTokenizerFast,
@@ -216,9 +218,10 @@ def _wan_transformer(seed: int, cfg: dict[str, Any]) -> WanTransformer3DModel:
     return WanTransformer3DModel(**cfg).eval()
 
 
-def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> WanPipeline:
+def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
     cfg = _check_overrides(family, _WAN_TRANSFORMER, overrides)
     z = cfg["in_channels"]
+    i2v = family.endswith("-i2v")
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(
         base_dim=4,
@@ -246,17 +249,47 @@ def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, An
             decoder_start_token_id=0,
         )
     ).eval()
+    kwargs: dict[str, Any] = {}
+    if i2v:  # the input holds the noise, the 4-channel frame mask and the image latents (models/wan_i2v.py)
+        cfg = {**cfg, "in_channels": 2 * z + 4, "out_channels": z}
+        if family == "wan-i2v":  # Wan2.1-I2V: CLIP ViT penultimate states into every cross-attention
+            kwargs = _tiny_clip_vision(seed + 4)
+            dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+            cfg |= {"image_dim": kwargs["image_encoder"].config.hidden_size, "added_kv_proj_dim": dim}
     transformer = _wan_transformer(seed + 2, cfg)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
-    kwargs: dict[str, Any] = {}
-    if family == "wan22":
+    if family.startswith("wan22"):
         # Wan2.2 A14B: `transformer` denoises t >= boundary, `transformer_2` the low-noise rest.
-        kwargs = {"transformer_2": _wan_transformer(seed + 3, cfg), "boundary_ratio": 0.875}
-    return WanPipeline(
+        kwargs |= {"transformer_2": _wan_transformer(seed + 3, cfg), "boundary_ratio": 0.875}
+    if i2v:  # imported here: its module imports CLIPImageProcessor, which warns without torchvision
+        from diffusers import WanImageToVideoPipeline
+
+    cls = WanImageToVideoPipeline if i2v else WanPipeline
+    return cls(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer, **kwargs
     )
+
+
+def _tiny_clip_vision(seed: int) -> dict[str, Any]:
+    """A CLIP vision tower and its processor at 32x32 (16 patches + the class token): Wan2.1-I2V's image
+    encoder in miniature. (Without torchvision, transformers warns once that it uses the PIL processor.)"""
+    from transformers import CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"image_encoder": encoder, "image_processor": processor}
 
 
 def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> HunyuanVideoPipeline:
@@ -322,13 +355,13 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
 def build_tiny_pipeline(
     family: str, seed: int = 0, *, vocabulary_texts: Iterable[str] = (), **overrides: Any
 ) -> DiffusionPipeline:
-    """A tiny random-weight pipeline of ``family`` ("wan", "wan22", "hunyuan"), in float32 on CPU.
+    """A tiny random-weight pipeline of ``family`` (``radial_lora.constants.FAMILIES``), in float32 on CPU.
 
     ``overrides`` change the transformer config (e.g. ``num_layers=4``); ``vocabulary_texts`` adds
     words to the tokenizers' vocabulary. Same seed, same weights.
     """
     vocab = caption_vocabulary(vocabulary_texts)
-    if family in ("wan", "wan22"):
+    if family in ("wan", "wan22", "wan-i2v", "wan22-i2v"):
         pipe = _build_wan(family, seed, vocab, overrides)
     elif family == "hunyuan":
         pipe = _build_hunyuan(seed, vocab, overrides)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from radial_lora import lora as lora_io
+from radial_lora.constants import FAMILY_TASK
 from radial_lora.train import checkpoint as ckpt
 from radial_lora.train import flow_matching as fm
 from radial_lora.train.config import ConfigError, TrainConfig, sample_dense_timesteps, sample_every
@@ -277,6 +278,7 @@ class SampleRenderer:
                 "device": str(rt.device),
             },
             write=rt.main,
+            images=_sample_images(data, len(v.sample_prompts)) if m.adapter.task == "i2v" else None,
         )
         return cls(cfg, rt, m, sampler, loggers)
 
@@ -286,6 +288,15 @@ class SampleRenderer:
         if self.rt.main or every_process_forwards(self.rt, self.m):
             self.sampler(step, image_logger=self.loggers.image if self.rt.main else None)
         self.rt.acc.wait_for_everyone()
+
+
+def _sample_images(data: Any, count: int) -> list[np.ndarray]:
+    """First frames for an image-to-video model's sample videos: the held-out clips' (else the training
+    clips'), one per sample prompt where there are enough."""
+    from radial_lora.models.wan_i2v import FIRST_FRAME
+
+    records = data.holdout or [r for clips in data.by_bucket.values() for r in clips]
+    return [data.dataset.load(r)[FIRST_FRAME].numpy() for r in records[:count]]
 
 
 def lora_metadata(
@@ -310,6 +321,7 @@ def lora_metadata(
         "base_model": str(local.resolve()) if local.is_dir() else cfg.model.id,
         **(identity or {}),
         "family": family,
+        "task": FAMILY_TASK[family],
         "trained_lengths": cfg.data.lengths,
         "base_length": cfg.data.base_length,
         "height": cfg.resolution.height,

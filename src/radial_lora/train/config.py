@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radial_lora.constants import BACKENDS, DEFAULT_TARGETS, EXPERTS, FAMILIES, PATTERNS, TIMESTEP_SCHEMES
+from radial_lora.constants import ARCHITECTURE, BACKENDS, DEFAULT_TARGETS, EXPERTS, FAMILIES, PATTERNS, TIMESTEP_SCHEMES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -248,9 +248,9 @@ def _one_of(value: Any, allowed: tuple, key: str) -> None:
 def check_expert_family(expert: str | None, family: str) -> None:
     """``model.expert`` picks one of Wan2.2 A14B's two experts; other families have one transformer."""
     _check(
-        expert is None or family == "wan22",
+        expert is None or ARCHITECTURE.get(family) == "wan22",
         "model.expert",
-        f"{expert!r} is only for model.family 'wan22' (Wan2.2 A14B's high/low-noise experts); "
+        f"{expert!r} is only for model.family 'wan22' or 'wan22-i2v' (Wan2.2 A14B's high/low-noise experts); "
         f"the {family!r} model has one transformer - remove model.expert",
     )
 

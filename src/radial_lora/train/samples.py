@@ -118,6 +118,7 @@ class ValidationSampler:
     device: torch.device
     settings: dict[str, Any]  # recorded in each sidecar (model, family, attention, expert, ...)
     write: bool = True
+    images: list[np.ndarray] | None = None  # image-to-video: prompt i starts from images[i % len(images)]
 
     def __post_init__(self) -> None:
         self.pipe.set_progress_bar_config(disable=True)  # the training bar is on screen
@@ -142,11 +143,13 @@ class ValidationSampler:
                     stem = sample_stem(num_frames, i, prompt)
                     video = folder / f"{stem}.mp4" if self.write else None
                     seed = self.seed + i
+                    image = self.images[i % len(self.images)] if self.images else None
                     rendered = render_video(
                         self.pipe,
                         self.controller,
                         video,
                         prompt=prompt,
+                        images=None if image is None else [image],
                         num_frames=num_frames,
                         height=self.height,
                         width=self.width,

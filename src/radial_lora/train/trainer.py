@@ -154,14 +154,15 @@ def caption_dropped(seed: int, step: int, index: int, p: float) -> bool:
 def drop_captions(
     text: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None, drop: list[bool]
 ) -> dict[str, torch.Tensor]:
-    """``text`` with the samples marked in ``drop`` replaced by the empty caption's tensors."""
+    """``text`` with the samples marked in ``drop`` replaced by the empty caption's tensors (the text keys
+    only: image conditioning stays)."""
     if not any(drop):
         return text
-    if null is None or sorted(null) != sorted(text):
+    if null is None or not set(null) <= set(text):
         raise ValueError("the dataset's null_text does not match its clips' text tensors; re-run `data prepare`")
-    out = {}
-    for key, value in text.items():
-        value = value.clone()
+    out = dict(text)  # an image-to-video clip keeps its image: guidance's unconditional branch has it too
+    for key in null:
+        value = text[key].clone()
         for j, d in enumerate(drop):
             if d:
                 value[j] = null[key].to(value.dtype)
@@ -486,7 +487,7 @@ def setup_data(cfg: TrainConfig, rt: Runtime) -> TrainData:
 
 def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) -> tuple[torch.nn.Module, Any, Any]:
     """The transformer to adapt; for a Wan2.2 expert also its noise range and ``(expert, timestep range)``."""
-    if family != "wan22" or (getattr(pipe, "transformer_2", None) is None and not cfg.model.expert):
+    if adapter.architecture != "wan22" or (getattr(pipe, "transformer_2", None) is None and not cfg.model.expert):
         return adapter.transformers(pipe)[0], None, None  # Wan2.2 TI2V-5B: one transformer, every noise level
     expert = cfg.model.expert or "high"
     try:
@@ -684,7 +685,8 @@ def train_step(cfg: TrainConfig, rt: Runtime, data: TrainData, m: TrainModel, st
                 total = fwd.loss
                 if t.consistency_weight > 0:  # a base-length clip is its own prefix: the base's prediction
                     with _base_model(m.transformer, m.controller), rt.acc.autocast():
-                        base = m.adapter.predict(m.transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, text)
+                        prefix = m.adapter.prefix(text, n_base)  # an image's latents of the prefix alone
+                        base = m.adapter.predict(m.transformer, fwd.noisy[:, :, :n_base], fwd.timesteps, prefix)
                     cons = torch.mean((fwd.prediction[:, :, :n_base].float() - base.float()) ** 2)
                     total = fwd.loss + t.consistency_weight * cons
                     cons_loss += cons.detach()

@@ -1,0 +1,138 @@
+"""Wan image-to-video (``WanImageToVideoPipeline``): Wan2.1-I2V-14B (480P/720P) and Wan2.2-I2V-A14B.
+
+What differs from text-to-video is only the conditioning, built here exactly as the stock pipeline builds it
+(diffusers 0.42, ``WanImageToVideoPipeline.prepare_latents`` and ``__call__``):
+
+- the VAE encodes the video ``[image, 0, 0, ...]`` of the clip's length (argmax), normalised with
+  ``(z - mean) * (1 / std)``: the ``image_latents``, one per clip and length;
+- a 4-channel frame mask, 1 on the first latent frame and 0 elsewhere, goes in front of them, and the
+  transformer sees ``cat([x_t, mask, image_latents])`` on channels (16 + 4 + 16 = 36 for the 14B models);
+- Wan2.1-I2V also feeds CLIP ViT-H's penultimate hidden states of the image (``image_encoder``) to every
+  block's cross-attention (``encoder_hidden_states_image``); Wan2.2-I2V-A14B has no image encoder.
+
+The transformer still generates every latent frame, the first included (it is not replaced by the image's
+latent, unlike Wan2.2-TI2V-5B's ``expand_timesteps``), so the loss covers every frame, as the pipeline's
+denoising does. Radial attention replaces ``attn1`` as for text-to-video; the first latent frame, the one
+the image conditions, is the mask's attention sink. The image goes into cross-attention only, which stays
+dense.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from radial_lora.models.adapter import unwrap
+from radial_lora.models.wan import Wan22Adapter, WanAdapter
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+IMAGE_LATENTS = "image_latents"  # [C, F, h, w] per clip: the VAE latents of [image, 0, 0, ...]
+IMAGE_EMBEDS = "encoder_hidden_states_image"  # [tokens, dim] per clip: CLIP of the image (Wan2.1-I2V only)
+FIRST_FRAME = "first_frame"  # uint8 [H, W, 3] per clip: the image itself (evaluate conditions on it)
+MASK_CHANNELS = 4  # = the VAE's temporal factor: the pipeline folds 4 pixel-frame flags into each latent frame
+
+
+def is_wan_i2v_config(transformer: Any) -> bool:
+    """A Wan transformer config built for image-to-video: its input holds the noise, the frame mask and the
+    image latents (``in_channels = 2 * out_channels + 4``: 36 for Wan2.1-I2V and Wan2.2-I2V-A14B)."""
+    get = transformer.get if isinstance(transformer, dict) else lambda k, d=None: getattr(transformer, k, d)
+    cin, cout = get("in_channels"), get("out_channels")
+    return cin is not None and cout is not None and int(cin) == 2 * int(cout) + MASK_CHANNELS
+
+
+def frame_mask(like: torch.Tensor) -> torch.Tensor:
+    """The pipeline's mask for a first-frame condition: ``[B, 4, F, h, w]``, 1 on latent frame 0, else 0."""
+    b, _, f, h, w = like.shape
+    mask = torch.zeros(b, MASK_CHANNELS, f, h, w, dtype=like.dtype, device=like.device)
+    mask[:, :, 0] = 1
+    return mask
+
+
+class WanI2VAdapter(WanAdapter):
+    """Wan2.1-I2V-14B-480P / 720P (``WanImageToVideoPipeline`` with a CLIP image encoder)."""
+
+    family = "wan-i2v"
+    pipeline_class_name = "WanImageToVideoPipeline"
+    encoder_components = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
+
+    def needs_image_encoder(self, pipe: DiffusionPipeline) -> bool:
+        """Wan2.1-I2V's transformer takes CLIP image embeddings (``image_dim``); Wan2.2-I2V-A14B's does not."""
+        for transformer in self.transformers(pipe):
+            if transformer is not None:
+                return unwrap(transformer).config.image_dim is not None
+        return getattr(pipe, "image_encoder", None) is not None
+
+    @torch.no_grad()
+    def encode_images(
+        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int, *, image_encoder: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` each),
+        batch-first, exactly as ``WanImageToVideoPipeline`` builds it for those images as PIL pictures of the
+        video's size. ``image_encoder``: whether to compute CLIP embeddings (default: the model takes them)."""
+        from PIL import Image
+
+        images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+        height, width = frames[0].shape[:2]
+        device = pipe._execution_device
+        pixels = pipe.video_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
+        zeros = pixels.new_zeros(pixels.shape[0], pixels.shape[1], num_frames - 1, height, width)
+        video = torch.cat([pixels.unsqueeze(2), zeros], dim=2).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+        latents = pipe.vae.encode(video).latent_dist.mode().to(device, torch.float32)
+        cfg = pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        out = {IMAGE_LATENTS: (latents - mean) * inv_std}
+        if self.needs_image_encoder(pipe) if image_encoder is None else image_encoder:
+            if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "image_processor", None) is None:
+                raise ValueError(
+                    "this Wan image-to-video transformer takes CLIP image embeddings (image_dim), but the pipeline "
+                    "has no image_encoder / image_processor: use the complete model folder (e.g. "
+                    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
+                )
+            out[IMAGE_EMBEDS] = pipe.encode_image(images, device).float()
+        return out
+
+    def predict(
+        self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``cat([x_t, mask, image_latents])`` as the pipeline's denoising loop feeds it; ``text`` holds the
+        clip's text and image tensors, batch-first."""
+        if IMAGE_LATENTS not in text:
+            raise ValueError(
+                f"an image-to-video model needs the clips' {IMAGE_LATENTS!r}; prepare the dataset with this model "
+                "(radial-lora data prepare --model ...): it encodes each clip's first frame"
+            )
+        dtype = unwrap(transformer).dtype
+        image = text[IMAGE_LATENTS].to(latents.device, torch.float32)
+        hidden = torch.cat([latents, torch.cat([frame_mask(image), image], dim=1).to(latents.dtype)], dim=1)
+        embeds = text.get(IMAGE_EMBEDS)
+        return transformer(
+            hidden_states=hidden.to(dtype),
+            timestep=timesteps.to(latents.device),
+            encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+            encoder_hidden_states_image=None if embeds is None else embeds.to(dtype),
+            return_dict=False,
+        )[0]
+
+    def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
+        """The conditioning of the clip's first ``latent_frames`` latent frames alone: the VAE is causal, so the
+        image latents of a shorter video are the first frames of a longer one's."""
+        return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
+
+    def pipeline_inputs(self, frames: list[np.ndarray]) -> dict[str, Any]:
+        """The image argument of the stock pipeline call for videos starting from ``frames``."""
+        from PIL import Image
+
+        images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+        return {"image": images if len(images) > 1 else images[0]}
+
+
+class Wan22I2VAdapter(Wan22Adapter, WanI2VAdapter):
+    """Wan2.2-I2V-A14B: the same conditioning without CLIP, two experts split by ``boundary_ratio``."""
+
+    family = "wan22-i2v"

@@ -1,0 +1,199 @@
+"""Image-to-video, the whole job on a tiny WanImageToVideoPipeline of the real classes (Wan2.1-I2V layout: CLIP
+image encoder): data prepare caches each clip's image conditioning, train runs with caption dropout, the
+consistency term and sample videos, the LoRA loads into the stock pipeline and changes its video, generate
+takes --image, evaluate conditions on the held-out clips' first frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radial_lora.cli import main
+from radial_lora.data.dataset import PreparedDataset
+from radial_lora.data.prepare import PrepareOptions, prepare_dataset
+from radial_lora.data.sample import write_sample_dataset
+from radial_lora.lora import read_lora_metadata
+from radial_lora.models import get_adapter
+from radial_lora.models.wan_i2v import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
+from radial_lora.train import trainer
+from tiny_config import quick_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from radial_lora.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("i2v")
+    model = save_tiny_pipeline("wan-i2v", root / "model")
+    write_sample_dataset(root / "videos", num_videos=4, num_frames=20, size=(32, 32), fps=16, seed=0)
+    opts = PrepareOptions(
+        input=root / "videos", out=root / "data", model=str(model), lengths=(9, 17), height=32, width=32
+    )
+    prepare_dataset(opts)  # no family: read from the folder's model_index.json
+    return {"root": root, "model": model, "data": root / "data"}
+
+
+def test_prepare_caches_the_pipelines_own_conditioning(flow: dict[str, Path]) -> None:
+    ds = PreparedDataset(flow["data"])
+    assert ds.info["family"] == "wan-i2v" and ds.info["task"] == "i2v"
+    adapter = get_adapter("wan-i2v")
+    pipe = adapter.load_pipeline(flow["model"], torch.float32, skip=adapter.denoiser_components)
+    for record in ds.records:
+        tensors = ds.load(record, verify=True)
+        assert tensors[FIRST_FRAME].dtype == torch.uint8 and tuple(tensors[FIRST_FRAME].shape) == (32, 32, 3)
+        again = adapter.encode_images(pipe, [tensors[FIRST_FRAME].numpy()], record.num_frames)
+        assert torch.equal(tensors[IMAGE_LATENTS], again[IMAGE_LATENTS][0])  # what the pipeline builds, exactly
+        assert torch.equal(tensors[IMAGE_EMBEDS], again[IMAGE_EMBEDS][0])
+        assert tensors[IMAGE_LATENTS].shape == tensors["latents"].shape
+
+
+def test_train_generate_evaluate(flow: dict[str, Path], tiny_wan_lora: Path, capsys: pytest.CaptureFixture) -> None:
+    root = flow["root"]
+    cfg = quick_config(
+        flow["model"],
+        flow["data"],
+        root / "lora",
+        "resolution.height=32",
+        "resolution.width=32",
+        "model.family=null",
+        "train.steps=3",
+        "schedule.warmup_steps=0",
+        "logging.tensorboard=false",
+        "train.consistency_weight=0.1",
+        "train.caption_dropout=0.5",
+        "validation.every=3",
+        'validation.sample_prompts=["a red circle moves right"]',
+        "validation.sample_steps=2",
+        "radial.block_size=4",
+    )
+    result = trainer.train(cfg)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    meta = read_lora_metadata(root / "lora")
+    assert meta["family"] == "wan-i2v" and meta["task"] == "i2v"
+    assert len(list((root / "lora" / "samples").rglob("*.mp4"))) == 1
+    assert (root / "lora" / "comfyui_lora.safetensors").is_file()  # Wan's block names: the T2V key map
+
+    # The stock pipeline loads the LoRA with load_lora_weights, and it changes the video.
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(flow["model"], torch_dtype=torch.float32)
+    image = Image.fromarray(
+        PreparedDataset(flow["data"]).load(PreparedDataset(flow["data"]).records[0])[FIRST_FRAME].numpy()
+    )
+    call = dict(
+        prompt="a red circle",
+        image=image,
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+    )
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    pipe.load_lora_weights(str(root / "lora"))
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    assert not torch.allclose(before, after)
+
+    # generate --image: the sidecar names the image and its pixels' sha256.
+    image.save(root / "first.png")
+    base = [
+        "generate",
+        "--model",
+        str(flow["model"]),
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "2",
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--lora",
+                str(root / "lora"),
+                "--prompt",
+                "a red circle",
+                "--image",
+                str(root / "first.png"),
+                "--out",
+                str(root / "gen"),
+            ]
+        )
+        == 0
+    )
+    (sidecar,) = (root / "gen").glob("*.json")
+    settings = json.loads(sidecar.read_text())["settings"]
+    assert settings["image"] == str(root / "first.png") and len(settings["image_sha256"]) == 64
+    capsys.readouterr()
+    # No image, or a text-to-video LoRA on this image-to-video model: one line each, exit 2.
+    assert main([*base, "--prompt", "a red circle", "--out", str(root / "gen2")]) == 2
+    assert "generates from an image: pass --image" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *base,
+                "--lora",
+                str(tiny_wan_lora),
+                "--prompt",
+                "x",
+                "--image",
+                str(root / "first.png"),
+                "--out",
+                str(root / "gen3"),
+            ]
+        )
+        == 2
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("radial-lora")]
+    assert len(err) == 1 and "trained for the wan family (t2v), this model is wan-i2v (i2v)" in err[0]
+
+    # evaluate --dataset: the held-out clips' captions and first frames; real clips and motion per length.
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(flow["model"]),
+                "--lora",
+                str(root / "lora"),
+                "--lengths",
+                "9,17",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--steps",
+                "2",
+                "--dataset",
+                str(flow["data"]),
+                "--heldout-max-clips",
+                "2",
+                "--variants",
+                "base_radial,lora_radial",
+                "--block-size",
+                "4",
+                "--out",
+                str(root / "eval"),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((root / "eval" / "results.json").read_text())
+    records = PreparedDataset(flow["data"]).buckets[17][:2]
+    assert results["prompts"] == [r.caption for r in records]
+    assert set(results["real"]) == {"9", "17"} and set(results["motion_ratio"]["lora_radial"]) == {"9", "17"}
+    video = json.loads(next((root / "eval" / "videos").glob("lora_radial_f0017_p00.json")).read_text())
+    first = PreparedDataset(flow["data"]).load(records[0])[FIRST_FRAME].numpy()
+    assert video["settings"]["image_sha256"] == __import__("hashlib").sha256(first.tobytes()).hexdigest()

@@ -1,0 +1,121 @@
+"""Wan image-to-video (models/wan_i2v.py): the trainer's transformer inputs are the stock pipeline's, bit for bit;
+detection by pipeline, folder and lone transformer; the prefix of a clip's image latents is the shorter clip's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radial_lora.models import build_tiny_pipeline, detect_family, get_adapter
+from radial_lora.models.wan_i2v import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS, frame_mask
+from radial_lora.train.flow_matching import flow_step
+
+I2V = ["wan-i2v", "wan22-i2v"]
+
+
+def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _capture(transformer: torch.nn.Module) -> tuple[list[dict], object]:
+    seen: list[dict] = []
+
+    def hook(_module, _args, kwargs):
+        seen.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", I2V)
+def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str) -> None:
+    """One denoising step of WanImageToVideoPipeline, its transformer's inputs captured; the adapter given the
+    same x_t and timestep, with the conditioning data prepare stores (encode_prompts + encode_images), feeds
+    the transformer exactly the same tensors."""
+    pipe = build_tiny_pipeline(family)
+    adapter = get_adapter(family)
+    (frame,) = _frames(1)
+    seen, handle = _capture(pipe.transformer)
+    pipe(
+        prompt="a red circle moves right",
+        image=Image.fromarray(frame),
+        num_frames=9,
+        height=32,
+        width=32,
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    )
+    handle.remove()
+    stock = seen[0]
+    z = pipe.vae.config.z_dim
+    x_t = stock["hidden_states"][:, :z]
+
+    cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(pipe, [frame], 9)
+    assert (IMAGE_EMBEDS in cond) == (family == "wan-i2v")  # Wan2.2-I2V-A14B has no image encoder
+    seen, handle = _capture(pipe.transformer)
+    adapter.predict(pipe.transformer, x_t, stock["timestep"], cond)
+    handle.remove()
+    ours = seen[0]
+    assert sorted(k for k, v in ours.items() if v is not None) == sorted(k for k, v in stock.items() if v is not None)
+    for key, value in stock.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(ours[key], value), key
+    # The mask channels: 1 on the first latent frame, 0 after it (a first-frame condition).
+    mask = stock["hidden_states"][:, z : z + 4]
+    assert torch.equal(mask, frame_mask(x_t)) and mask[:, :, 0].min() == 1 and mask[:, :, 1:].max() == 0
+
+
+@pytest.mark.parametrize("family", I2V)
+def test_flow_step_trains_on_every_frame_with_the_condition(family: str) -> None:
+    """The trainer's forward (flow_step) with the image conditioning: a finite loss whose gradient reaches the
+    transformer's patch embedding through the image channels, and a different image changes the prediction."""
+    pipe = build_tiny_pipeline(family)
+    adapter = get_adapter(family)
+    frames = _frames(2, seed=1)
+    cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames, 9)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
+    step = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), noise)
+    step.loss.backward()
+    weight = pipe.transformer.patch_embedding.weight  # [dim, 2z+4, 1, 2, 2]: noise | mask | image latents
+    assert torch.isfinite(step.loss) and weight.grad[:, 8:].abs().sum() > 0
+    swapped = {**cond, IMAGE_LATENTS: cond[IMAGE_LATENTS].flip(0)}
+    with torch.no_grad():
+        again = adapter.predict(pipe.transformer, step.noisy, step.timesteps, swapped)
+    assert not torch.allclose(again, step.prediction.detach())
+
+
+def test_prefix_of_the_image_latents_is_the_shorter_clip() -> None:
+    """The VAE is causal: the image latents of a 9-frame video are the first 3 latent frames of a 17-frame one's
+    (what the consistency term's base-length prefix uses)."""
+    pipe = build_tiny_pipeline("wan-i2v")
+    adapter = get_adapter("wan-i2v")
+    frames = _frames(1, seed=2)
+    long = adapter.encode_images(pipe, frames, 17)
+    short = adapter.encode_images(pipe, frames, 9)
+    prefix = adapter.prefix(long, 3)
+    assert torch.equal(prefix[IMAGE_LATENTS], short[IMAGE_LATENTS])
+    assert torch.equal(prefix[IMAGE_EMBEDS], long[IMAGE_EMBEDS])
+
+
+@pytest.mark.parametrize("family", I2V)
+def test_detected_from_pipeline_folder_and_lone_transformer(family: str, tmp_path: Path) -> None:
+    pipe = build_tiny_pipeline(family)
+    assert detect_family(pipe) == family
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert detect_family(tmp_path / "pipe") == family
+    lone = type(pipe.transformer)(**pipe.transformer.config)  # untagged, out of its pipeline
+    assert detect_family(lone) == "wan-i2v"  # a lone A14B expert looks like Wan2.1, as for text-to-video
+    assert get_adapter(family).task == "i2v" and get_adapter("wan").task == "t2v"
+
+
+def test_text_only_family_refuses_an_image() -> None:
+    with pytest.raises(ValueError, match="text only"):
+        get_adapter("wan").encode_images(build_tiny_pipeline("wan"), _frames(1), 9)
+    assert FIRST_FRAME not in get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), _frames(1), 9)
