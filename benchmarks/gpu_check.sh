@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 12 minutes on one H100/H200): the CUDA tests (compiled FlexAttention
+# The one prepared GPU check (about 13 minutes on one H100/H200): the CUDA tests (compiled FlexAttention
 # forward+backward, the sparse kernel, bf16, a tiny training run, no recompiles when two bucket lengths
-# alternate), then the CUDA training-step and attention benchmarks at the real Wan2.1 dimensions (12 and 40
+# alternate; block swap: same gradients, peak drop, step time; the int8/float8 base on the GPU), then the CUDA training-step and attention benchmarks at the real Wan2.1 dimensions (12 and 40
 # heads x 128, 480p and 720p; compiled flex fwd+bwd vs SDPA's cuDNN/flash backends, with the goal
 # flex >= 0.8 x (1/density) x dense printed beside each figure), which write their sections of
 # benchmarks/RESULTS.md with the card's name; then the published model configs (one block each, real width)
@@ -18,7 +18,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     # Pure-Python pins plus PyAV for CPython 3.12 on x86-64 (the GPU image's Python); ~56 MB.
     exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.23.0 av==18.1.0
+        -d .whl diffusers==0.42.1 peft==0.21.2 transformers==5.23.0 av==18.1.0 torchao==0.18.0
 fi
 
 OUT=${OUT:-runs/gpu_check}
@@ -48,7 +48,7 @@ stage() {  # stage NAME SECONDS COMMAND...: one bounded step; a failure or timeo
     [ "$rc" -eq 0 ] || status=1
 }
 
-stage tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_train_offload.py
+stage tests 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py tests/test_train_offload.py
 stage train_step 150 python3 benchmarks/train_step.py --device cuda
 stage attention 260 python3 benchmarks/attention.py --device cuda
 stage real_configs 150 env RADIAL_LORA_REAL_GEOMETRY=1 python3 -m pytest -q -p no:cacheprovider \

@@ -7,9 +7,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from radial_lora.cli import main
-from radial_lora.memory_plan import BF16, GIB, dims_of, estimate, measure_step, plan_for_config, resolve_model
+from radial_lora.memory_plan import (
+    BF16,
+    GIB,
+    cheapest_fitting,
+    dims_of,
+    estimate,
+    max_frames,
+    measure_step,
+    plan_for_config,
+    resolve_model,
+    weight_bytes,
+)
 from radial_lora.models.published import PUBLISHED, hunyuan_config, wan_config
 from radial_lora.train.config import load_config
 
@@ -103,3 +115,60 @@ def test_cli_json_and_errors(capsys: pytest.CaptureFixture) -> None:
     assert main([*args, "--width", "1280", "--gpus", "8", "--sequence-parallel", "8"]) == 0
     text = capsys.readouterr().out
     assert "8 GPUs = 1 data x 8 sequence" in text and "-> fits in 80 GB" in text
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "float8"])
+def test_weight_bytes_equal_a_real_config_model_stored(scheme: str | None) -> None:
+    """The planner's base bytes of Wan2.1-1.3B cut to one block (real width, real embeddings and head) equal the
+    bytes the built, quantized model stores; swapping its only block but..."""
+    from radial_lora.models.published import build_transformer
+    from radial_lora.models.quantize import quantize_base, tensor_bytes
+
+    def stored(module: torch.nn.Module) -> int:  # parameters (the RoPE tables are buffers, not weights)
+        return sum(tensor_bytes(p) for p in module.parameters())
+
+    config = dict(PUBLISHED["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"].transformer, num_layers=2)
+    model = build_transformer("wan", config, "cpu").to(torch.bfloat16).requires_grad_(False)
+    if scheme:
+        quantize_base(model, scheme)
+    d = dims_of("wan", config)
+    assert weight_bytes(d, scheme) == (stored(model), 0)
+    here, host = weight_bytes(d, scheme, blocks_to_swap=1)
+    assert host == stored(model.blocks[1]) and here == stored(model)  # 1 swapped: both buffers held
+
+
+def test_max_frames_on_one_card() -> None:
+    """The issue's goal: Wan2.1-14B at 480p trains 161 frames on a 48 GB card and 81 on a 24 GB card."""
+    d, vae = resolve_model("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+
+    def make(**kw):
+        return estimate(d, **({"model": "14B", "frames": 5, "height": 480, "width": 832, "gpus": 1, "vae": vae} | kw))
+
+    for memory, frames in ((48, 161), (24, 81)):
+        best = max_frames(lambda memory=memory, **kw: make(gpu_memory_gb=memory, **kw), d.blocks)
+        assert best is not None and best.fits and best.frames >= frames, (memory, best)
+        assert not make(gpu_memory_gb=memory, frames=best.frames + 4, quantization="int8", offload=True,
+                        blocks_to_swap=39).fits  # fmt: skip
+        plan = cheapest_fitting(
+            lambda memory=memory, frames=frames, **kw: make(gpu_memory_gb=memory, frames=frames, **kw), d.blocks
+        )
+        assert plan is not None and plan.quantization == "int8"
+    bf16 = make(gpu_memory_gb=80, frames=161)
+    assert bf16.parts["weights"] == d.params * BF16 and not make(gpu_memory_gb=48, frames=161).fits
+    eight = make(gpu_memory_gb=80, frames=161, quantization="int8")
+    assert 0.50 < eight.parts["weights"] / bf16.parts["weights"] < 0.51
+    with pytest.raises(ValueError, match="blocks_to_swap is for one GPU"):
+        make(gpu_memory_gb=80, gpus=2, blocks_to_swap=4)
+
+
+def test_cli_max_frames(capsys: pytest.CaptureFixture) -> None:
+    args = ["plan", "--model", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--height", "480", "--width", "832"]
+    assert main([*args, "--max-frames", "--gpu-memory", "24", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_frames"] >= 161 and (out["max_frames"] - 1) % 4 == 0 and out["plan"]["fits"]
+    assert set(out["settings"]) == {"train.gradient_checkpointing", "train.offload_checkpoints",
+                                    "model.base_quantization", "train.blocks_to_swap"}  # fmt: skip
+    assert main([*args, "--max-frames", "--gpu-memory", "24"]) == 0
+    assert f"at most {out['max_frames']} frames" in capsys.readouterr().out
+    assert main([*args, "--max-frames", "--gpus", "2"]) == 2
+    assert "--max-frames plans one GPU" in capsys.readouterr().err

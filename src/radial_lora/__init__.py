@@ -1,5 +1,7 @@
 """radial-lora: LoRA length extension for video diffusion transformers under Radial Attention."""
 
+import logging
+
 from radial_lora.attention import block_sparse_attention
 from radial_lora.mask import attention_cost, mask_density, mask_sparsity, radial_block_mask
 
@@ -13,6 +15,12 @@ __all__ = [
     "remove_radial_attention",
 ]
 __version__ = "0.1.0"
+
+# torchao (the 8-bit base, models/quantize.py) logs at import that its optional CUDA kernels, and diffusers that
+# torchao's serialized-checkpoint classes, are unavailable: true on a CPU, irrelevant to weight-only training,
+# and noise on every command's stderr.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 # Model integration imports diffusers (seconds): exported lazily so `import radial_lora.mask` stays light.
 _LAZY = {"apply_radial_attention", "remove_radial_attention"}

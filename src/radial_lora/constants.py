@@ -17,3 +17,6 @@ BACKENDS = ("auto", "flex", "sparse", "dense", "reference")  # attention/__init_
 TIMESTEP_SCHEMES = ("uniform", "logit_normal")  # train/flow_matching.py: sample_sigmas
 EXPERTS = ("high", "low")  # Wan2.2 A14B: transformer (high noise), transformer_2 (low noise)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # LoRA on the attention projections (the paper's recipe)
+# The frozen base's weights (models/quantize.py): "none" keeps the training dtype; "8bit" is the measured best
+# 8-bit format (int8, benchmarks/quantized_base.py); "int8" / "float8" name one (weight-only, per-row scales).
+BASE_QUANTIZATIONS = ("none", "8bit", "int8", "float8")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from radial_lora.models.published import build_transformer, describe_model, patch_of
+from radial_lora.models.quantize import DEFAULT_8BIT, WeightShape, block_weight_shapes, resolve_scheme
 from radial_lora.models.registry import get_adapter
 
 GIB = 2**30
@@ -78,6 +79,7 @@ class Dims:
     block_params: int  # parameters of the largest block (what FSDP gathers at once)
     lora_width: int  # sum of (in + out) features over the LoRA's target projections: LoRA params = rank x this
     experts: int = 1  # Wan2.2 A14B: two transformers (one trained per run; both loaded to sample)
+    block_shapes: tuple[WeightShape, ...] = ()  # per block in execution order: the 8-bit and block-swap terms
 
     @property
     def hidden(self) -> int:
@@ -109,11 +111,24 @@ class Plan:
     parts: dict[str, float]
     peak_bytes_per_gpu: float
     fits: bool
-    host_bytes: float = 0.0  # offloaded block inputs, per process
+    host_bytes: float = 0.0  # offloaded block inputs and swapped blocks' weights, per process
+    quantization: str | None = None  # "int8" / "float8": the blocks' Linear weights in 8 bits
+    blocks_to_swap: int = 0
+    blocks: int = 0  # transformer blocks (what block swap may move)
+    frames: int = 0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def settings(self) -> dict[str, Any]:
+        """The training-config keys of this plan's memory settings."""
+        return {
+            "train.gradient_checkpointing": self.checkpointing,
+            "train.offload_checkpoints": self.offload,
+            "model.base_quantization": self.quantization or "none",
+            "train.blocks_to_swap": self.blocks_to_swap,
+        }
 
 
 def estimate(
@@ -132,8 +147,14 @@ def estimate(
     offload: bool = False,
     micro_batch: int = 1,
     vae: tuple[int, int] = (4, 8),
+    quantization: str | None = None,
+    blocks_to_swap: int = 0,
 ) -> Plan:
     """The per-GPU peak of a step with ``micro_batch`` samples per data-parallel rank."""
+    if blocks_to_swap and (gpus > 1 or sequence_parallel > 1):
+        raise ValueError("train.blocks_to_swap is for one GPU: not with several processes (FSDP, DDP) or SP")
+    if blocks_to_swap and not checkpointing:
+        raise ValueError("train.blocks_to_swap needs gradient checkpointing")
     tokens = video_tokens(d, frames, height, width, vae)
     n = sequence_parallel
     fsdp = gpus > 1 if fsdp is None else fsdp
@@ -146,8 +167,9 @@ def estimate(
     per_block = {k: kept_bytes(k, t, x, d, rank) for k in kinds}
     stream = (t + (x if d.family == "hunyuan" else 0)) * d.hidden * BF16  # one block's checkpointed input
     outside_kind = f"{d.family}-outside" + ("-checkpointing" if checkpointing else "")
+    weights_here, weights_host = weight_bytes(d, quantization, blocks_to_swap)
     parts = {
-        "weights": d.params * BF16 / shards + (2 * d.block_params * BF16 if fsdp else 0),
+        "weights": weights_here / shards + (2 * d.block_params * BF16 if fsdp else 0),
         "lora_and_optimizer": lora_params * LORA_STATE / shards,
         "checkpointed_inputs": (0.0 if offload else sum(counts) * stream) if checkpointing else 0.0,
         "block_activations": max(per_block.values())
@@ -174,9 +196,28 @@ def estimate(
         parts=parts,
         peak_bytes_per_gpu=peak,
         fits=peak * FRAGMENTATION + CUDA_RESERVE <= memory,
-        host_bytes=sum(counts) * stream if (checkpointing and offload) else 0.0,
+        host_bytes=(sum(counts) * stream if (checkpointing and offload) else 0.0) + weights_host,
         notes=notes,
+        quantization=quantization,
+        blocks_to_swap=blocks_to_swap,
+        blocks=sum(counts),
+        frames=frames,
     )
+
+
+SWAP_BUFFERS = 2  # swapped blocks on the GPU at once: the one running and the one being prefetched
+
+
+def weight_bytes(d: Dims, quantization: str | None = None, blocks_to_swap: int = 0) -> tuple[int, int]:
+    """``(on the GPU, in host memory)`` bytes of the frozen base: bf16, or the blocks' Linear weights in 8 bits
+    with their per-row scales (``models/quantize.py``); the last ``blocks_to_swap`` blocks in host memory but
+    for the two a step holds at once (the LoRA is counted apart)."""
+    shapes = d.block_shapes or (WeightShape(d.params, 0, 0),)
+    outside = (d.params - sum(s.params for s in shapes)) * BF16
+    per_block = [s.bytes(quantization, BF16) for s in shapes]
+    swapped = per_block[len(per_block) - blocks_to_swap :] if blocks_to_swap else []
+    resident = outside + sum(per_block) - sum(swapped)
+    return resident + min(SWAP_BUFFERS, len(swapped)) * max(swapped, default=0), sum(swapped)
 
 
 def video_tokens(d: Dims, frames: int, height: int, width: int, vae: tuple[int, int]) -> int:
@@ -214,9 +255,59 @@ def advise(base: Plan, make: Callable[..., Plan], smallest: int | None) -> list[
         tips.append("train.gradient_checkpointing=true fits")
     if base.checkpointing and not base.offload and make(offload=True).fits:
         tips.append("train.offload_checkpoints=true fits")
+    if base.gpus == 1 and base.quantization is None and make(quantization=DEFAULT_8BIT).fits:
+        tips.append("model.base_quantization=8bit fits")
+    swap = smallest_fitting_swap(base, make) if base.gpus == 1 and base.checkpointing else None
+    if swap:
+        tips.append(f"train.blocks_to_swap={swap} fits")
+    together = cheapest_fitting(make, base.blocks) if not tips and base.gpus == 1 else None
+    if together is not None:
+        keys = " ".join(
+            f"{k}={v}".replace("True", "true").replace("False", "false") for k, v in together.settings().items()
+        )
+        tips.append(f"{keys} fits ({together.peak_bytes_per_gpu / GIB:.1f} GiB)")
     if not tips:
         tips.append("does not fit with any sequence-parallel degree the GPUs and heads allow: more GPUs, fewer frames")
     return tips
+
+
+def smallest_fitting_swap(base: Plan, make: Callable[..., Plan]) -> int | None:
+    """The fewest swapped blocks whose plan fits (one GPU, checkpointing), or None."""
+    return next((n for n in range(1, base.blocks) if make(blocks_to_swap=n).fits), None)
+
+
+# The single-card ladder of --max-frames, least intrusive first: each step costs time (offload, swap) or
+# a little accuracy (8 bits, int8: benchmarks/RESULTS.md); swapping goes last as it moves the most bytes.
+LADDER: tuple[dict[str, Any], ...] = (
+    {"checkpointing": True},
+    {"checkpointing": True, "offload": True},
+    {"checkpointing": True, "offload": True, "quantization": DEFAULT_8BIT},
+)
+
+
+def cheapest_fitting(make: Callable[..., Plan], blocks: int) -> Plan | None:
+    """The first plan of :data:`LADDER` that fits, then the last rung with the fewest swapped blocks that fits."""
+    for settings in LADDER:
+        plan = make(**settings)
+        if plan.fits:
+            return plan
+    last = LADDER[-1]
+    return next((p for n in range(1, blocks) if (p := make(**last, blocks_to_swap=n)).fits), None)
+
+
+def max_frames(make: Callable[..., Plan], blocks: int, temporal: int = 4, limit: int = 2001) -> Plan | None:
+    """The longest clip (``temporal k + 1`` frames, up to ``limit``) one GPU trains, with the cheapest settings
+    that fit it (``make(frames=..., **settings)`` is :func:`estimate`); None when not even the shortest fits."""
+    most = {**LADDER[-1], "blocks_to_swap": max(blocks - 1, 0)}
+    fits = lambda k: make(frames=temporal * k + 1, **most).fits  # noqa: E731
+    if not fits(0):
+        return None
+    low, high = 0, (limit - 1) // temporal
+    while low < high:  # the peak grows with the frames: the largest k that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    frames = temporal * low + 1
+    return cheapest_fitting(lambda **kw: make(frames=frames, **kw), blocks)
 
 
 # -- the models ----------------------------------------------------------------------------------------
@@ -255,6 +346,7 @@ def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tupl
         block_params=block_params,
         lora_width=_lora_width(model, tuple(targets or DEFAULT_TARGETS)),
         experts=experts,
+        block_shapes=tuple(block_weight_shapes(model)),
     )
 
 
@@ -295,6 +387,8 @@ def config_plan_inputs(cfg: Any, gpus: int, gpu_memory_gb: float) -> tuple[Dims,
         offload=t.offload_checkpoints,
         micro_batch=micro,
         vae=vae,
+        quantization=resolve_scheme(cfg.model.base_quantization),
+        blocks_to_swap=t.blocks_to_swap,
     )
 
 

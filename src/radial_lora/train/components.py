@@ -339,6 +339,7 @@ def lora_metadata(
         "batch_size": cfg.train.batch_size,
         "lr": cfg.optimizer.lr,
         "consistency_weight": cfg.train.consistency_weight,
+        "base_quantization": cfg.model.base_quantization,  # what it trained on; it loads onto any base dtype
     }
     if expert is not None:
         meta["expert"], meta["expert_timesteps"] = expert[0], expert[1]

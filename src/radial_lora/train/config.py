@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radial_lora.constants import ARCHITECTURE, BACKENDS, DEFAULT_TARGETS, EXPERTS, FAMILIES, PATTERNS, TIMESTEP_SCHEMES
+from radial_lora.constants import (
+    ARCHITECTURE,
+    BACKENDS,
+    BASE_QUANTIZATIONS,
+    DEFAULT_TARGETS,
+    EXPERTS,
+    FAMILIES,
+    PATTERNS,
+    TIMESTEP_SCHEMES,
+)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -39,6 +48,9 @@ class ModelSection:
     dtype: str = "auto"  # weights: auto = bfloat16 on GPU, float32 on CPU
     flow_shift: float | None = None  # None: the pipeline scheduler's shift
     expert: str | None = None  # wan22 only: "high" (transformer, default) or "low" (transformer_2)
+    # The frozen transformer blocks' Linear weights in 8 bits (torchao weight-only, computed in model.dtype);
+    # "8bit" = int8, the format measured closest to the bf16 base (docs/TRAINING.md, "One card")
+    base_quantization: str = "none"
 
 
 @dataclass
@@ -120,6 +132,9 @@ class TrainSection:
     sequence_parallel: int = 1
     # Keep the checkpointed block inputs in host memory until backward (needs gradient_checkpointing).
     offload_checkpoints: bool = False
+    # Keep the last N transformer blocks' frozen weights in (pinned) host memory, each copied in on a side
+    # stream just before it runs, forward and backward (needs gradient_checkpointing; not with FSDP or SP).
+    blocks_to_swap: int = 0
 
 
 @dataclass
@@ -280,6 +295,7 @@ def _validate_model(cfg: TrainConfig) -> None:
         _one_of(m.family, FAMILIES, "model.family")
     _one_of(m.dtype, DTYPES, "model.dtype")
     _check(m.flow_shift is None or m.flow_shift > 0, "model.flow_shift", "must be > 0")
+    _one_of(m.base_quantization, BASE_QUANTIZATIONS, "model.base_quantization")
     if m.expert is not None:
         _one_of(m.expert, EXPERTS, "model.expert")
         if m.family is not None:
@@ -399,10 +415,34 @@ def _validate_train(cfg: TrainConfig) -> None:
         "train.offload_checkpoints",
         "offloads the inputs gradient checkpointing keeps: set train.gradient_checkpointing=true too",
     )
+    _validate_block_swap(t)
     _check(
         t.distributed != "fsdp" or o.name == "adamw",
         "train.distributed",
         "'fsdp' needs optimizer.name 'adamw' (bitsandbytes' 8-bit AdamW does not take sharded parameters)",
+    )
+
+
+def _validate_block_swap(t: TrainSection) -> None:
+    """``train.blocks_to_swap``: one GPU's feature (FSDP already shards the weights; SP is not tested with it)."""
+    _check(t.blocks_to_swap >= 0, "train.blocks_to_swap", f"{t.blocks_to_swap} must be >= 0 (0 = off)")
+    if not t.blocks_to_swap:
+        return
+    _check(
+        t.gradient_checkpointing,
+        "train.blocks_to_swap",
+        "needs train.gradient_checkpointing=true (without it autograd keeps every block's weights for backward, "
+        "so none would leave the GPU)",
+    )
+    _check(
+        t.distributed != "fsdp",
+        "train.blocks_to_swap",
+        "does not combine with train.distributed='fsdp' (FSDP shards the weights already): use one of the two",
+    )
+    _check(
+        t.sequence_parallel == 1,
+        "train.blocks_to_swap",
+        "does not combine with train.sequence_parallel > 1: set one of them (block swap is for one GPU)",
     )
 
 

@@ -526,7 +526,7 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
     sample_pipe = pipe if cfg.validation.sample_prompts else None  # its transformer is the one trained
     identity = model_identity(cfg.model.id, transformer.config)
-    transformer.to(device=rt.device, dtype=rt.weight_dtype)
+    transformer.to(dtype=rt.weight_dtype)  # still on the host: placed on the device once the LoRA is on
     if rt.device.type == "cpu":
         _own_aligned_weights(transformer)
     lo = cfg.lora
@@ -540,6 +540,7 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
     if state is not None:
         _load_lora_state(transformer, state)
     cast_training_params(transformer, dtype=torch.float32)  # the LoRA in fp32 even when the base is bf16
+    place_base(cfg, rt, transformer)
     r = cfg.radial
     controller = apply_radial_attention(
         transformer,
@@ -592,6 +593,32 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
         fsdp,
         ddp,
     )
+
+
+def place_base(cfg: TrainConfig, rt: Runtime, transformer: torch.nn.Module) -> None:
+    """The frozen base in 8 bits (``model.base_quantization``), then on the device, but for the blocks swapped
+    in from host memory (``train.blocks_to_swap``): both before the device sees the whole bf16 model."""
+    from radial_lora.models.quantize import quantize_base, resolve_scheme
+    from radial_lora.train.block_swap import enable_block_swap
+
+    scheme = resolve_scheme(cfg.model.base_quantization)
+    if scheme is not None:
+        layers = quantize_base(transformer, scheme)
+        logger.info("base weights: %d Linear layers of the blocks stored in %s (torchao weight-only)", layers, scheme)
+    swap = cfg.train.blocks_to_swap
+    if not swap:
+        transformer.to(device=rt.device)
+        return
+    if rt.world > 1:
+        raise ConfigError(
+            f"train.blocks_to_swap={swap} is for one process (this job has {rt.world}): across GPUs use "
+            "train.distributed='fsdp' instead"
+        )
+    try:
+        enable_block_swap(transformer, swap, rt.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    logger.info("block swap: the last %d blocks' base weights in host memory, one at a time on %s", swap, rt.device)
 
 
 def _load_lora_state(transformer: torch.nn.Module, state: dict[str, Any]) -> None:
