@@ -2,7 +2,8 @@
 
 The commands run in order in one working directory (README first, then docs/ by name), so a block may use
 what an earlier one wrote, as a reader following the pages would. What changes, and only this (README, "The
-job, end to end"): model ids -> ``builtin:tiny-wan-base``; pixel sizes -> 32x32; 81/161/321 frames -> 17/33/65;
+job, end to end"): model ids -> ``builtin:tiny-wan-base`` (image-to-video ids: a random tiny
+``WanImageToVideoPipeline``, and ``photo.png`` a grey picture); pixel sizes -> 32x32; 81/161/321 frames -> 17/33/65;
 a few steps (``--steps 2``, ``train.steps=2``, small LoRA, no periodic checkpoints, validation or samples);
 multi-GPU launchers -> the ``radial-lora`` command they launch, on one process (``train.sequence_parallel=1``,
 no ``--sequence-parallel``); ``/data/clips`` -> sample videos; ``mask`` and ``plan`` run as written (arithmetic
@@ -18,15 +19,20 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from radial_lora.cli import main
 from radial_lora.data.sample import write_sample_dataset
+from radial_lora.models.tiny import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TINY = "builtin:tiny-wan-base"
 MODEL_IDS = {"PATH_OR_HUB_ID", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
+TINY_I2V = "tiny-wan-i2v"  # a random tiny WanImageToVideoPipeline the test saves in its working directory
+I2V_MODEL_IDS = {"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers"}
 FRAMES = {81: 17, 161: 33, 321: 65}
 SIZE = 32
 LAUNCHERS = ("accelerate", "torchrun")
@@ -43,6 +49,7 @@ TRAIN_SHRINK = (
     "optimizer.fused=false",
     "model.dtype=float32",
     "train.sequence_parallel=1",
+    "train.offload_checkpoints=false",
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -68,6 +75,11 @@ def bash_commands(page: Path) -> list[tuple[int, str]]:
     return out
 
 
+def _tiny_model(word: str) -> str:
+    """A documented model id as the tiny model of its task; any other word unchanged."""
+    return TINY if word in MODEL_IDS else TINY_I2V if word in I2V_MODEL_IDS else word
+
+
 def _frames(text: str) -> str:
     return ",".join(str(FRAMES.get(int(n), int(n))) if n.isdigit() else n for n in text.split(","))
 
@@ -79,7 +91,7 @@ def tiny_argv(words: list[str]) -> list[str]:
         words = ["radial-lora", *words[1:]] if words[0] == "radial-lora)" else words
     if words[1] in ("mask", "plan"):  # arithmetic at the real size: milliseconds
         return words[1:]
-    argv = [TINY if w in MODEL_IDS else w for w in words[1:]]
+    argv = [_tiny_model(w) for w in words[1:]]
     if "--sequence-parallel" in argv:  # one process here
         i = argv.index("--sequence-parallel")
         del argv[i : i + 2]
@@ -95,8 +107,8 @@ def tiny_argv(words: list[str]) -> list[str]:
             key, _, value = nxt.partition("=")
             if key in ("resolution.height", "resolution.width"):
                 argv[i + 1] = f"{key}={SIZE}"
-            elif key == "model.id" and value in MODEL_IDS:
-                argv[i + 1] = f"{key}={TINY}"
+            elif key == "model.id":
+                argv[i + 1] = f"{key}={_tiny_model(value)}"
     if argv[0] == "train":
         argv += [x for kv in _train_overrides(argv) for x in ("--set", kv)]
     if argv[0] in ("generate", "evaluate"):
@@ -114,7 +126,7 @@ def _train_overrides(argv: list[str]) -> list[str]:
     cfg = json.loads((ROOT / argv[argv.index("--config") + 1]).read_text())
     own = {argv[i + 1].partition("=")[0] for i, w in enumerate(argv) if w == "--set"}
     mapped = {
-        "model.id": TINY if cfg["model"]["id"] in MODEL_IDS else cfg["model"]["id"],
+        "model.id": _tiny_model(cfg["model"]["id"]),
         "data.lengths": json.dumps([FRAMES.get(n, n) for n in cfg["data"].get("lengths", [])]),
         "data.base_length": str(FRAMES.get(cfg["data"].get("base_length", 81), cfg["data"].get("base_length"))),
         "resolution.height": str(SIZE),
@@ -132,6 +144,8 @@ def test_documented_commands_run_on_the_tiny_model(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     write_sample_dataset(tmp_path / "clips", num_videos=6, num_frames=36, size=SIZE, seed=3)
+    save_tiny_pipeline("wan-i2v", tmp_path / TINY_I2V)  # docs/IMAGE_TO_VIDEO.md's model, in miniature
+    Image.fromarray(np.full((SIZE, SIZE, 3), 90, np.uint8)).save(tmp_path / "photo.png")  # its --image
     ran = []
     for page in PAGES:
         for line, command in bash_commands(page):

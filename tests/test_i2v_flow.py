@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from radial_lora.cli import main
+from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.data.dataset import PreparedDataset
 from radial_lora.data.prepare import PrepareOptions, prepare_dataset
 from radial_lora.data.sample import write_sample_dataset
+from radial_lora.data.validate import validate_dataset
 from radial_lora.lora import read_lora_metadata
 from radial_lora.models import get_adapter
-from radial_lora.models.wan_i2v import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.train import trainer
 from tiny_config import quick_config
 
@@ -43,6 +44,8 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_prepare_caches_the_pipelines_own_conditioning(flow: dict[str, Path]) -> None:
     ds = PreparedDataset(flow["data"])
     assert ds.info["family"] == "wan-i2v" and ds.info["task"] == "i2v"
+    report = validate_dataset(flow["data"])
+    assert report.ok and not report.warnings, report.format()
     adapter = get_adapter("wan-i2v")
     pipe = adapter.load_pipeline(flow["model"], torch.float32, skip=adapter.denoiser_components)
     for record in ds.records:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models import build_tiny_pipeline, detect_family, get_adapter
-from radial_lora.models.wan_i2v import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS, frame_mask
+from radial_lora.models.wan_i2v import frame_mask
 from radial_lora.train.flow_matching import flow_step
 
 I2V = ["wan-i2v", "wan22-i2v"]

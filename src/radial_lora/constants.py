@@ -20,3 +20,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # LoRA on the attention 
 # The frozen base's weights (models/quantize.py): "none" keeps the training dtype; "8bit" is the measured best
 # 8-bit format (int8, benchmarks/quantized_base.py); "int8" / "float8" name one (weight-only, per-row scales).
 BASE_QUANTIZATIONS = ("none", "8bit", "int8", "float8")
+# Per-clip tensors of an image-to-video dataset besides the latents and text (models/wan_i2v.py builds them)
+IMAGE_LATENTS = "image_latents"  # [C, F, h, w]: the VAE latents of [first frame, 0, 0, ...] at the clip's length
+IMAGE_EMBEDS = "encoder_hidden_states_image"  # [tokens, dim]: CLIP of the first frame (Wan2.1-I2V only)
+FIRST_FRAME = "first_frame"  # uint8 [H, W, 3]: the frame itself (samples and evaluate start from it)

@@ -540,7 +540,7 @@ class _Encoder:
         and the frame itself (uint8, what ``evaluate`` conditions the generated videos on)."""
         if self.adapter.task != "i2v":
             return [{} for _ in clips]
-        from radial_lora.models.wan_i2v import FIRST_FRAME
+        from radial_lora.constants import FIRST_FRAME
 
         firsts = [np.ascontiguousarray(c[0]) for c in clips]
         encoded = self.adapter.encode_images(self.pipe, firsts, length)

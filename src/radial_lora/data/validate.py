@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from radial_lora.constants import IMAGE_LATENTS
 from radial_lora.data.dataset import PreparedDataset, Record
 from radial_lora.files import sha256_file
 from radial_lora.locks import holder
@@ -176,6 +177,12 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
                 continue
             if value.is_floating_point() and not torch.isfinite(value).all():
                 report.problems.append(f"{where}: text tensor {key!r} holds NaN/Inf values")
+            if key == IMAGE_LATENTS:  # one per length: the clip's own latents' shape, not the other clips'
+                if value.shape != latents.shape:
+                    report.problems.append(
+                        f"{where}: {key} is {list(value.shape)}, its latents {list(latents.shape)}; prepare it again"
+                    )
+                continue
             seen = text_shapes.setdefault(key, (tuple(value.shape), value.dtype))
             if seen != (tuple(value.shape), value.dtype):
                 report.problems.append(
@@ -183,7 +190,9 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
                     f"{list(seen[0])} {seen[1]}"
                 )
         expected_keys = info.get("text_keys")
-        if expected_keys is not None and sorted(k for k in tensors if k != "latents") != sorted(expected_keys):
+        if expected_keys is not None:
+            expected_keys = sorted([*expected_keys, *(info.get("image_keys") or [])])
+        if expected_keys is not None and sorted(k for k in tensors if k != "latents") != expected_keys:
             report.problems.append(
                 f"{where}: text tensors {sorted(k for k in tensors if k != 'latents')} != dataset.json {expected_keys}"
             )

@@ -234,8 +234,8 @@ def real_clips(pipe: Any, family: str, dataset: Path, lengths: Sequence[int], ma
 def heldout_conditions(dataset: Path, lengths: Sequence[int], max_clips: int) -> tuple[list[str], list[np.ndarray]]:
     """An image-to-video evaluation's prompts and images: the captions and first frames of the held-out clips
     (the longest length's, up to ``max_clips``), so each generated video has a real continuation to compare with."""
+    from radial_lora.constants import FIRST_FRAME
     from radial_lora.data.dataset import PreparedDataset
-    from radial_lora.models.wan_i2v import FIRST_FRAME
 
     ds = PreparedDataset(dataset)
     length = max((n for n in lengths if ds.buckets.get(n)), default=None)

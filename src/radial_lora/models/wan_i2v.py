@@ -25,15 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from radial_lora.constants import IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models.adapter import unwrap
 from radial_lora.models.wan import Wan22Adapter, WanAdapter
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-IMAGE_LATENTS = "image_latents"  # [C, F, h, w] per clip: the VAE latents of [image, 0, 0, ...]
-IMAGE_EMBEDS = "encoder_hidden_states_image"  # [tokens, dim] per clip: CLIP of the image (Wan2.1-I2V only)
-FIRST_FRAME = "first_frame"  # uint8 [H, W, 3] per clip: the image itself (evaluate conditions on it)
 MASK_CHANNELS = 4  # = the VAE's temporal factor: the pipeline folds 4 pixel-frame flags into each latent frame
 
 
