@@ -452,35 +452,24 @@ def generate(
 ) -> list[GenerationResult]:
     """Generate one video per prompt; prompt ``i`` uses seed ``seed + i`` (same noise for every variant).
 
-    ``model``: a pipeline folder / hub id (``family`` needed for hub ids) or a loaded pipeline (reused
-    as is: evaluation loads once). Attention settings left ``None`` come from the first LoRA's
+    ``model``: a pipeline folder / hub id (``family`` read from its ``model_index.json`` when None) or a loaded
+    pipeline (reused as is: evaluation loads once). Attention settings left ``None`` come from the first LoRA's
     training metadata, else the built-in defaults (radial, family decay, block 128, no dense layers
     or steps). ``loras``: ``[(path, scale)]``. ``names``: output file stems (default ``000_prompt-slug``).
     ``save_frames`` also writes the exact uint8 frames (``NAME.npz``, lossless, for metrics);
     ``skip_existing`` reuses a finished result (mp4 + sidecar with identical settings).
-    ``offload``/``vae_tiling``: memory savers when ``model`` is loaded here (see :func:`load_model`).
-    ``riflex_base_frames``: apply RIFLEx (:mod:`radial_lora.models.riflex`) for a model trained at that many
-    frames; ``riflex_k`` picks its component (and turns it on by itself). ``batch_size``: prompts per
-    pipeline call (the same noise per prompt; faster for small models, more memory).
+    ``offload``/``vae_tiling``: memory savers (:func:`load_model`). ``riflex_base_frames``: RIFLEx
+    (:mod:`radial_lora.models.riflex`) for a model trained at that many frames; ``riflex_k`` picks its component
+    (and turns it on). ``batch_size``: prompts per pipeline call (same noise per prompt; more memory).
     ``sequence_parallel``: split each video's tokens over that many processes of a ``torchrun`` job (Ulysses,
     :mod:`radial_lora.models.sequence_parallel`); more processes than that split the prompts between their
     groups, and each group's first process writes. The result lists the videos this process's group made.
     ``overwrite``: an earlier video of the same name made with other settings moves to ``previous/<time>/`` of
     ``results_root`` (default ``out_dir``; ``evaluate`` passes its own folder) instead of stopping the call.
-    ``images``: image-to-video models only, the first frame of prompt ``i``'s video (a picture file, scaled
-    and centre-cropped to the video's size, or uint8 ``[H, W, 3]``); one video per pipeline call.
+    ``images``: image-to-video only, prompt ``i``'s first frame (a picture file or uint8 ``[H, W, 3]``).
     """
-    from radial_lora.models import detect_family, get_adapter
-
-    prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    family = family or detect_family(model)  # a folder's or hub id's model_index.json: nothing loads yet
-    check_lora_family(lora_list, family)
-    firsts = _first_frames(get_adapter(family), images, len(prompts), height, width)
-    if firsts is not None and batch_size > 1:
-        logger.info("image-to-video: one video per pipeline call (batch_size %d -> 1)", batch_size)
-        batch_size = 1
+    prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras, batch_size)
+    family, firsts, batch = _model_inputs(model, family, lora_list, images, len(prompts), height, width, batch_size)
     user = dict(pattern=pattern, decay_factor=decay_factor, block_size=block_size, dense_layers=dense_layers)
     attn, source = resolve_attention_settings(user | {"dense_timesteps": dense_timesteps}, lora_list)
     layout = None
@@ -504,7 +493,7 @@ def generate(
             negative_prompt=negative_prompt,
         )
         base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
-        base_settings["batch_size"] = batch_size
+        base_settings["batch_size"] = batch
         results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed, firsts)
         _keep_earlier(todo, Path(results_root or out), overwrite, mover=layout is None or layout.rank == 0)
         writer = True
@@ -514,7 +503,7 @@ def generate(
             todo, writer = todo[layout.data_rank :: layout.data], layout.sequence_rank == 0
             results = {i: r for i, r in results.items() if i % layout.data == layout.data_rank}
         controller = _patch(run, lora_list, attn, backend, layout) if todo else None  # once, before the first
-        for chunk in (todo[k : k + batch_size] for k in range(0, len(todo), batch_size)):
+        for chunk in (todo[k : k + batch] for k in range(0, len(todo), batch)):
             for t, frames, info in _render_chunk(run, controller, chunk, attn, writer):
                 info["settings_source"] = source
                 info["processes"] = layout.describe() if layout is not None else "1 process"
@@ -629,6 +618,22 @@ class _Pending:
     frames_file: Path | None
     settings: dict[str, Any]
     image: np.ndarray | None = None  # the first frame (image-to-video)
+
+
+def _model_inputs(
+    model: Any, family: str | None, loras: list, images: Any, count: int, height: int, width: int, batch_size: int
+) -> tuple[str, list[tuple[np.ndarray, str]] | None, int]:
+    """Before anything loads: the family (a folder's or hub id's ``model_index.json``), a LoRA of another
+    family refused, the images an image-to-video model starts from, and its batch size (one per call)."""
+    from radial_lora.models import detect_family, get_adapter
+
+    family = family or detect_family(model)
+    check_lora_family(loras, family)
+    firsts = _first_frames(get_adapter(family), images, count, height, width)
+    if firsts is not None and batch_size > 1:
+        logger.info("image-to-video: one video per pipeline call (batch_size %d -> 1)", batch_size)
+        batch_size = 1
+    return family, firsts, batch_size
 
 
 def _first_frames(
@@ -767,9 +772,16 @@ def _sidecar(
 
 
 def _checked_inputs(
-    prompts: Sequence[str], names: Sequence[str] | None, steps: int, fps: float, loras: Sequence[tuple[Any, float]]
+    prompts: Sequence[str],
+    names: Sequence[str] | None,
+    steps: int,
+    fps: float,
+    loras: Sequence[tuple[Any, float]],
+    batch_size: int = 1,
 ) -> tuple[list[str], list[tuple[str, float]]]:
     """The prompts and ``[(lora path, scale)]`` of a generate() call, or a ValueError naming the bad input."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given; pass --prompt TEXT or --prompts FILE (one prompt per line)")
