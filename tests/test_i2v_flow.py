@@ -200,3 +200,35 @@ def test_train_generate_evaluate(flow: dict[str, Path], tiny_wan_lora: Path, cap
     video = json.loads(next((root / "eval" / "videos").glob("lora_radial_f0017_p00.json")).read_text())
     first = PreparedDataset(flow["data"]).load(records[0])[FIRST_FRAME].numpy()
     assert video["settings"]["image_sha256"] == __import__("hashlib").sha256(first.tobytes()).hexdigest()
+
+
+def test_ti2v_image_mode_prepares_and_trains(tmp_path: Path, flow: dict[str, Path]) -> None:
+    """Wan2.2-TI2V-5B given an image (expand_timesteps): one latent frame of image conditioning per clip, a
+    dataset validate accepts, two training steps with a finite loss, a LoRA recorded as wan22-i2v."""
+    from radial_lora.models.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("wan22-i2v", tmp_path / "ti2v", expand_timesteps=True)
+    opts = PrepareOptions(
+        input=flow["root"] / "videos", out=tmp_path / "data", model=str(model), lengths=(9, 17), height=32, width=32
+    )
+    prepare_dataset(opts)
+    ds = PreparedDataset(tmp_path / "data")
+    tensors = ds.load(ds.buckets[17][0])
+    assert tensors[IMAGE_LATENTS].shape[1] == 1 and tensors["latents"].shape[1] == 5
+    assert validate_dataset(tmp_path / "data").ok
+    cfg = quick_config(
+        model,
+        tmp_path / "data",
+        tmp_path / "lora",
+        "resolution.height=32",
+        "resolution.width=32",
+        "model.family=null",
+        "train.steps=2",
+        "schedule.warmup_steps=0",
+        "logging.tensorboard=false",
+        "checkpoint.every=0",
+        "validation.every=0",
+        "radial.block_size=4",
+    )
+    result = trainer.train(cfg)
+    assert all(np.isfinite(result.losses)) and read_lora_metadata(tmp_path / "lora")["family"] == "wan22-i2v"

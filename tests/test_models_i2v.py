@@ -32,12 +32,15 @@ def _capture(transformer: torch.nn.Module) -> tuple[list[dict], object]:
     return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("family", I2V)
-def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str) -> None:
+CASES = [("wan-i2v", False), ("wan22-i2v", False), ("wan22-i2v", True)]  # (family, TI2V-5B's expand_timesteps)
+
+
+@pytest.mark.parametrize(("family", "expand"), CASES)
+def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, expand: bool) -> None:
     """One denoising step of WanImageToVideoPipeline, its transformer's inputs captured; the adapter given the
     same x_t and timestep, with the conditioning data prepare stores (encode_prompts + encode_images), feeds
-    the transformer exactly the same tensors."""
-    pipe = build_tiny_pipeline(family)
+    the transformer exactly the same tensors (TI2V-5B: the image's latent in frame 0, per-token timesteps)."""
+    pipe = build_tiny_pipeline(family, expand_timesteps=expand)
     adapter = get_adapter(family)
     (frame,) = _frames(1)
     seen, handle = _capture(pipe.transformer)
@@ -56,27 +59,37 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str) -> None:
     stock = seen[0]
     z = pipe.vae.config.z_dim
     x_t = stock["hidden_states"][:, :z]
+    t = stock["timestep"]
+    if expand:  # frame 0 of the captured input is the image; the pipeline's x_t is pure noise at step one
+        x_t = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
+        t = t.max().reshape(1)  # the step's timestep; the pipeline spreads it per token
 
     cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(pipe, [frame], 9)
     assert (IMAGE_EMBEDS in cond) == (family == "wan-i2v")  # Wan2.2-I2V-A14B has no image encoder
     seen, handle = _capture(pipe.transformer)
-    adapter.predict(pipe.transformer, x_t, stock["timestep"], cond)
+    adapter.predict(pipe.transformer, x_t, t, cond)
     handle.remove()
     ours = seen[0]
     assert sorted(k for k, v in ours.items() if v is not None) == sorted(k for k, v in stock.items() if v is not None)
     for key, value in stock.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(ours[key], value), key
+    if expand:  # timestep 0 on the image's tokens, the step's elsewhere; the rest of the input is x_t
+        tokens = stock["hidden_states"].shape[3] * stock["hidden_states"].shape[4] // 4
+        assert stock["timestep"][0, :tokens].max() == 0 and stock["timestep"][0, tokens:].min() == t
+        assert torch.equal(stock["hidden_states"][:, :, 1:], x_t[:, :, 1:])
+        return
     # The mask channels: 1 on the first latent frame, 0 after it (a first-frame condition).
     mask = stock["hidden_states"][:, z : z + 4]
     assert torch.equal(mask, frame_mask(x_t)) and mask[:, :, 0].min() == 1 and mask[:, :, 1:].max() == 0
 
 
-@pytest.mark.parametrize("family", I2V)
-def test_flow_step_trains_on_every_frame_with_the_condition(family: str) -> None:
-    """The trainer's forward (flow_step) with the image conditioning: a finite loss whose gradient reaches the
-    transformer's patch embedding through the image channels, and a different image changes the prediction."""
-    pipe = build_tiny_pipeline(family)
+@pytest.mark.parametrize(("family", "expand"), CASES)
+def test_flow_step_trains_on_the_generated_frames_with_the_condition(family: str, expand: bool) -> None:
+    """The trainer's forward (flow_step) with the image conditioning: a finite loss, a different image changes
+    the prediction; Wan2.1/2.2-I2V train every frame (the image reaches the patch embedding's image channels),
+    TI2V-5B leaves frame 0 out: the noise drawn for it changes nothing."""
+    pipe = build_tiny_pipeline(family, expand_timesteps=expand)
     adapter = get_adapter(family)
     frames = _frames(2, seed=1)
     cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames, 9)
@@ -84,12 +97,18 @@ def test_flow_step_trains_on_every_frame_with_the_condition(family: str) -> None
     x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
     step = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), noise)
     step.loss.backward()
-    weight = pipe.transformer.patch_embedding.weight  # [dim, 2z+4, 1, 2, 2]: noise | mask | image latents
-    assert torch.isfinite(step.loss) and weight.grad[:, 8:].abs().sum() > 0
+    assert torch.isfinite(step.loss) and adapter.given_frames(pipe.transformer) == int(expand)
+    if not expand:
+        weight = pipe.transformer.patch_embedding.weight  # [dim, 2z+4, 1, 2, 2]: noise | mask | image latents
+        assert weight.grad[:, 8:].abs().sum() > 0
     swapped = {**cond, IMAGE_LATENTS: cond[IMAGE_LATENTS].flip(0)}
     with torch.no_grad():
         again = adapter.predict(pipe.transformer, step.noisy, step.timesteps, swapped)
-    assert not torch.allclose(again, step.prediction.detach())
+        assert not torch.allclose(again, step.prediction.detach())
+        other = noise.clone()
+        other[:, :, 0] += 1.0
+        moved = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), other).loss
+    assert (moved == step.loss) if expand else (moved != step.loss)
 
 
 def test_prefix_of_the_image_latents_is_the_shorter_clip() -> None:
@@ -114,6 +133,10 @@ def test_detected_from_pipeline_folder_and_lone_transformer(family: str, tmp_pat
     lone = type(pipe.transformer)(**pipe.transformer.config)  # untagged, out of its pipeline
     assert detect_family(lone) == "wan-i2v"  # a lone A14B expert looks like Wan2.1, as for text-to-video
     assert get_adapter(family).task == "i2v" and get_adapter("wan").task == "t2v"
+    # Wan2.2-TI2V-5B's folder says WanPipeline (text-to-video): its image mode loads with --family wan22-i2v.
+    ti2v = {"_class_name": "WanPipeline", "expand_timesteps": True}
+    assert get_adapter("wan22-i2v").accepts(ti2v, "wan22") and not get_adapter("wan-i2v").accepts(ti2v, "wan22")
+    assert not get_adapter("wan22-i2v").accepts({"_class_name": "WanPipeline", "transformer_2": ["x", "y"]}, "wan22")
 
 
 def test_text_only_family_refuses_an_image() -> None:

@@ -177,8 +177,9 @@ def validate_dataset(path: str | os.PathLike[str], *, checksums: bool = True) ->
                 continue
             if value.is_floating_point() and not torch.isfinite(value).all():
                 report.problems.append(f"{where}: text tensor {key!r} holds NaN/Inf values")
-            if key == IMAGE_LATENTS:  # one per length: the clip's own latents' shape, not the other clips'
-                if value.shape != latents.shape:
+            if key == IMAGE_LATENTS:  # per length: its clip's latents' shape (TI2V-5B: one frame of it)
+                frames_ok = value.ndim == latents.ndim and value.shape[1] in (1, latents.shape[1])
+                if not frames_ok or value.shape[:1] + value.shape[2:] != latents.shape[:1] + latents.shape[2:]:
                     report.problems.append(
                         f"{where}: {key} is {list(value.shape)}, its latents {list(latents.shape)}; prepare it again"
                     )

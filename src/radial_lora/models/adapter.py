@@ -148,7 +148,7 @@ class ModelAdapter(ABC):
         path = resolve_model_id(model_id_or_path)
         index = DiffusionPipeline.load_config(path)
         found = family_of_index(index, where=str(model_id_or_path))
-        if found != self.family:
+        if not self.accepts(index, found):
             raise ValueError(
                 f"{model_id_or_path} holds a {index.get('_class_name')} of family {found!r}, not {self.family!r}; "
                 f"use --family {found} (or get_adapter({found!r}))"
@@ -159,6 +159,14 @@ class ModelAdapter(ABC):
         pipe = getattr(diffusers, self.pipeline_class_name).from_pretrained(path, torch_dtype=torch_dtype, **skipped)
         tag_transformers(pipe, found)
         return pipe
+
+    def accepts(self, index: dict[str, Any], found: str) -> bool:
+        """Whether a pipeline whose ``model_index.json`` says family ``found`` loads as this family."""
+        return found == self.family
+
+    def given_frames(self, transformer: nn.Module) -> int:
+        """Leading latent frames the pipeline takes as given instead of generating them (so no loss there)."""
+        return 0
 
     @abstractmethod
     def encode_prompts(self, pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, torch.Tensor]:

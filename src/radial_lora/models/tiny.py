@@ -218,7 +218,9 @@ def _wan_transformer(seed: int, cfg: dict[str, Any]) -> WanTransformer3DModel:
     return WanTransformer3DModel(**cfg).eval()
 
 
-def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
+def _build_wan(
+    family: str, seed: int, vocab: list[str], overrides: dict[str, Any], expand_timesteps: bool = False
+) -> DiffusionPipeline:
     cfg = _check_overrides(family, _WAN_TRANSFORMER, overrides)
     z = cfg["in_channels"]
     i2v = family.endswith("-i2v")
@@ -250,7 +252,7 @@ def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, An
         )
     ).eval()
     kwargs: dict[str, Any] = {}
-    if i2v:  # the input holds the noise, the 4-channel frame mask and the image latents (models/wan_i2v.py)
+    if i2v and not expand_timesteps:  # the input: noise, 4-channel frame mask, image latents (models/wan_i2v.py)
         cfg = {**cfg, "in_channels": 2 * z + 4, "out_channels": z}
         if family == "wan-i2v":  # Wan2.1-I2V: CLIP ViT penultimate states into every cross-attention
             kwargs = _tiny_clip_vision(seed + 4)
@@ -260,7 +262,9 @@ def _build_wan(family: str, seed: int, vocab: list[str], overrides: dict[str, An
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
     )
-    if family.startswith("wan22"):
+    if expand_timesteps:  # TI2V-5B: one transformer; the image's latent replaces frame 0 (timestep 0 there)
+        kwargs |= {"expand_timesteps": True}
+    elif family.startswith("wan22"):
         # Wan2.2 A14B: `transformer` denoises t >= boundary, `transformer_2` the low-noise rest.
         kwargs |= {"transformer_2": _wan_transformer(seed + 3, cfg), "boundary_ratio": 0.875}
     if i2v:  # imported here: its module imports CLIPImageProcessor, which warns without torchvision
@@ -353,16 +357,24 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
 
 
 def build_tiny_pipeline(
-    family: str, seed: int = 0, *, vocabulary_texts: Iterable[str] = (), **overrides: Any
+    family: str,
+    seed: int = 0,
+    *,
+    vocabulary_texts: Iterable[str] = (),
+    expand_timesteps: bool = False,
+    **overrides: Any,
 ) -> DiffusionPipeline:
     """A tiny random-weight pipeline of ``family`` (``radial_lora.constants.FAMILIES``), in float32 on CPU.
 
     ``overrides`` change the transformer config (e.g. ``num_layers=4``); ``vocabulary_texts`` adds
-    words to the tokenizers' vocabulary. Same seed, same weights.
+    words to the tokenizers' vocabulary. Same seed, same weights. ``expand_timesteps`` (``wan22-i2v``):
+    Wan2.2-TI2V-5B's layout, one transformer that takes the image in place of the first latent frame.
     """
     vocab = caption_vocabulary(vocabulary_texts)
+    if expand_timesteps and family != "wan22-i2v":
+        raise ValueError("expand_timesteps is Wan2.2-TI2V-5B's image mode: family 'wan22-i2v'")
     if family in ("wan", "wan22", "wan-i2v", "wan22-i2v"):
-        pipe = _build_wan(family, seed, vocab, overrides)
+        pipe = _build_wan(family, seed, vocab, overrides, expand_timesteps)
     elif family == "hunyuan":
         pipe = _build_hunyuan(seed, vocab, overrides)
     else:

@@ -1,4 +1,5 @@
-"""Wan image-to-video (``WanImageToVideoPipeline``): Wan2.1-I2V-14B (480P/720P) and Wan2.2-I2V-A14B.
+"""Wan image-to-video (``WanImageToVideoPipeline``): Wan2.1-I2V-14B (480P/720P), Wan2.2-I2V-A14B and
+Wan2.2-TI2V-5B given an image.
 
 What differs from text-to-video is only the conditioning, built here exactly as the stock pipeline builds it
 (diffusers 0.42, ``WanImageToVideoPipeline.prepare_latents`` and ``__call__``):
@@ -10,11 +11,14 @@ What differs from text-to-video is only the conditioning, built here exactly as 
 - Wan2.1-I2V also feeds CLIP ViT-H's penultimate hidden states of the image (``image_encoder``) to every
   block's cross-attention (``encoder_hidden_states_image``); Wan2.2-I2V-A14B has no image encoder.
 
-The transformer still generates every latent frame, the first included (it is not replaced by the image's
-latent, unlike Wan2.2-TI2V-5B's ``expand_timesteps``), so the loss covers every frame, as the pipeline's
-denoising does. Radial attention replaces ``attn1`` as for text-to-video; the first latent frame, the one
-the image conditions, is the mask's attention sink. The image goes into cross-attention only, which stays
-dense.
+The transformer still generates every latent frame, the first included, so the loss covers every frame, as the
+pipeline's denoising does. Wan2.2-TI2V-5B (``expand_timesteps``, one transformer whose input is only the video's
+48 channels) works the other way: the VAE encodes the image alone, its latent frame replaces the first latent
+frame of ``x_t``, whose tokens get timestep 0 (a per-token timestep), and the pipeline keeps that frame as
+given; so the loss leaves the first latent frame out (``given_frames``).
+
+Radial attention replaces ``attn1`` as for text-to-video; the first latent frame, the one the image conditions,
+is the mask's attention sink. CLIP's image tokens go into cross-attention only, which stays dense.
 """
 
 from __future__ import annotations
@@ -51,6 +55,26 @@ def frame_mask(like: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _expands(transformer: nn.Module) -> bool:
+    """Wan2.2-TI2V-5B's image mode: the input is the video's channels alone (the image replaces frame 0)."""
+    config = unwrap(transformer).config
+    return int(config.in_channels) == int(config.out_channels)
+
+
+def _first_frame_given(
+    transformer: nn.Module, latents: torch.Tensor, image: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``expand_timesteps``: x_t with its first latent frame replaced by the image's latent, and the per-token
+    timesteps ``[B, S]`` that are 0 on that frame's tokens (``WanImageToVideoPipeline.__call__``)."""
+    b, _, f, h, w = latents.shape
+    keep = torch.ones(1, 1, f, h, w, dtype=torch.float32, device=latents.device)
+    keep[:, :, 0] = 0
+    hidden = (1 - keep) * image + keep * latents.float()
+    _, ph, pw = unwrap(transformer).config.patch_size
+    per_token = keep[0][0][:, ::ph, ::pw].flatten()
+    return hidden, timesteps.float()[:, None] * per_token[None]
+
+
 class WanI2VAdapter(WanAdapter):
     """Wan2.1-I2V-14B-480P / 720P (``WanImageToVideoPipeline`` with a CLIP image encoder)."""
 
@@ -65,6 +89,14 @@ class WanI2VAdapter(WanAdapter):
                 return unwrap(transformer).config.image_dim is not None
         return getattr(pipe, "image_encoder", None) is not None
 
+    def accepts(self, index: dict[str, Any], found: str) -> bool:
+        """Wan2.2-TI2V-5B's folder says ``WanPipeline`` (text-to-video): the same weights take an image through
+        ``WanImageToVideoPipeline``'s ``expand_timesteps`` mode."""
+        return found == self.family or (self.family == "wan22-i2v" and bool(index.get("expand_timesteps")))
+
+    def given_frames(self, transformer: nn.Module) -> int:
+        return 1 if _expands(transformer) else 0
+
     @torch.no_grad()
     def encode_images(
         self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int, *, image_encoder: bool | None = None
@@ -78,8 +110,11 @@ class WanI2VAdapter(WanAdapter):
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
         pixels = pipe.video_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
-        zeros = pixels.new_zeros(pixels.shape[0], pixels.shape[1], num_frames - 1, height, width)
-        video = torch.cat([pixels.unsqueeze(2), zeros], dim=2).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+        video = pixels.unsqueeze(2)  # TI2V-5B (expand_timesteps): the image alone, one latent frame
+        if not pipe.config.get("expand_timesteps"):
+            zeros = pixels.new_zeros(pixels.shape[0], pixels.shape[1], num_frames - 1, height, width)
+            video = torch.cat([video, zeros], dim=2)
+        video = video.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
         latents = pipe.vae.encode(video).latent_dist.mode().to(device, torch.float32)
         cfg = pipe.vae.config
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
@@ -107,7 +142,10 @@ class WanI2VAdapter(WanAdapter):
             )
         dtype = unwrap(transformer).dtype
         image = text[IMAGE_LATENTS].to(latents.device, torch.float32)
-        hidden = torch.cat([latents, torch.cat([frame_mask(image), image], dim=1).to(latents.dtype)], dim=1)
+        if _expands(transformer):
+            hidden, timesteps = _first_frame_given(transformer, latents, image, timesteps.to(latents.device))
+        else:
+            hidden = torch.cat([latents, torch.cat([frame_mask(image), image], dim=1).to(latents.dtype)], dim=1)
         embeds = text.get(IMAGE_EMBEDS)
         return transformer(
             hidden_states=hidden.to(dtype),
@@ -119,7 +157,7 @@ class WanI2VAdapter(WanAdapter):
 
     def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
         """The conditioning of the clip's first ``latent_frames`` latent frames alone: the VAE is causal, so the
-        image latents of a shorter video are the first frames of a longer one's."""
+        image latents of a shorter video are the first frames of a longer one's (TI2V-5B's single frame stays)."""
         return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
 
     def pipeline_inputs(self, frames: list[np.ndarray]) -> dict[str, Any]:

@@ -114,9 +114,11 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
-def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the velocity prediction, computed in float32 (stable under bf16 autocast)."""
-    return torch.mean((pred.float() - flow_target(x0.float(), noise.float())) ** 2)
+def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, given: int = 0) -> torch.Tensor:
+    """Mean squared error of the velocity prediction, computed in float32 (stable under bf16 autocast), over the
+    latent frames the model generates (``given``: leading frames it is handed, e.g. Wan2.2-TI2V's image)."""
+    err = (pred.float() - flow_target(x0.float(), noise.float())) ** 2
+    return torch.mean(err[:, :, given:] if given else err)
 
 
 @dataclass
@@ -146,7 +148,8 @@ def flow_step(
     noisy = add_noise(x0, noise, sigmas)
     timesteps = sigma_to_timestep(sigmas).to(x0.device)
     prediction = adapter.predict(transformer, noisy, timesteps, dict(text))
-    return FlowStep(flow_matching_loss(prediction, x0, noise), prediction, noisy, timesteps)
+    loss = flow_matching_loss(prediction, x0, noise, adapter.given_frames(transformer))
+    return FlowStep(loss, prediction, noisy, timesteps)
 
 
 def per_sample_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -243,7 +246,9 @@ def heldout_loss(
                 sigma = torch.tensor([t / NUM_TRAIN_TIMESTEPS])
                 xt = add_noise(x0, noise, sigma).to(device=device, dtype=dtype)
                 pred = adapter.predict(transformer, xt, torch.tensor([t], device=device, dtype=dtype), text)
-                loss = float(flow_matching_loss(pred, x0.to(device), noise.to(device)))
+                loss = float(
+                    flow_matching_loss(pred, x0.to(device), noise.to(device), adapter.given_frames(transformer))
+                )
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"held-out loss is {loss} on clip {clip_id!r} at timestep {t}")
                 losses.append(loss)
