@@ -93,9 +93,9 @@ def test_nan_stops_and_resume_reproduces_uninterrupted_run(
     cfg = _cfg(tiny_wan_dir, tiny_wan_dataset, tmp_path / "b", *extra)
     real_loss, calls = trainer.fm.flow_matching_loss, {"n": 0}
 
-    def poisoned(pred, x0, noise):
+    def poisoned(pred, x0, noise, given=0):
         calls["n"] += 1
-        loss = real_loss(pred, x0, noise)
+        loss = real_loss(pred, x0, noise, given)
         return loss * float("nan") if calls["n"] == 7 else loss
 
     monkeypatch.setattr(trainer.fm, "flow_matching_loss", poisoned)
