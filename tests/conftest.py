@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# No test reaches the network: a hub id that is not a local folder fails at once (the family detection of
+# `radial-lora generate` would otherwise wait on the hub's retries).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
