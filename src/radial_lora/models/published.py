@@ -114,10 +114,12 @@ def published(model: str) -> Published | None:
 def build_transformer(family: str, config: dict[str, Any], device: Any = "meta") -> Any:
     """The real diffusers transformer class of ``family`` at ``config`` (default on the meta device: no memory,
     for counting parameters)."""
+    import diffusers
     import torch
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    cls = HunyuanVideoTransformer3DModel if family == "hunyuan" else WanTransformer3DModel
+    from radial_lora.models.registry import get_adapter
+
+    cls = getattr(diffusers, get_adapter(family).transformer_class_name)
     with torch.device(device):
         return cls(**config)
 
@@ -145,17 +147,15 @@ def describe_model(model: str) -> Published:
             f"{model}: not a known hub id ({', '.join(PUBLISHED)}) nor a folder with transformer/config.json; "
             "download the pipeline or pass one of those ids"
         )
-    from radial_lora.models.registry import family_of_class
-    from radial_lora.models.wan import is_wan22_config, wan22_vae_spatial
-    from radial_lora.models.wan_i2v import is_wan_i2v_config
+    from radial_lora.models.registry import family_of, get_adapter
 
     config = json.loads(config_file.read_text())
     index_file = root / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    i2v = index.get("_class_name", "").endswith("ImageToVideoPipeline") or is_wan_i2v_config(config)
-    family = family_of_class(config.get("_class_name", ""), is_wan22_config(index, config), str(config_file), i2v=i2v)
+    class_name = index.get("_class_name") or config.get("_class_name", "")
+    family = family_of(class_name, index, config, str(config_file))
     experts = 1 if (index.get("transformer_2") or [None])[0] is None else 2
-    spatial = 8 if family == "hunyuan" else wan22_vae_spatial(config.get("in_channels"))
+    spatial = get_adapter(family).lone_vae_factors(config)[1]
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():
         vae = json.loads(vae_file.read_text())

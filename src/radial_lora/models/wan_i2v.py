@@ -27,20 +27,10 @@ from torch import nn
 
 from radial_lora.constants import IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models.adapter import unwrap
-from radial_lora.models.wan import Wan22Adapter, WanAdapter
+from radial_lora.models.wan import MASK_CHANNELS, Wan22Adapter, WanAdapter
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-
-MASK_CHANNELS = 4  # = the VAE's temporal factor: the pipeline folds 4 pixel-frame flags into each latent frame
-
-
-def is_wan_i2v_config(transformer: Any) -> bool:
-    """A Wan transformer config built for image-to-video: its input holds the noise, the frame mask and the
-    image latents (``in_channels = 2 * out_channels + 4``: 36 for Wan2.1-I2V and Wan2.2-I2V-A14B)."""
-    get = transformer.get if isinstance(transformer, dict) else lambda k, d=None: getattr(transformer, k, d)
-    cin, cout = get("in_channels"), get("out_channels")
-    return cin is not None and cout is not None and int(cin) == 2 * int(cout) + MASK_CHANNELS
 
 
 def frame_mask(like: torch.Tensor) -> torch.Tensor:
