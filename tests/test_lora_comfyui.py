@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from radial_lora import lora
+from radial_lora.models.builtin import model_identity
 from radial_lora.models.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,9 +105,9 @@ def _export(family: str, tmp_path: Path, transformer: str = "transformer") -> tu
     with torch.no_grad():
         for p in params:
             p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    lora.save_lora(tmp_path, tr, {"family": family})
-    mlp = int(tr.config.num_attention_heads * tr.config.attention_head_dim * tr.config.get("mlp_ratio", 4.0))
-    return lora.export_comfyui(tmp_path, tmp_path / "comfy.safetensors", single_mlp_dim=mlp), tr
+    # The trainer's metadata: the model identity records mlp_ratio, from which the export sizes linear1.
+    lora.save_lora(tmp_path, tr, {"family": family, **model_identity("tiny", tr.config)})
+    return lora.export_comfyui(tmp_path, tmp_path / "comfy.safetensors"), tr
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_wan_export_round_trips_through_diffusers_own_converter(tmp_path: Path) 
     """diffusers reads ComfyUI-native Wan LoRAs (``_convert_non_diffusers_wan_lora_to_diffusers``): loading our
     export that way must give the model that loading our diffusers file gives, output for output."""
     path, _ = _export("wan", tmp_path)
-    assert lora.read_lora_metadata(path) == {"family": "wan"}  # our metadata rides along in the header
+    assert lora.read_lora_metadata(path)["family"] == "wan"  # our metadata rides along in the header
     ours, comfy = build_tiny_pipeline("wan"), build_tiny_pipeline("wan")
     ours.load_lora_weights(tmp_path / lora.LORA_FILENAME)
     comfy.load_lora_weights(str(tmp_path), weight_name="comfy.safetensors")
@@ -183,3 +184,22 @@ def test_wan_export_round_trips_through_diffusers_own_converter(tmp_path: Path) 
         base = build_tiny_pipeline("wan").transformer(x, t, e, return_dict=False)[0]
     assert torch.equal(got, want)
     assert (want - base).abs().max() > 1e-2  # the LoRA changes the output: the comparison means something
+
+
+def test_hunyuan_linear1_width_comes_from_the_lora_never_a_guess(tmp_path: Path) -> None:
+    """The tiny HunyuanVideo's mlp_ratio is 2, not the released model's 4: exported with no single_mlp_dim,
+    linear1's patch has ComfyUI's shape [3h + 2h, r]; a LoRA that records no mlp_ratio is refused in one line
+    (a 4x guess wrote a linear1 ComfyUI counted as loaded and then failed to patch)."""
+    path, tr = _export("hunyuan", tmp_path)
+    h = tr.config.num_attention_heads * tr.config.attention_head_dim
+    assert tr.config.mlp_ratio == 2.0
+    assert load_file(path)["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape[0] == 3 * h + 2 * h
+    bare = tmp_path / "bare"
+    lora.save_lora(bare, tr, {"family": "hunyuan"})
+    with pytest.raises(ValueError, match="does not record the model's mlp_ratio; pass single_mlp_dim"):
+        lora.export_comfyui(bare, bare / "comfy.safetensors")
+    given = lora.export_comfyui(bare, bare / "comfy.safetensors", single_mlp_dim=2 * h)
+    assert torch.equal(
+        load_file(given)["diffusion_model.single_blocks.0.linear1.lora_B.weight"],
+        load_file(path)["diffusion_model.single_blocks.0.linear1.lora_B.weight"],
+    )
