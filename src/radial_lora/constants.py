@@ -3,15 +3,23 @@ without loading peft, transformers or diffusers, and the modules that act on the
 
 from __future__ import annotations
 
-FAMILIES = ("wan", "wan22", "hunyuan", "wan-i2v", "wan22-i2v")  # models/registry.py: one adapter each
+FAMILIES = ("wan", "wan22", "hunyuan", "hunyuan15", "wan-i2v", "wan22-i2v")  # models/registry.py: one adapter each
 # The transformer kind of each family: an image-to-video family has its text-to-video twin's blocks.
-ARCHITECTURE = {"wan": "wan", "wan22": "wan22", "hunyuan": "hunyuan", "wan-i2v": "wan", "wan22-i2v": "wan22"}
+ARCHITECTURE = {
+    "wan": "wan",
+    "wan22": "wan22",
+    "hunyuan": "hunyuan",
+    "hunyuan15": "hunyuan15",
+    "wan-i2v": "wan",
+    "wan22-i2v": "wan22",
+}
 FAMILY_TASK = {f: "i2v" if f.endswith("-i2v") else "t2v" for f in FAMILIES}  # what a family generates from
 # The mask defaults of the authors' scripts per family: decay (Wan2.1 0.2, Wan2.2 0.8, HunyuanVideo 0.95) and
 # block size in tokens (their Wan2.2 code uses 64-token blocks, the others 128). They published no
-# image-to-video settings: the I2V families take their text-to-video twin's (our choice, docs/IMAGE_TO_VIDEO.md).
-FAMILY_DECAY = {"wan": 0.2, "wan22": 0.8, "hunyuan": 0.95, "wan-i2v": 0.2, "wan22-i2v": 0.8}
-FAMILY_BLOCK_SIZE = {"wan": 128, "wan22": 64, "hunyuan": 128, "wan-i2v": 128, "wan22-i2v": 64}
+# image-to-video settings: the I2V families take their text-to-video twin's (our choice, docs/IMAGE_TO_VIDEO.md),
+# nor any for HunyuanVideo 1.5: it takes HunyuanVideo's (our choice, docs/RADIAL_MASK.md).
+FAMILY_DECAY = {"wan": 0.2, "wan22": 0.8, "hunyuan": 0.95, "hunyuan15": 0.95, "wan-i2v": 0.2, "wan22-i2v": 0.8}
+FAMILY_BLOCK_SIZE = {"wan": 128, "wan22": 64, "hunyuan": 128, "hunyuan15": 128, "wan-i2v": 128, "wan22-i2v": 64}
 PATTERNS = ("radial", "dense")  # attention of the patched transformer (dense: the like-for-like baseline)
 BACKENDS = ("auto", "flex", "sparse", "dense", "reference")  # attention/__init__.py: block_sparse_attention
 TIMESTEP_SCHEMES = ("uniform", "logit_normal")  # train/flow_matching.py: sample_sigmas

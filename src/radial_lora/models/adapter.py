@@ -223,6 +223,10 @@ class ModelAdapter(ABC):
         """Extra arguments of the stock pipeline call for videos starting from ``frames`` (image-to-video)."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
+    def guidance_arguments(self, pipe: DiffusionPipeline, guidance: float) -> dict[str, Any]:
+        """The stock call's arguments for classifier-free guidance ``guidance`` (1: none)."""
+        return {"guidance_scale": guidance}
+
     def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
         """The conditioning of a clip's first ``latent_frames`` latent frames alone (text does not depend on
         the length; an image's latents do)."""
