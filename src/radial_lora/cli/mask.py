@@ -10,9 +10,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_TOKENS = {"wan": 0, "wan22": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
-DEFAULT_HEADS = {"wan": 40, "wan22": 40, "hunyuan": 24}  # Wan2.1-14B, Wan2.2-A14B, HunyuanVideo 13B (x 128)
-MASK_TYPE = {"wan": "wan", "wan22": "wan", "hunyuan": "hunyuan"}  # Wan's first latent frame is a sink
+DEFAULT_TEXT_TOKENS = {"wan": 0, "wan22": 0, "hunyuan": 256, "hunyuan15": 1985}  # joint attention appends text
+DEFAULT_HEADS = {"wan": 40, "wan22": 40, "hunyuan": 24, "hunyuan15": 16}  # 14B Wan, HunyuanVideo 13B, 1.5 8.3B (x 128)
+MASK_TYPE = {"wan": "wan", "wan22": "wan", "hunyuan": "hunyuan", "hunyuan15": "hunyuan"}  # Wan: a sink frame
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -90,12 +90,40 @@ def hunyuan_config(
     )
 
 
+def hunyuan15_config(task: str, target_size: int = 640) -> dict[str, Any]:
+    """A ``HunyuanVideo15Transformer3DModel`` config of the published 8.3B models: 54 double-stream blocks of
+    16 x 128, patch 1, 32 latent channels (65 in: noise, condition latents, condition mask), Qwen2.5-VL-7B
+    (3584), ByT5 (1472) and SigLIP (1152) inputs; ``target_size`` 640 for 480p, 960 for 720p."""
+    return dict(
+        in_channels=65,
+        out_channels=32,
+        num_attention_heads=16,
+        attention_head_dim=128,
+        num_layers=54,
+        num_refiner_layers=2,
+        mlp_ratio=4.0,
+        patch_size=1,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        text_embed_dim=3584,
+        text_embed_2_dim=1472,
+        image_embed_dim=1152,
+        rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56),
+        target_size=target_size,
+        task_type=task,
+        use_meanflow=False,
+    )
+
+
 PUBLISHED: dict[str, Published] = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Published("wan", wan_config(12, 8960, 30), (4, 8)),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": Published("wan", wan_config(40, 13824, 40), (4, 8)),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", wan_config(24, 14336, 30, channels=48), (4, 16)),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", wan_config(40, 13824, 40), (4, 8), experts=2),
     "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": Published("hunyuan15", hunyuan15_config("t2v"), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-720p_t2v": Published("hunyuan15", hunyuan15_config("t2v", 960), (4, 16)),
     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": Published(
         "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
     ),
