@@ -57,7 +57,7 @@ def _comfyui_hunyuan_weights(cfg) -> dict[str, tuple[int, int]]:
             out[f"diffusion_model.double_blocks.{i}.{stream}_attn.proj.weight"] = (h, h)
             out[f"diffusion_model.double_blocks.{i}.{stream}_mlp.0.weight"] = (mlp, h)
             out[f"diffusion_model.double_blocks.{i}.{stream}_mlp.2.weight"] = (h, mlp)
-    for i in range(cfg.num_single_layers):
+    for i in range(cfg.get("num_single_layers", 0)):  # HunyuanVideo 1.5: double-stream blocks only
         out[f"diffusion_model.single_blocks.{i}.linear1.weight"] = (3 * h + mlp, h)
         out[f"diffusion_model.single_blocks.{i}.linear2.weight"] = (h, h + mlp)
     for i in range(cfg.num_refiner_layers):
@@ -112,12 +112,18 @@ def _export(family: str, tmp_path: Path, transformer: str = "transformer") -> tu
 
 @pytest.mark.parametrize(
     "family,transformer",
-    [("wan", "transformer"), ("wan22", "transformer"), ("wan22", "transformer_2"), ("hunyuan", "transformer")],
+    [
+        ("wan", "transformer"),
+        ("wan22", "transformer"),
+        ("wan22", "transformer_2"),
+        ("hunyuan", "transformer"),
+        ("hunyuan15", "transformer"),
+    ],
 )
 def test_every_exported_key_lands_on_a_comfyui_weight_of_its_shape(family, transformer, tmp_path: Path) -> None:
     path, tr = _export(family, tmp_path, transformer)
     state = load_file(path)
-    hunyuan = family == "hunyuan"
+    hunyuan = family.startswith("hunyuan")  # 1.5's checkpoint keeps HunyuanVideo's block names
     weights = (_comfyui_hunyuan_weights if hunyuan else _comfyui_wan_weights)(tr.config)
     patches, unused = _comfyui_patches(state, _comfyui_key_map(weights, hunyuan))
     assert not unused, f"ComfyUI would report 'lora key not loaded' for {sorted(unused)[:4]}"
@@ -127,7 +133,7 @@ def test_every_exported_key_lands_on_a_comfyui_weight_of_its_shape(family, trans
     n_lora = len([k for k in load_file(tmp_path / lora.LORA_FILENAME) if k.endswith("lora_A.weight")])
     if hunyuan:  # q/k/v fuse into one qkv (or linear1) weight
         assert 0 < len(patches) < n_lora
-        assert any(w.endswith("single_blocks.0.linear1.weight") for w in patches)
+        assert family == "hunyuan15" or any(w.endswith("single_blocks.0.linear1.weight") for w in patches)
         assert any(w.endswith("txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight") for w in patches)
     else:
         assert len(patches) == n_lora == 2 * 2 * 4  # 2 blocks x (self, cross) x (q, k, v, o)

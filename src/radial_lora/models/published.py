@@ -187,6 +187,7 @@ def describe_model(model: str) -> Published:
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():
         vae = json.loads(vae_file.read_text())
-        spatial = int(vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
+        spatial = vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio")  # Wan; HunyuanVideo
+        spatial = int(spatial or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
     transformer = {k: v for k, v in config.items() if not k.startswith("_")}
     return Published(family, transformer, (4, spatial), experts)
