@@ -349,7 +349,8 @@ def _wan_comfy_name(module: str) -> str | None:
     return f"{head}.{_WAN_FFN[rest]}" if rest in _WAN_FFN else None
 
 
-# HunyuanVideo: ComfyUI's model fuses q/k/v (and the single blocks' MLP input) into one Linear, so a
+# HunyuanVideo (and 1.5, whose original checkpoint keeps these double-block and refiner names; it has no single
+# blocks): ComfyUI's model fuses q/k/v (and the single blocks' MLP input) into one Linear, so a
 # LoRA on to_q/to_k/to_v becomes one LoRA on the fused weight: A stacked, B block-diagonal (exact).
 # Values: (comfy module, slot index, slot count) where the fused output is split in equal slots,
 # except single blocks' linear1 = [q, k, v, mlp] whose mlp width is taken from the fused B size.
@@ -422,7 +423,7 @@ def export_comfyui(
 ) -> Path:
     """Rewrite a diffusers-format LoRA for ComfyUI's native loader; returns the written file.
 
-    ``family`` ("wan", "wan22", "hunyuan") defaults to the file's metadata. The LoRA scale
+    ``family`` (``constants.FAMILIES``) defaults to the file's metadata. The LoRA scale
     (alpha / r) is folded into ``lora_B`` and no ``.alpha`` key is written, so ComfyUI applies
     strength 1 x B @ A, the same delta as diffusers. For HunyuanVideo single blocks the fused
     ``linear1`` also holds the MLP input; its width is ``single_mlp_dim``, else the hidden size (the

@@ -29,7 +29,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
 
 
 def families() -> list[str]:
-    """The family names ("hunyuan", "wan", "wan-i2v", "wan22", "wan22-i2v")."""
+    """The family names, sorted (``constants.FAMILIES``)."""
     return sorted(ADAPTERS)
 
 
