@@ -108,12 +108,22 @@ def test_prepare_train_generate_evaluate(flow: dict[str, Path], capsys: pytest.C
     assert not torch.allclose(before, after)
 
     base = ["generate", "--model", str(flow["model"]), "--frames", "9", "--height", str(SIZE), "--width", str(SIZE)]
-    base += ["--steps", "2", "--prompt", "a red circle"]
-    for guidance, out in (("1.0", "g1"), ("4.0", "g4")):
-        args = [*base, "--guidance", guidance, "--lora", str(root / "lora"), "--out", str(root / out)]
+    base += ["--steps", "2", "--prompt", "a red circle", "--prompt", "a blue square"]
+    for guidance, out in (("1.0", "g1"), ("4.0", "g4")):  # --batch-size 2: one per call (the VAE's batch bug)
+        args = [
+            *base,
+            "--guidance",
+            guidance,
+            "--batch-size",
+            "2",
+            "--lora",
+            str(root / "lora"),
+            "--out",
+            str(root / out),
+        ]
         assert main(args) == 0
-    (g1,) = (root / "g1").glob("*.json")
-    (g4,) = (root / "g4").glob("*.json")
+    g1, _ = sorted((root / "g1").glob("*.json"))
+    g4, _ = sorted((root / "g4").glob("*.json"))
     assert json.loads(g4.read_text())["settings"]["guidance"] == 4.0
     g1_video, g4_video = (read_video(p.with_suffix(".mp4"))[0] for p in (g1, g4))
     assert not np.array_equal(g1_video, g4_video)  # the guider's scale reached the denoising

@@ -660,9 +660,10 @@ def _model_inputs(
 
     family = family or detect_family(model)
     check_lora_family(loras, family)
-    firsts = _first_frames(get_adapter(family), images, count, height, width)
-    if firsts is not None and batch_size > 1:
-        logger.info("image-to-video: one video per pipeline call (batch_size %d -> 1)", batch_size)
+    adapter = get_adapter(family)
+    firsts = _first_frames(adapter, images, count, height, width)
+    if (firsts is not None or adapter.one_video_per_call) and batch_size > 1:
+        logger.info("%s: one video per pipeline call (batch_size %d -> 1)", family, batch_size)
         batch_size = 1
     return family, firsts, batch_size
 

@@ -74,6 +74,7 @@ class ModelAdapter(ABC):
     pipeline_class_name: str
     transformer_class_name: str
     sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
+    one_video_per_call: bool = False  # the stock pipeline cannot render a batch (generate then renders one by one)
 
     @property
     def architecture(self) -> str:

@@ -64,6 +64,7 @@ class Hunyuan15Adapter(HunyuanAdapter):
     default_frames = 121  # HunyuanVideo15Pipeline.__call__(num_frames=121)
     # HunyuanVideo's plan: video cut after the patch embedding with the RoPE tables, joined after proj_out;
     # the text (built inside the transformer) stays whole on every rank and joins every rank's attention.
+    one_video_per_call = True  # the stock decode of a batch hits the VAE bug below
     pipeline_class_name = "HunyuanVideo15Pipeline"
     transformer_class_name = "HunyuanVideo15Transformer3DModel"
     encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
