@@ -74,6 +74,12 @@ class ModelAdapter(ABC):
     pipeline_class_name: str
     transformer_class_name: str
     sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
+    # What ``radial-lora mask`` assumes of the family without a model at hand: the text tokens its radial
+    # attention appends to the video (0: self-attention over video alone), the heads of its reference model
+    # (for FLOPs) and the patch of its transformers.
+    joint_text_tokens: int = 0
+    reference_heads: int
+    default_patch: tuple[int, int, int] = (1, 2, 2)
     one_video_per_call: bool = False  # the stock pipeline cannot render a batch (generate then renders one by one)
 
     @property

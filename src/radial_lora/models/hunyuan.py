@@ -128,6 +128,8 @@ class HunyuanAdapter(ModelAdapter):
     encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     pipeline_class_name = "HunyuanVideoPipeline"
     transformer_class_name = "HunyuanVideoTransformer3DModel"
+    reference_heads = 24  # HunyuanVideo 13B: 24 x 128
+    joint_text_tokens = 256  # its Llama prompt, appended to the video in every block
     max_sequence_length = 256  # the pipeline's default Llama text length (after the template crop)
     guidance_scale = 6.0  # the pipeline's default embedded guidance; training conditions match inference
 

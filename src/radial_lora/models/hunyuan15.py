@@ -70,7 +70,9 @@ class Hunyuan15Adapter(HunyuanAdapter):
     encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     # The text tokens of every joint attention (Qwen2.5-VL 1000 + ByT5 256 + SigLIP 729, padding included):
     # what the memory planner counts. The pipeline's encoders pad to these lengths themselves.
-    max_sequence_length = 1000 + 256 + VISION_TOKENS
+    max_sequence_length = joint_text_tokens = 1000 + 256 + VISION_TOKENS
+    reference_heads = 16  # 8.3B: 16 x 128
+    default_patch = (1, 1, 1)
 
     def transformer_task(self, transformer: Mapping[str, Any]) -> str:
         """Its config says: ``task_type`` "t2v" or "i2v" (diffusers' default is "i2v")."""

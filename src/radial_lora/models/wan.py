@@ -124,6 +124,7 @@ class WanAdapter(ModelAdapter):
     default_frames = 81  # WanPipeline.__call__(num_frames=81); Wan2.2 A14B keeps it
     pipeline_class_name = "WanPipeline"
     transformer_class_name = "WanTransformer3DModel"
+    reference_heads = 40  # Wan2.1-14B and Wan2.2-A14B: 40 x 128
     # The pipeline's default text length: Wan pads T5 embeddings with zeros to 512 tokens.
     max_sequence_length = 512
     # diffusers' WanTransformer3DModel._cp_plan's cut points: RoPE tables [1, S, 1, D], the first block's
