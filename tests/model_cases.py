@@ -33,7 +33,7 @@ def model_inputs(
             "encoder_attention_mask": mask,
             "pooled_projections": torch.randn(2, 8, generator=g),
         }
-    elif family == "hunyuan15":  # Qwen2.5-VL and ByT5 stand-ins, padded; predict adds the 729 image tokens
+    elif family.startswith("hunyuan15"):  # Qwen2.5-VL and ByT5 stand-ins, padded; predict adds the 729 image tokens
         mask = torch.zeros(2, TEXT)
         mask_2 = torch.zeros(2, 6)
         for row, valid in enumerate(VALID):
@@ -52,6 +52,8 @@ def model_inputs(
         if family == "wan-i2v":  # its cross-attention takes the last 512 tokens as text (diffusers hard-codes it)
             text["encoder_hidden_states"] = torch.randn(2, 512, 32, generator=g)
             text["encoder_hidden_states_image"] = torch.randn(2, 17, 16, generator=g)
+        if family == "hunyuan15-i2v":  # the tiny SigLIP's 16 tokens, joined to the text
+            text["encoder_hidden_states_image"] = torch.randn(2, 16, 8, generator=g)
     timesteps = torch.tensor([700.0, 300.0], device=device)
     return latents.to(device), timesteps, {k: v.to(device) for k, v in text.items()}
 
@@ -132,7 +134,9 @@ class OracleHunyuan15(HunyuanVideo15AttnProcessor2_0):
 
 
 def oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
-    cls = {"hunyuan": OracleHunyuan, "hunyuan15": OracleHunyuan15}.get(family, OracleWan)
+    cls = {"hunyuan": OracleHunyuan, "hunyuan15": OracleHunyuan15, "hunyuan15-i2v": OracleHunyuan15}.get(
+        family, OracleWan
+    )
     procs = dict(transformer.attn_processors)
     for name, _, _ in get_adapter(family).self_attention_modules(transformer):
         procs[f"{name}.processor"] = cls(token_mask)

@@ -159,3 +159,94 @@ def test_prepare_train_generate_evaluate(flow: dict[str, Path], capsys: pytest.C
         == 0
     )
     assert json.loads((root / "eval" / "results.json").read_text())["prompts"] == ["a red circle"]
+
+
+def test_image_to_video_conditioning_is_the_pipelines_bit_for_bit() -> None:
+    """``encode_images`` + ``predict`` give the transformer exactly what ``HunyuanVideo15ImageToVideoPipeline``
+    gives it (condition latents and mask on channels, SigLIP tokens as image_embeds), and the same output."""
+    from PIL import Image
+
+    pipe = build_tiny_pipeline("hunyuan15-i2v")
+    adapter = get_adapter("hunyuan15-i2v")
+    frame = (np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    seen = {}
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: tuple) -> None:
+        seen.setdefault("x", (kwargs, out[0]))
+
+    pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    pipe.guider.guidance_scale = 1.0
+    pipe(image=Image.fromarray(frame), prompt="a red ball", num_frames=9, num_inference_steps=1, output_type="latent")
+    kwargs, want = seen["x"]
+    text = adapter.encode_prompts(pipe, ["a red ball"]) | adapter.encode_images(pipe, [frame], 9)
+    channels = pipe.transformer.config.out_channels
+    assert torch.equal(kwargs["hidden_states"][:, channels : 2 * channels], text["image_latents"])
+    assert torch.equal(kwargs["image_embeds"], text["encoder_hidden_states_image"])
+    with torch.no_grad():
+        got = adapter.predict(pipe.transformer, kwargs["hidden_states"][:, :channels], kwargs["timestep"], text)
+    assert torch.equal(got, want)
+    assert detect_family(pipe) == "hunyuan15-i2v" and adapter.size_arguments(pipe, SIZE, SIZE) == {}
+    with pytest.raises(ValueError, match="renders an image of 64x32 at its size bucket"):
+        adapter.size_arguments(pipe, 32, 64)  # the pipeline takes no size: it must be the image's bucket
+
+
+def test_image_to_video_prepare_train_generate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from PIL import Image
+
+    from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
+    from radial_lora.data.validate import validate_dataset
+    from radial_lora.models.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("hunyuan15-i2v", tmp_path / "model")
+    write_sample_dataset(tmp_path / "videos", num_videos=3, num_frames=20, size=(SIZE, SIZE), fps=16, seed=0)
+    prepare_dataset(
+        PrepareOptions(
+            input=tmp_path / "videos", out=tmp_path / "data", model=str(model), lengths=(9, 17), height=SIZE, width=SIZE
+        )
+    )
+    ds = PreparedDataset(tmp_path / "data")
+    assert ds.info["family"] == "hunyuan15-i2v" and ds.info["task"] == "i2v"
+    report = validate_dataset(tmp_path / "data")
+    assert report.ok, report.format()
+    tensors = ds.load(ds.records[0], verify=True)
+    assert tensors[IMAGE_LATENTS].shape == tensors["latents"].shape and tensors[IMAGE_EMBEDS].shape == (16, 8)
+    assert not tensors[IMAGE_LATENTS][:, 1:].any()  # the image on latent frame 0 only
+    cfg = quick_config(
+        model,
+        tmp_path / "data",
+        tmp_path / "lora",
+        f"resolution.height={SIZE}",
+        f"resolution.width={SIZE}",
+        "model.family=null",
+        "train.steps=2",
+        "schedule.warmup_steps=0",
+        "logging.tensorboard=false",
+        "train.consistency_weight=0.1",
+        "validation.every=2",
+        'validation.sample_prompts=["a red circle moves right"]',
+        "validation.sample_steps=2",
+        "radial.block_size=4",
+    )
+    result = trainer.train(cfg)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert read_lora_metadata(tmp_path / "lora")["task"] == "i2v"
+    assert len(list((tmp_path / "lora" / "samples").rglob("*.mp4"))) == 1
+
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    image = Image.fromarray(tensors[FIRST_FRAME].numpy())
+    call = dict(image=image, prompt="a red circle", num_frames=9, num_inference_steps=2, output_type="latent")
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    pipe.transformer.load_lora_adapter(str(tmp_path / "lora"), weight_name=LORA_FILENAME, prefix="transformer")
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).frames
+    assert not torch.allclose(before, after)
+
+    image.save(tmp_path / "first.png")
+    base = ["generate", "--model", str(model), "--frames", "9", "--height", str(SIZE), "--width", str(SIZE)]
+    base += ["--steps", "2", "--prompt", "a red circle", "--lora", str(tmp_path / "lora")]
+    assert main([*base, "--image", str(tmp_path / "first.png"), "--out", str(tmp_path / "gen")]) == 0
+    (sidecar,) = (tmp_path / "gen").glob("*.json")
+    assert json.loads(sidecar.read_text())["settings"]["image"] == str(tmp_path / "first.png")
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "gen2")]) == 2  # no image: one line
+    assert "generates from an image: pass --image" in capsys.readouterr().err

@@ -226,8 +226,11 @@ def test_hunyuan15_is_detected_from_its_index_its_folder_and_a_lone_transformer(
     assert detect_family(lone) == "hunyuan15"
     assert get_adapter("hunyuan15").vae_factors(lone) == (4, 16) == get_adapter("hunyuan15").vae_factors(pipe)
     i2v = HunyuanVideo15Transformer3DModel(**{**pipe.transformer.config, "task_type": "i2v"})
+    assert detect_family(i2v) == "hunyuan15-i2v"  # same class, its config's task_type tells
+    assert family_of_index({"_class_name": "HunyuanVideo15ImageToVideoPipeline"}) == "hunyuan15-i2v"
+    odd = HunyuanVideo15Transformer3DModel(**{**pipe.transformer.config, "task_type": "v2v"})
     with pytest.raises(ValueError, match="cannot tell the model family"):
-        detect_family(i2v)  # image-to-video 1.5 is not a family yet: refused, not taken for text-to-video
+        detect_family(odd)
     pipe.transformer.save_config(tmp_path / "transformer")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
     found = describe_model(str(tmp_path))

@@ -49,7 +49,7 @@ def real(request):
     config = dict(spec.transformer) | {"num_layers": 1}
     if spec.family == "hunyuan":
         config |= {"num_single_layers": 1, "num_refiner_layers": 1}
-    if spec.family == "hunyuan15":
+    if spec.family.startswith("hunyuan15"):
         config |= {"num_refiner_layers": 1}
     torch.manual_seed(0)
     transformer = build_transformer(spec.family, config, DEVICE).eval()
@@ -67,7 +67,9 @@ def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> t
             "pooled_projections": torch.randn(1, 768, generator=g),
         }
         extra = {"guidance": torch.tensor([6000.0], device=DEVICE)}
-    elif family == "hunyuan15":  # Qwen2.5-VL 16 tokens (11 valid), ByT5 8 (3 valid); predict adds 729 image ones
+    elif family.startswith(
+        "hunyuan15"
+    ):  # Qwen2.5-VL 16 tokens (11 valid), ByT5 8 (3 valid); predict adds 729 image ones
         mask, mask_2 = torch.zeros(1, 16), torch.zeros(1, 8)
         mask[:, :11], mask_2[:, :3] = 1, 1
         text = {
@@ -80,14 +82,16 @@ def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> t
         text, extra = {"encoder_hidden_states": torch.randn(1, 16, 4096, generator=g)}, {}
     if family.endswith("-i2v"):  # the frame mask and image latents on channels; Wan2.1-I2V's CLIP tokens
         f, h, w = latents.shape[2:]
-        text["image_latents"] = torch.randn(1, 16, f, h, w, generator=g)
-        if transformer.config.image_dim:  # its cross-attention reads the last 512 tokens as text
+        text["image_latents"] = torch.randn(1, transformer.config.out_channels, f, h, w, generator=g)
+        if family == "hunyuan15-i2v":  # SigLIP's 729 tokens, valid ones of the joint text
+            text["encoder_hidden_states_image"] = torch.randn(1, 729, 1152, generator=g)
+        if getattr(transformer.config, "image_dim", None):  # its cross-attention reads the last 512 tokens as text
             text["encoder_hidden_states"] = torch.randn(1, 512, 4096, generator=g)
             text["encoder_hidden_states_image"] = torch.randn(1, 257, 1280, generator=g)
     text = {k: v.to(DEVICE) for k, v in text.items()}
     t = torch.tensor([700.0], device=DEVICE)
     with torch.no_grad():
-        if family.endswith("-i2v") or family == "hunyuan15":
+        if family.endswith("-i2v") or family.startswith("hunyuan15"):
             return get_adapter(family).predict(transformer, latents, t, text)
         return transformer(latents, t, **text, **extra, return_dict=False)[0]
 
@@ -106,7 +110,7 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     density = controller.last_density
     pt, ph, pw = adapter.patch_size(transformer)
     tokens = frames // pt * (h // ph) * (w // pw)
-    text = {"hunyuan": 16, "hunyuan15": 16 + 8 + 729}.get(family, 0)
+    text = {"hunyuan": 16, "hunyuan15": 16 + 8 + 729, "hunyuan15-i2v": 16 + 8 + 729}.get(family, 0)
     geo = controller.geometry_for(tokens)
     token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block).to(DEVICE)
     from radial_lora.models import remove_radial_attention

@@ -399,6 +399,7 @@ def render_batch(
     from radial_lora.data.video_io import write_video
     from radial_lora.models import detect_family, get_adapter
 
+    adapter = get_adapter(detect_family(pipe))
     decode = any(p is not None for p in video_paths)
     exec_device = device or torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     if controller is not None:
@@ -407,10 +408,9 @@ def render_batch(
     call: dict[str, Any] = dict(
         prompt=list(prompts) if len(prompts) > 1 else prompts[0],
         num_frames=num_frames,
-        height=height,
-        width=width,
         num_inference_steps=steps,
-        **get_adapter(detect_family(pipe)).guidance_arguments(pipe, guidance),
+        **adapter.size_arguments(pipe, height, width),
+        **adapter.guidance_arguments(pipe, guidance),
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="np" if decode else "latent",
     )

@@ -230,6 +230,10 @@ class ModelAdapter(ABC):
         """Extra arguments of the stock pipeline call for videos starting from ``frames`` (image-to-video)."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
+    def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
+        """The stock call's arguments for a ``height x width`` video."""
+        return {"height": height, "width": width}
+
     def guidance_arguments(self, pipe: DiffusionPipeline, guidance: float) -> dict[str, Any]:
         """The stock call's arguments for classifier-free guidance ``guidance`` (1: none)."""
         return {"guidance_scale": guidance}

@@ -1,4 +1,5 @@
-"""HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``, text-to-video): the adapter and its radial processor.
+"""HunyuanVideo 1.5 (``HunyuanVideo15Pipeline``, ``HunyuanVideo15ImageToVideoPipeline``): the adapters and
+their radial processor.
 
 What differs from HunyuanVideo (``hunyuan.py``), and all this file says:
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY
+from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY, IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models.adapter import unwrap
 from radial_lora.models.hunyuan import HunyuanAdapter, RadialHunyuanAttnProcessor
 
@@ -122,17 +123,109 @@ class Hunyuan15Adapter(HunyuanAdapter):
     ) -> torch.Tensor:
         """``cat([x_t, 0, 0])`` with zero image embeddings, as ``HunyuanVideo15Pipeline``'s loop feeds it."""
         inner = unwrap(transformer)
-        dtype, batch = inner.dtype, latents.shape[0]
         b, c, f, h, w = latents.shape
-        hidden = torch.cat([latents, latents.new_zeros(b, c + 1, f, h, w)], dim=1)
-        image = torch.zeros(batch, VISION_TOKENS, inner.config.image_embed_dim, device=latents.device, dtype=dtype)
+        image = torch.zeros(b, VISION_TOKENS, inner.config.image_embed_dim, device=latents.device)
+        return self._call(transformer, latents, latents.new_zeros(b, c + 1, f, h, w), image, timesteps, text)
+
+    def _call(
+        self,
+        transformer: nn.Module,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        image_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The transformer on ``cat([x_t, condition])`` (condition latents and mask), as the pipelines call it."""
+        inner = unwrap(transformer)
+        if inner.config.use_meanflow:
+            raise ValueError("step-distilled HunyuanVideo 1.5 models (use_meanflow, timestep_r) are not supported")
+        dtype, device = inner.dtype, latents.device
+        hidden = torch.cat([latents, condition.to(device, latents.dtype)], dim=1)
         return transformer(
             hidden_states=hidden.to(dtype),
-            timestep=timesteps.to(device=latents.device, dtype=dtype),
+            timestep=timesteps.to(device=device, dtype=dtype),
             encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
-            encoder_attention_mask=text["encoder_attention_mask"].to(device=latents.device, dtype=dtype),
+            encoder_attention_mask=text["encoder_attention_mask"].to(device=device, dtype=dtype),
             encoder_hidden_states_2=text["encoder_hidden_states_2"].to(dtype),
-            encoder_attention_mask_2=text["encoder_attention_mask_2"].to(device=latents.device, dtype=dtype),
-            image_embeds=image,
+            encoder_attention_mask_2=text["encoder_attention_mask_2"].to(device=device, dtype=dtype),
+            image_embeds=image_embeds.to(device=device, dtype=dtype),
             return_dict=False,
         )[0]
+
+
+class Hunyuan15I2VAdapter(Hunyuan15Adapter):
+    """HunyuanVideo 1.5 I2V (``HunyuanVideo15ImageToVideoPipeline``): the first frame's VAE latents on channels
+    and its SigLIP tokens joined to the text, built as the pipeline builds them (diffusers 0.42,
+    ``prepare_cond_latents_and_mask``, ``encode_image``):
+
+    - the VAE encodes the image alone (argmax, ``* scaling_factor``); the condition latents are it on latent
+      frame 0 and zeros on the others, with a 1-channel mask, 1 on frame 0: the transformer sees
+      ``cat([x_t, condition, mask])`` (32 + 32 + 1 = 65 channels);
+    - SigLIP's last hidden states of the image (729 tokens at its 384 px) are ``image_embeds``, valid tokens
+      of the joint attention's text part (dense, as all text is under radial attention).
+
+    The transformer generates every latent frame, the first included, so the loss covers every frame. The
+    pipeline takes no height or width: it renders at the size bucket of the image for its ``target_size``
+    (:meth:`size_arguments` checks that it is the requested size).
+    """
+
+    family = "hunyuan15-i2v"
+    pipeline_class_name = "HunyuanVideo15ImageToVideoPipeline"
+    encoder_components = (*Hunyuan15Adapter.encoder_components, "image_encoder", "feature_extractor")
+
+    @torch.no_grad()
+    def encode_images(self, pipe: DiffusionPipeline, frames: list, num_frames: int) -> dict[str, torch.Tensor]:
+        """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
+        video's size), batch-first, exactly as the pipeline builds it for those images as PIL pictures."""
+        import numpy as np
+        from PIL import Image
+
+        height, width = frames[0].shape[:2]
+        device = pipe._execution_device
+        latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        latents, embeds = [], []
+        for frame in frames:  # one image per call, as the pipeline (and the VAE's batch bug) has it
+            image = Image.fromarray(np.ascontiguousarray(frame))
+            z = pipe._get_image_latents(pipe.vae, pipe.video_processor, image, height, width, device)
+            condition = z.repeat(1, 1, latent_frames, 1, 1)
+            condition[:, :, 1:] = 0
+            latents.append(condition.float())
+            embeds.append(pipe._get_image_embeds(pipe.image_encoder, pipe.feature_extractor, image, device).float())
+        return {IMAGE_LATENTS: torch.cat(latents), IMAGE_EMBEDS: torch.cat(embeds)}
+
+    def predict(
+        self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``cat([x_t, condition latents, mask])`` and the SigLIP tokens, as the pipeline's loop feeds them."""
+        if IMAGE_LATENTS not in text or IMAGE_EMBEDS not in text:
+            raise ValueError(
+                f"an image-to-video model needs the clips' {IMAGE_LATENTS!r} and {IMAGE_EMBEDS!r}; prepare the "
+                "dataset with this model (radial-lora data prepare --model ...): it encodes each clip's first frame"
+            )
+        condition = text[IMAGE_LATENTS].to(latents.device, torch.float32)
+        mask = torch.zeros_like(condition[:, :1])
+        mask[:, :, 0] = 1
+        return self._call(transformer, latents, torch.cat([condition, mask], 1), text[IMAGE_EMBEDS], timesteps, text)
+
+    def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
+        """The image on frame 0 and zeros after it: a shorter clip's condition is the first frames of a longer's."""
+        return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
+
+    def pipeline_inputs(self, frames: list) -> dict[str, Any]:
+        import numpy as np
+        from PIL import Image
+
+        return {"image": Image.fromarray(np.ascontiguousarray(frames[0]))}
+
+    def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
+        """None: the call takes no size; it renders at the image's bucket for ``target_size``, which must be the
+        requested size."""
+        bucket = pipe.video_processor.calculate_default_height_width(height, width, pipe.target_size)
+        if tuple(bucket) != (height, width):
+            raise ValueError(
+                f"HunyuanVideo 1.5 image-to-video renders an image of {width}x{height} at its size bucket "
+                f"{bucket[1]}x{bucket[0]} (target_size {pipe.target_size}); "
+                f"pass --width {bucket[1]} --height {bucket[0]}"
+            )
+        return {}

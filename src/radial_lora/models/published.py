@@ -124,6 +124,10 @@ PUBLISHED: dict[str, Published] = {
     "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
     "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": Published("hunyuan15", hunyuan15_config("t2v"), (4, 16)),
     "hunyuanvideo-community/HunyuanVideo-1.5-720p_t2v": Published("hunyuan15", hunyuan15_config("t2v", 960), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v": Published("hunyuan15-i2v", hunyuan15_config("i2v"), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-720p_i2v": Published(
+        "hunyuan15-i2v", hunyuan15_config("i2v", 960), (4, 16)
+    ),
     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": Published(
         "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
     ),

@@ -17,14 +17,22 @@ from torch import nn
 
 from radial_lora.models.adapter import FAMILY_ATTR, ModelAdapter, tag_transformers
 from radial_lora.models.hunyuan import HunyuanAdapter
-from radial_lora.models.hunyuan15 import Hunyuan15Adapter
+from radial_lora.models.hunyuan15 import Hunyuan15Adapter, Hunyuan15I2VAdapter
 from radial_lora.models.wan import Wan22Adapter, WanAdapter
 from radial_lora.models.wan_i2v import Wan22I2VAdapter, WanI2VAdapter
 
 # The one list of families: a new family is its adapter's file and one entry here (and its names in constants).
 ADAPTERS: dict[str, ModelAdapter] = {
     a.family: a
-    for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter(), Hunyuan15Adapter(), WanI2VAdapter(), Wan22I2VAdapter())
+    for a in (
+        WanAdapter(),
+        Wan22Adapter(),
+        HunyuanAdapter(),
+        Hunyuan15Adapter(),
+        WanI2VAdapter(),
+        Wan22I2VAdapter(),
+        Hunyuan15I2VAdapter(),
+    )
 }
 
 

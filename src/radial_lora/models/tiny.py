@@ -227,7 +227,7 @@ _HUNYUAN15_TRANSFORMER = dict(
     image_embed_dim=8,
     rope_axes_dim=(4, 6, 6),
     target_size=64,
-    task_type="t2v",
+    task_type="t2v",  # "i2v" for hunyuan15-i2v
 )
 # HunyuanVideo 1.5's Qwen2.5-VL stand-in formats prompts with a chat template (the pipeline crops its first
 # 108 tokens, the system part of the real template).
@@ -385,10 +385,14 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
     )
 
 
-def _build_hunyuan15(seed: int, vocab: list[str], overrides: dict[str, Any]) -> HunyuanVideo15Pipeline:
+def _build_hunyuan15(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
+    """HunyuanVideo 1.5, text- or image-to-video (then with a tiny SigLIP of 16 tokens)."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
     from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    cfg = _check_overrides("hunyuan15", _HUNYUAN15_TRANSFORMER, overrides)
+    task = "i2v" if family.endswith("-i2v") else "t2v"
+    cfg = _check_overrides(family, {**_HUNYUAN15_TRANSFORMER, "task_type": task}, overrides)
     torch.manual_seed(seed)
     vae = AutoencoderKLHunyuanVideo15(
         latent_channels=cfg["out_channels"], block_out_channels=(8,) * 5, layers_per_block=1
@@ -419,7 +423,7 @@ def _build_hunyuan15(seed: int, vocab: list[str], overrides: dict[str, Any]) -> 
     ).eval()
     torch.manual_seed(seed + 2)
     transformer = HunyuanVideo15Transformer3DModel(**cfg).eval()
-    return HunyuanVideo15Pipeline(
+    components = dict(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
@@ -429,6 +433,21 @@ def _build_hunyuan15(seed: int, vocab: list[str], overrides: dict[str, Any]) -> 
         tokenizer_2=tokenizer_2,
         guider=ClassifierFreeGuidance(guidance_scale=6.0),
     )
+    if task == "t2v":
+        return HunyuanVideo15Pipeline(**components)
+    torch.manual_seed(seed + 3)
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=cfg["image_embed_dim"],
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    return HunyuanVideo15ImageToVideoPipeline(**components, image_encoder=image_encoder, feature_extractor=processor)
 
 
 def build_tiny_pipeline(
@@ -444,8 +463,8 @@ def build_tiny_pipeline(
         pipe = _build_wan(family, seed, vocab, overrides)
     elif family == "hunyuan":
         pipe = _build_hunyuan(seed, vocab, overrides)
-    elif family == "hunyuan15":
-        pipe = _build_hunyuan15(seed, vocab, overrides)
+    elif family in ("hunyuan15", "hunyuan15-i2v"):
+        pipe = _build_hunyuan15(family, seed, vocab, overrides)
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     pipe.set_progress_bar_config(disable=True)
