@@ -250,3 +250,8 @@ def test_image_to_video_prepare_train_generate(tmp_path: Path, capsys: pytest.Ca
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "gen2")]) == 2  # no image: one line
     assert "generates from an image: pass --image" in capsys.readouterr().err
+    evaluate = ["evaluate", "--model", str(model), "--lora", str(tmp_path / "lora"), "--lengths", "9,17"]
+    evaluate += ["--height", str(SIZE), "--width", str(SIZE), "--steps", "2", "--dataset", str(tmp_path / "data")]
+    evaluate += ["--heldout-max-clips", "1", "--variants", "lora_radial", "--block-size", "4"]
+    assert main([*evaluate, "--out", str(tmp_path / "eval")]) == 0  # conditioned on the held-out first frames
+    assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["real"]) == {"9", "17"}
