@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default="wan",
-        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan; wan-i2v, wan22-i2v) for its defaults, or a "
+        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan, hunyuan15; the -i2v ones) for its defaults, or a "
         "published hub id / pipeline "
         "folder (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers: its VAE, patch and heads too)",
     )
@@ -33,9 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
     p.add_argument("--latent-frames", type=int, help="latent frames (instead of pixel geometry)")
     p.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (instead of pixel geometry)")
-    p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, wan22 0.8, hunyuan 0.95)")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="decay factor (default: wan 0.2, wan22 0.8, hunyuan and hunyuan15 0.95)",
+    )
     p.add_argument("--block-size", type=int, default=None, help="tokens per block (default: 128; wan22 64)")
-    p.add_argument("--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)")
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="text tokens appended (default: wan 0, hunyuan 256, hunyuan15 1985)",
+    )
     p.add_argument(
         "--heads",
         type=int,
