@@ -429,12 +429,19 @@ def measure_step(
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    x0 = torch.randn(1, int(config["in_channels"]), frames, side, side)
+    latent = config["out_channels"] if family == "hunyuan15" else config["in_channels"]  # 1.5: 32 of its 65 in
+    x0 = torch.randn(1, int(latent), frames, side, side)
     width = config.get("text_dim") or config.get("text_embed_dim")
     cond = {"encoder_hidden_states": torch.randn(1, text, width, dtype=torch.bfloat16)}
     if family == "hunyuan":
         cond["encoder_attention_mask"] = torch.ones(1, text, dtype=torch.long)
         cond["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"], dtype=torch.bfloat16)
+    if family == "hunyuan15":  # ``text`` counts all three parts; predict adds the 729 (zero) image tokens
+        qwen, byt5 = text - 256 - 729, 256
+        cond["encoder_hidden_states"] = cond["encoder_hidden_states"][:, :qwen]
+        cond["encoder_attention_mask"] = torch.ones(1, qwen)
+        cond["encoder_hidden_states_2"] = torch.randn(1, byt5, config["text_embed_2_dim"], dtype=torch.bfloat16)
+        cond["encoder_attention_mask_2"] = torch.ones(1, byt5)
     adapter = get_adapter(family)
     sigmas, noise = torch.tensor([0.5]), torch.randn_like(x0)
     saved = saved_activation_bytes(model, lambda: flow_step(adapter, model, x0, cond, sigmas, noise).loss)
