@@ -5,7 +5,9 @@ tokens as an explicit attention mask (independent of our processors and kernels)
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers import transformer_hunyuan_video15 as hy15
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from peft import LoraConfig
 
@@ -31,6 +33,18 @@ def model_inputs(
             "encoder_attention_mask": mask,
             "pooled_projections": torch.randn(2, 8, generator=g),
         }
+    elif family.startswith("hunyuan15"):  # Qwen2.5-VL and ByT5 stand-ins, padded; predict adds the 729 image tokens
+        mask = torch.zeros(2, TEXT)
+        mask_2 = torch.zeros(2, 6)
+        for row, valid in enumerate(VALID):
+            mask[row, :valid] = 1
+            mask_2[row, : valid // 2] = 1
+        text = {
+            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=g),
+            "encoder_attention_mask": mask,
+            "encoder_hidden_states_2": torch.randn(2, 6, 8, generator=g),
+            "encoder_attention_mask_2": mask_2,
+        }
     else:
         text = {"encoder_hidden_states": torch.randn(2, TEXT, 32, generator=g)}
     if family.endswith("-i2v"):  # the image's latents (channels after the frame mask) and, Wan2.1-I2V, CLIP's
@@ -38,6 +52,8 @@ def model_inputs(
         if family == "wan-i2v":  # its cross-attention takes the last 512 tokens as text (diffusers hard-codes it)
             text["encoder_hidden_states"] = torch.randn(2, 512, 32, generator=g)
             text["encoder_hidden_states_image"] = torch.randn(2, 17, 16, generator=g)
+        if family == "hunyuan15-i2v":  # the tiny SigLIP's 16 tokens, joined to the text
+            text["encoder_hidden_states_image"] = torch.randn(2, 16, 8, generator=g)
     timesteps = torch.tensor([700.0, 300.0], device=device)
     return latents.to(device), timesteps, {k: v.to(device) for k, v in text.items()}
 
@@ -47,8 +63,10 @@ def lora_model(family: str, device: torch.device | str = "cpu") -> torch.nn.Modu
     transformer = build_tiny_pipeline(family).transformer.to(device)
     transformer.requires_grad_(False)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    if family == "hunyuan":  # the text stream of the double-stream blocks goes through our processor too
-        targets += ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    if family.startswith("hunyuan"):  # the text stream of the double-stream blocks goes through our processor too
+        targets += ["add_q_proj", "add_k_proj", "add_v_proj"]
+    if family == "hunyuan":  # (1.5 has no single-stream blocks after its last double one: its to_add_out is unused)
+        targets += ["to_add_out"]
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -94,8 +112,31 @@ class OracleHunyuan(HunyuanVideoAttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
 
 
+class OracleHunyuan15(HunyuanVideo15AttnProcessor2_0):
+    """Stock HunyuanVideo 1.5 joint attention with the token mask AND-ed into the mask it builds from the
+    text mask (its attention call, wrapped for this processor's call only)."""
+
+    def __init__(self, token_mask: torch.Tensor) -> None:
+        super().__init__()
+        self.token_mask = token_mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        stock = hy15.dispatch_attention_fn
+
+        def masked(query, key, value, attn_mask=None, **kwargs):
+            return stock(query, key, value, attn_mask=attn_mask & self.token_mask, **kwargs)
+
+        hy15.dispatch_attention_fn = masked
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            hy15.dispatch_attention_fn = stock
+
+
 def oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
-    cls = OracleHunyuan if family == "hunyuan" else OracleWan
+    cls = {"hunyuan": OracleHunyuan, "hunyuan15": OracleHunyuan15, "hunyuan15-i2v": OracleHunyuan15}.get(
+        family, OracleWan
+    )
     procs = dict(transformer.attn_processors)
     for name, _, _ in get_adapter(family).self_attention_modules(transformer):
         procs[f"{name}.processor"] = cls(token_mask)

@@ -403,6 +403,11 @@ def test_mask_cli_prints_costs_and_writes_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "880 tokens per frame (VAE 4x16x16)" in out and "blocks of 64 (wan22, decay 0.8)" in out
     assert "(24 heads x 128)" in out
+    for model in ("hunyuan15", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"):  # family name or hub id
+        _mask_cli(["mask", "--model", model, "--frames", "241", "--height", "480", "--width", "848"])
+        out = capsys.readouterr().out  # 16x VAE, patch 1, 1985 joint text tokens, 16 heads
+        assert "61 latent frames x 30x53 patches = 1590 tokens per frame (VAE 4x16x16)" in out, out
+        assert "96990 video + 1985 text" in out and "(16 heads x 128)" in out and "(hunyuan15, decay 0.95)" in out
     with pytest.raises(ValueError, match="4k\\+1"):
         _mask_cli(["mask", "--frames", "80", "--height", "256", "--width", "256"])
     with pytest.raises(ValueError, match="missing geometry"):

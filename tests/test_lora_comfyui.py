@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from radial_lora import lora
+from radial_lora.models.builtin import model_identity
 from radial_lora.models.tiny import build_tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,7 +57,7 @@ def _comfyui_hunyuan_weights(cfg) -> dict[str, tuple[int, int]]:
             out[f"diffusion_model.double_blocks.{i}.{stream}_attn.proj.weight"] = (h, h)
             out[f"diffusion_model.double_blocks.{i}.{stream}_mlp.0.weight"] = (mlp, h)
             out[f"diffusion_model.double_blocks.{i}.{stream}_mlp.2.weight"] = (h, mlp)
-    for i in range(cfg.num_single_layers):
+    for i in range(cfg.get("num_single_layers", 0)):  # HunyuanVideo 1.5: double-stream blocks only
         out[f"diffusion_model.single_blocks.{i}.linear1.weight"] = (3 * h + mlp, h)
         out[f"diffusion_model.single_blocks.{i}.linear2.weight"] = (h, h + mlp)
     for i in range(cfg.num_refiner_layers):
@@ -104,19 +105,25 @@ def _export(family: str, tmp_path: Path, transformer: str = "transformer") -> tu
     with torch.no_grad():
         for p in params:
             p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-    lora.save_lora(tmp_path, tr, {"family": family})
-    mlp = int(tr.config.num_attention_heads * tr.config.attention_head_dim * tr.config.get("mlp_ratio", 4.0))
-    return lora.export_comfyui(tmp_path, tmp_path / "comfy.safetensors", single_mlp_dim=mlp), tr
+    # The trainer's metadata: the model identity records mlp_ratio, from which the export sizes linear1.
+    lora.save_lora(tmp_path, tr, {"family": family, **model_identity("tiny", tr.config)})
+    return lora.export_comfyui(tmp_path, tmp_path / "comfy.safetensors"), tr
 
 
 @pytest.mark.parametrize(
     "family,transformer",
-    [("wan", "transformer"), ("wan22", "transformer"), ("wan22", "transformer_2"), ("hunyuan", "transformer")],
+    [
+        ("wan", "transformer"),
+        ("wan22", "transformer"),
+        ("wan22", "transformer_2"),
+        ("hunyuan", "transformer"),
+        ("hunyuan15", "transformer"),
+    ],
 )
 def test_every_exported_key_lands_on_a_comfyui_weight_of_its_shape(family, transformer, tmp_path: Path) -> None:
     path, tr = _export(family, tmp_path, transformer)
     state = load_file(path)
-    hunyuan = family == "hunyuan"
+    hunyuan = family.startswith("hunyuan")  # 1.5's checkpoint keeps HunyuanVideo's block names
     weights = (_comfyui_hunyuan_weights if hunyuan else _comfyui_wan_weights)(tr.config)
     patches, unused = _comfyui_patches(state, _comfyui_key_map(weights, hunyuan))
     assert not unused, f"ComfyUI would report 'lora key not loaded' for {sorted(unused)[:4]}"
@@ -126,7 +133,7 @@ def test_every_exported_key_lands_on_a_comfyui_weight_of_its_shape(family, trans
     n_lora = len([k for k in load_file(tmp_path / lora.LORA_FILENAME) if k.endswith("lora_A.weight")])
     if hunyuan:  # q/k/v fuse into one qkv (or linear1) weight
         assert 0 < len(patches) < n_lora
-        assert any(w.endswith("single_blocks.0.linear1.weight") for w in patches)
+        assert family == "hunyuan15" or any(w.endswith("single_blocks.0.linear1.weight") for w in patches)
         assert any(w.endswith("txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight") for w in patches)
     else:
         assert len(patches) == n_lora == 2 * 2 * 4  # 2 blocks x (self, cross) x (q, k, v, o)
@@ -170,7 +177,7 @@ def test_wan_export_round_trips_through_diffusers_own_converter(tmp_path: Path) 
     """diffusers reads ComfyUI-native Wan LoRAs (``_convert_non_diffusers_wan_lora_to_diffusers``): loading our
     export that way must give the model that loading our diffusers file gives, output for output."""
     path, _ = _export("wan", tmp_path)
-    assert lora.read_lora_metadata(path) == {"family": "wan"}  # our metadata rides along in the header
+    assert lora.read_lora_metadata(path)["family"] == "wan"  # our metadata rides along in the header
     ours, comfy = build_tiny_pipeline("wan"), build_tiny_pipeline("wan")
     ours.load_lora_weights(tmp_path / lora.LORA_FILENAME)
     comfy.load_lora_weights(str(tmp_path), weight_name="comfy.safetensors")
@@ -183,3 +190,22 @@ def test_wan_export_round_trips_through_diffusers_own_converter(tmp_path: Path) 
         base = build_tiny_pipeline("wan").transformer(x, t, e, return_dict=False)[0]
     assert torch.equal(got, want)
     assert (want - base).abs().max() > 1e-2  # the LoRA changes the output: the comparison means something
+
+
+def test_hunyuan_linear1_width_comes_from_the_lora_never_a_guess(tmp_path: Path) -> None:
+    """The tiny HunyuanVideo's mlp_ratio is 2, not the released model's 4: exported with no single_mlp_dim,
+    linear1's patch has ComfyUI's shape [3h + 2h, r]; a LoRA that records no mlp_ratio is refused in one line
+    (a 4x guess wrote a linear1 ComfyUI counted as loaded and then failed to patch)."""
+    path, tr = _export("hunyuan", tmp_path)
+    h = tr.config.num_attention_heads * tr.config.attention_head_dim
+    assert tr.config.mlp_ratio == 2.0
+    assert load_file(path)["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape[0] == 3 * h + 2 * h
+    bare = tmp_path / "bare"
+    lora.save_lora(bare, tr, {"family": "hunyuan"})
+    with pytest.raises(ValueError, match="does not record the model's mlp_ratio; pass single_mlp_dim"):
+        lora.export_comfyui(bare, bare / "comfy.safetensors")
+    given = lora.export_comfyui(bare, bare / "comfy.safetensors", single_mlp_dim=2 * h)
+    assert torch.equal(
+        load_file(given)["diffusion_model.single_blocks.0.linear1.lora_B.weight"],
+        load_file(path)["diffusion_model.single_blocks.0.linear1.lora_B.weight"],
+    )

@@ -135,8 +135,8 @@ def test_detected_from_pipeline_folder_and_lone_transformer(family: str, tmp_pat
     assert get_adapter(family).task == "i2v" and get_adapter("wan").task == "t2v"
     # Wan2.2-TI2V-5B's folder says WanPipeline (text-to-video): its image mode loads with --family wan22-i2v.
     ti2v = {"_class_name": "WanPipeline", "expand_timesteps": True}
-    assert get_adapter("wan22-i2v").accepts(ti2v, "wan22") and not get_adapter("wan-i2v").accepts(ti2v, "wan22")
-    assert not get_adapter("wan22-i2v").accepts({"_class_name": "WanPipeline", "transformer_2": ["x", "y"]}, "wan22")
+    assert get_adapter("wan22-i2v").accepts(ti2v) and not get_adapter("wan-i2v").accepts(ti2v)
+    assert not get_adapter("wan22-i2v").accepts({"_class_name": "WanPipeline", "transformer_2": ["x", "y"]})
 
 
 def test_text_only_family_refuses_an_image() -> None:

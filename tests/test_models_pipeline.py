@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
@@ -146,7 +148,7 @@ def test_detect_family_and_registry(tiny_wan22_dir, tiny_hunyuan_dir, tmp_path):
         get_adapter("wan2.2")
     with pytest.raises(ValueError, match="model_index.json"):
         detect_family(tmp_path)
-    with pytest.raises(ValueError, match="family 'hunyuan'"):
+    with pytest.raises(ValueError, match="HunyuanVideoPipeline that is not of family 'wan'"):
         get_adapter("wan").load_pipeline(tiny_hunyuan_dir, torch.float32)
     loaded = get_adapter("wan22").load_pipeline(tiny_wan22_dir, torch.float32)
     assert detect_family(loaded.transformer) == "wan22"
@@ -206,5 +208,33 @@ def test_load_by_role(family, fixture, request):
     assert prep_pipe.transformer is None and getattr(prep_pipe, "transformer_2", None) is None
     assert all(getattr(prep_pipe, name) is not None for name in adapter.encoder_components)
     other = get_adapter("hunyuan" if family != "hunyuan" else "wan")
-    with pytest.raises(ValueError, match=f"of family '{family}'"):
+    with pytest.raises(ValueError, match=f"not of family '{other.family}'"):
         other.load_pipeline(path, torch.float32)
+
+
+def test_hunyuan15_is_detected_from_its_index_its_folder_and_a_lone_transformer(tmp_path):
+    """HunyuanVideo 1.5 from model_index.json, from a folder's JSON configs alone (describe_model: the 16x VAE
+    from vae/config.json, else from the family), and from a lone transformer by its config's task_type."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from radial_lora.models.published import describe_model
+    from radial_lora.models.registry import family_of_index
+
+    assert family_of_index({"_class_name": "HunyuanVideo15Pipeline"}) == "hunyuan15"
+    pipe = build_tiny_pipeline("hunyuan15")
+    lone = HunyuanVideo15Transformer3DModel(**pipe.transformer.config)  # untagged
+    assert detect_family(lone) == "hunyuan15"
+    assert get_adapter("hunyuan15").vae_factors(lone) == (4, 16) == get_adapter("hunyuan15").vae_factors(pipe)
+    i2v = HunyuanVideo15Transformer3DModel(**{**pipe.transformer.config, "task_type": "i2v"})
+    assert detect_family(i2v) == "hunyuan15-i2v"  # same class, its config's task_type tells
+    assert family_of_index({"_class_name": "HunyuanVideo15ImageToVideoPipeline"}) == "hunyuan15-i2v"
+    odd = HunyuanVideo15Transformer3DModel(**{**pipe.transformer.config, "task_type": "v2v"})
+    with pytest.raises(ValueError, match="cannot tell the model family"):
+        detect_family(odd)
+    pipe.transformer.save_config(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideo15Pipeline"}))
+    found = describe_model(str(tmp_path))
+    assert (found.family, found.vae) == ("hunyuan15", (4, 16))
+    pipe.vae.save_config(tmp_path / "vae")
+    assert describe_model(str(tmp_path)).vae == (4, 16)  # spatial_compression_ratio of its VAE config
+    assert detect_family(tmp_path) == "hunyuan15"

@@ -29,24 +29,28 @@ SMALL = (9, 8, 12)
 pytestmark = pytest.mark.slow
 
 
-REAL_IN_CI = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+REAL_IN_CI = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v")
 
 
 def _geometry(hub: str) -> tuple[tuple[int, int, int], int | None]:
     """(latent frames, latent height, latent width) and the block size (None: the family's default)."""
-    if not (REAL_GEOMETRY or hub == REAL_IN_CI):
+    if not (REAL_GEOMETRY or hub in REAL_IN_CI):
         return SMALL, 16
+    if "HunyuanVideo-1.5" in hub:  # 480x848 / 16, patch 1: 1590 tokens per frame (4 latent frames in CI)
+        return (5 if REAL_GEOMETRY else 4, 30, 53), None
     return ((5, 44, 80) if "TI2V" in hub else (5, 60, 104)), None  # 704x1280 / 16; 480x832 / 8
 
 
 # A14B's experts are the 14B configs; Wan2.1-I2V's 720P transformer is its 480P one
-@pytest.fixture(params=[h for h in PUBLISHED if "A14B" not in h and "720P" not in h])
+@pytest.fixture(params=[h for h in PUBLISHED if "A14B" not in h and "720" not in h])
 def real(request):
     hub = request.param
     spec = PUBLISHED[hub]
     config = dict(spec.transformer) | {"num_layers": 1}
     if spec.family == "hunyuan":
         config |= {"num_single_layers": 1, "num_refiner_layers": 1}
+    if spec.family.startswith("hunyuan15"):
+        config |= {"num_refiner_layers": 1}
     torch.manual_seed(0)
     transformer = build_transformer(spec.family, config, DEVICE).eval()
     yield hub, spec, transformer
@@ -63,18 +67,31 @@ def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> t
             "pooled_projections": torch.randn(1, 768, generator=g),
         }
         extra = {"guidance": torch.tensor([6000.0], device=DEVICE)}
+    elif family.startswith(
+        "hunyuan15"
+    ):  # Qwen2.5-VL 16 tokens (11 valid), ByT5 8 (3 valid); predict adds 729 image ones
+        mask, mask_2 = torch.zeros(1, 16), torch.zeros(1, 8)
+        mask[:, :11], mask_2[:, :3] = 1, 1
+        text = {
+            "encoder_hidden_states": torch.randn(1, 16, 3584, generator=g),
+            "encoder_attention_mask": mask,
+            "encoder_hidden_states_2": torch.randn(1, 8, 1472, generator=g),
+            "encoder_attention_mask_2": mask_2,
+        }
     else:
         text, extra = {"encoder_hidden_states": torch.randn(1, 16, 4096, generator=g)}, {}
     if family.endswith("-i2v"):  # the frame mask and image latents on channels; Wan2.1-I2V's CLIP tokens
         f, h, w = latents.shape[2:]
-        text["image_latents"] = torch.randn(1, 16, f, h, w, generator=g)
-        if transformer.config.image_dim:  # its cross-attention reads the last 512 tokens as text
+        text["image_latents"] = torch.randn(1, transformer.config.out_channels, f, h, w, generator=g)
+        if family == "hunyuan15-i2v":  # SigLIP's 729 tokens, valid ones of the joint text
+            text["encoder_hidden_states_image"] = torch.randn(1, 729, 1152, generator=g)
+        if getattr(transformer.config, "image_dim", None):  # its cross-attention reads the last 512 tokens as text
             text["encoder_hidden_states"] = torch.randn(1, 512, 4096, generator=g)
             text["encoder_hidden_states_image"] = torch.randn(1, 257, 1280, generator=g)
     text = {k: v.to(DEVICE) for k, v in text.items()}
     t = torch.tensor([700.0], device=DEVICE)
     with torch.no_grad():
-        if family.endswith("-i2v"):
+        if family.endswith("-i2v") or family.startswith("hunyuan15"):
             return get_adapter(family).predict(transformer, latents, t, text)
         return transformer(latents, t, **text, **extra, return_dict=False)[0]
 
@@ -91,8 +108,9 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     block = controller.block_size
     radial = _call(family, transformer, latents)
     density = controller.last_density
-    tokens = frames * (h // 2) * (w // 2)
-    text = 16 if family == "hunyuan" else 0
+    pt, ph, pw = adapter.patch_size(transformer)
+    tokens = frames // pt * (h // ph) * (w // pw)
+    text = {"hunyuan": 16, "hunyuan15": 16 + 8 + 729, "hunyuan15-i2v": 16 + 8 + 729}.get(family, 0)
     geo = controller.geometry_for(tokens)
     token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block).to(DEVICE)
     from radial_lora.models import remove_radial_attention

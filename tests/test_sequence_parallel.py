@@ -51,17 +51,20 @@ def test_one_process_cannot_split_the_sequence(tiny_wan_dir: Path, tiny_wan_data
 
 
 @pytest.mark.slow
-def test_split_transformer_matches_whole_for_wan_hunyuan_and_wan_i2v(
+def test_split_transformer_matches_whole_for_every_family_kind(
     tiny_wan_dir: Path, tiny_hunyuan_dir: Path, tmp_path: Path
 ) -> None:
-    """Outputs and LoRA gradients of the token-split tiny Wan, HunyuanVideo (padded text) and Wan2.1-I2V (image
-    latents on channels, CLIP tokens in cross-attention) transformers,
+    """Outputs and LoRA gradients of the token-split tiny Wan, HunyuanVideo (padded text), Wan2.1-I2V (image
+    latents on channels, CLIP tokens in cross-attention) and HunyuanVideo 1.5 (two padded text streams and the
+    masked image tokens joined inside the transformer; its image-to-video model with the SigLIP tokens valid)
+    transformers,
     with and without gradient checkpointing, equal the whole transformer's to float32 rounding; so do the
     losses of 3 LoRA training steps and videos generated with ``sequence_parallel=2`` (uint8 frames within
     one level of the one-process videos)."""
     torchrun(str(WORKER), str(tmp_path / "report.json"), str(tiny_wan_dir), str(tiny_hunyuan_dir), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
-    for key in ("wan", "wan_checkpointing", "hunyuan", "hunyuan_checkpointing", "wan-i2v", "wan-i2v_checkpointing"):
+    families = ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v")
+    for key in [f + suffix for f in families for suffix in ("", "_checkpointing")]:
         r = report[key]
         assert r["out_diff"] <= 1e-6 * r["out_scale"] + 1e-7, (key, r)
         assert r["grad_diff"] <= 2e-6 * r["grad_scale"] + 1e-7, (key, r)

@@ -349,7 +349,8 @@ def _wan_comfy_name(module: str) -> str | None:
     return f"{head}.{_WAN_FFN[rest]}" if rest in _WAN_FFN else None
 
 
-# HunyuanVideo: ComfyUI's model fuses q/k/v (and the single blocks' MLP input) into one Linear, so a
+# HunyuanVideo (and 1.5, whose original checkpoint keeps these double-block and refiner names; it has no single
+# blocks): ComfyUI's model fuses q/k/v (and the single blocks' MLP input) into one Linear, so a
 # LoRA on to_q/to_k/to_v becomes one LoRA on the fused weight: A stacked, B block-diagonal (exact).
 # Values: (comfy module, slot index, slot count) where the fused output is split in equal slots,
 # except single blocks' linear1 = [q, k, v, mlp] whose mlp width is taken from the fused B size.
@@ -390,6 +391,28 @@ def _hunyuan_comfy_name(module: str) -> tuple[str, int | None] | None:
     return f"{head}.{name}", slot
 
 
+def _metadata_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        return read_lora_metadata(path)
+    except LoraFormatError:
+        raise
+    except ValueError:
+        return {}
+
+
+def _single_mlp_dim(path: Path, hidden: int, meta: Mapping[str, Any], given: int | None) -> int:
+    """Width of the MLP rows of HunyuanVideo's fused ``linear1``: given, or hidden x the recorded mlp_ratio."""
+    if given is not None:
+        return int(given)
+    if meta.get("mlp_ratio") is None:
+        raise ValueError(
+            f"{path}: ComfyUI fuses HunyuanVideo's single-block q, k, v and MLP input into linear1, and this LoRA "
+            "does not record the model's mlp_ratio; pass single_mlp_dim (hidden size x mlp_ratio, 12288 for "
+            "HunyuanVideo 13B)"
+        )
+    return int(round(hidden * float(meta["mlp_ratio"])))
+
+
 def _modules(state: Mapping[str, torch.Tensor]) -> list[str]:
     mods = {k[len(PREFIX) : k.index(".lora_A.")] for k in state if ".lora_A." in k}
     return sorted(mods)
@@ -400,15 +423,16 @@ def export_comfyui(
 ) -> Path:
     """Rewrite a diffusers-format LoRA for ComfyUI's native loader; returns the written file.
 
-    ``family`` ("wan", "wan22", "hunyuan") defaults to the file's metadata. The LoRA scale
+    ``family`` (``constants.FAMILIES``) defaults to the file's metadata. The LoRA scale
     (alpha / r) is folded into ``lora_B`` and no ``.alpha`` key is written, so ComfyUI applies
     strength 1 x B @ A, the same delta as diffusers. For HunyuanVideo single blocks the fused
-    ``linear1`` also holds the MLP input; its width is ``single_mlp_dim`` (default: 4 x hidden size,
-    read from the q projection, i.e. mlp_ratio 4 as in the released model).
+    ``linear1`` also holds the MLP input; its width is ``single_mlp_dim``, else the hidden size (the
+    q projection's width) x the ``mlp_ratio`` the LoRA's metadata records. Never a guess: a wrong width
+    makes a file ComfyUI counts as loaded and then fails to patch.
     """
     p = _lora_file(src)
     state = load_lora_state(p)
-    meta = read_lora_metadata(p) if family is None else {}
+    meta = _metadata_or_empty(p)
     family = family or meta.get("family")
     if family not in ARCHITECTURE:
         raise ValueError(f"unknown or missing model family {family!r} for ComfyUI export; pass family='wan'|'hunyuan'")
@@ -446,9 +470,7 @@ def export_comfyui(
             )
         a_cat = torch.cat([slots[i][0] for i in range(3)], dim=0)
         widths = [slots[i][1].shape[0] for i in range(3)]
-        extra = 0
-        if name.endswith("linear1"):
-            extra = single_mlp_dim if single_mlp_dim is not None else 4 * widths[0]
+        extra = _single_mlp_dim(p, widths[0], meta, single_mlp_dim) if name.endswith("linear1") else 0
         b_full = torch.zeros(sum(widths) + extra, a_cat.shape[0])
         row, col = 0, 0
         for i in range(3):

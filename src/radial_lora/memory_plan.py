@@ -66,9 +66,9 @@ def features(
 class Dims:
     """What the memory of a transformer depends on, read from its diffusers config."""
 
-    family: str  # "wan" (Wan2.1 and Wan2.2) or "hunyuan"
+    family: str  # the memory model's kind: "wan" (Wan2.1 and Wan2.2) or "hunyuan" (HunyuanVideo and 1.5)
     blocks: int  # Wan blocks, or HunyuanVideo double-stream blocks
-    single_blocks: int  # HunyuanVideo single-stream blocks (0 for Wan)
+    single_blocks: int  # HunyuanVideo single-stream blocks (0 for Wan and HunyuanVideo 1.5)
     heads: int
     head_dim: int
     ffn: int
@@ -321,19 +321,22 @@ def _lora_width(model: torch.nn.Module, targets: tuple[str, ...]) -> int:
 
 
 def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tuple[str, ...] | None = None) -> Dims:
-    """:class:`Dims` of a transformer config; parameter counts from the real class built on the meta device."""
+    """:class:`Dims` of a transformer config of ``family``; parameter counts from the real class built on the
+    meta device. HunyuanVideo 1.5's double-stream blocks are HunyuanVideo's (joint attention, GELU MLPs): it
+    takes the fitted "double" and "hunyuan-outside" terms, with its 1985 joint text tokens."""
     from radial_lora.constants import DEFAULT_TARGETS
 
     model = build_transformer(family, config)
     blocks = [m for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
     block_params = max(sum(p.numel() for p in b.parameters()) for mods in blocks for b in mods)
     heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
-    if family == "wan":
+    kind = "wan" if get_adapter(family).architecture in ("wan", "wan22") else "hunyuan"
+    if kind == "wan":
         ffn, single = int(config["ffn_dim"]), 0
     else:
-        ffn, single = int(heads * head_dim * config.get("mlp_ratio", 4.0)), int(config["num_single_layers"])
+        ffn, single = int(heads * head_dim * config.get("mlp_ratio", 4.0)), int(config.get("num_single_layers", 0))
     return Dims(
-        family=family,
+        family=kind,
         blocks=int(config["num_layers"]),
         single_blocks=single,
         heads=heads,
@@ -353,8 +356,7 @@ def dims_of(family: str, config: dict[str, Any], experts: int = 1, targets: tupl
 def resolve_model(model: str, targets: tuple[str, ...] | None = None) -> tuple[Dims, tuple[int, int]]:
     """A published hub id (no download) or a local pipeline / transformer folder -> dims and VAE factors."""
     found = describe_model(model)
-    family = "hunyuan" if found.family == "hunyuan" else "wan"
-    return dims_of(family, found.transformer, found.experts, targets), found.vae
+    return dims_of(found.family, found.transformer, found.experts, targets), found.vae
 
 
 def plan_for_config(cfg: Any, gpus: int, gpu_memory_gb: float) -> Plan:
@@ -427,12 +429,19 @@ def measure_step(
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    x0 = torch.randn(1, int(config["in_channels"]), frames, side, side)
+    latent = config["out_channels"] if family == "hunyuan15" else config["in_channels"]  # 1.5: 32 of its 65 in
+    x0 = torch.randn(1, int(latent), frames, side, side)
     width = config.get("text_dim") or config.get("text_embed_dim")
     cond = {"encoder_hidden_states": torch.randn(1, text, width, dtype=torch.bfloat16)}
     if family == "hunyuan":
         cond["encoder_attention_mask"] = torch.ones(1, text, dtype=torch.long)
         cond["pooled_projections"] = torch.randn(1, config["pooled_projection_dim"], dtype=torch.bfloat16)
+    if family == "hunyuan15":  # ``text`` counts all three parts; predict adds the 729 (zero) image tokens
+        qwen, byt5 = text - 256 - 729, 256
+        cond["encoder_hidden_states"] = cond["encoder_hidden_states"][:, :qwen]
+        cond["encoder_attention_mask"] = torch.ones(1, qwen)
+        cond["encoder_hidden_states_2"] = torch.randn(1, byt5, config["text_embed_2_dim"], dtype=torch.bfloat16)
+        cond["encoder_attention_mask_2"] = torch.ones(1, byt5)
     adapter = get_adapter(family)
     sigmas, noise = torch.tensor([0.5]), torch.randn_like(x0)
     saved = saved_activation_bytes(model, lambda: flow_step(adapter, model, x0, cond, sigmas, noise).loss)

@@ -10,10 +10,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEXT_TOKENS = {"wan": 0, "wan22": 0, "hunyuan": 256}  # HunyuanVideo's joint attention appends its text
-DEFAULT_HEADS = {"wan": 40, "wan22": 40, "hunyuan": 24}  # Wan2.1-14B, Wan2.2-A14B, HunyuanVideo 13B (x 128)
-MASK_TYPE = {"wan": "wan", "wan22": "wan", "hunyuan": "hunyuan"}  # Wan's first latent frame is a sink
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -28,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model",
         default="wan",
-        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan; wan-i2v, wan22-i2v) for its defaults, or a "
+        help="a family (wan = Wan2.1, wan22 = Wan2.2, hunyuan, hunyuan15; the -i2v ones) for its defaults, or a "
         "published hub id / pipeline "
         "folder (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers: its VAE, patch and heads too)",
     )
@@ -37,9 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
     p.add_argument("--latent-frames", type=int, help="latent frames (instead of pixel geometry)")
     p.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (instead of pixel geometry)")
-    p.add_argument("--decay", type=float, default=None, help="decay factor (default: wan 0.2, wan22 0.8, hunyuan 0.95)")
+    p.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help="decay factor (default: wan 0.2, wan22 0.8, hunyuan and hunyuan15 0.95)",
+    )
     p.add_argument("--block-size", type=int, default=None, help="tokens per block (default: 128; wan22 64)")
-    p.add_argument("--text-tokens", type=int, default=None, help="text tokens appended (default: wan 0, hunyuan 256)")
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="text tokens appended (default: wan 0, hunyuan 256, hunyuan15 1985)",
+    )
     p.add_argument(
         "--heads",
         type=int,
@@ -56,8 +62,11 @@ def _model(name: str) -> tuple[str, int | None, tuple[int, int], tuple[int, int,
     """``(family, heads or None, (temporal, spatial) VAE factors, patch)`` of a family name or a model."""
     from radial_lora.constants import FAMILIES
 
-    if name in FAMILIES:
-        return name, None, (4, 8), (1, 2, 2)
+    if name in FAMILIES:  # the family's own defaults (its adapter's)
+        from radial_lora.models.registry import get_adapter
+
+        adapter = get_adapter(name)
+        return name, adapter.reference_heads, adapter.lone_vae_factors({}), adapter.default_patch
     from radial_lora.models.published import describe_model, patch_of
 
     found = describe_model(name)
@@ -123,23 +132,24 @@ def save_png(mask: np.ndarray, path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from radial_lora.constants import ARCHITECTURE, FAMILY_BLOCK_SIZE, FAMILY_DECAY
+    from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY
     from radial_lora.mask import attention_cost, radial_block_mask
+    from radial_lora.models.registry import get_adapter
 
     family, heads, vae, patch = _model(args.model)
-    arch = ARCHITECTURE[family]  # an image-to-video family: its text-to-video twin's attention
+    adapter = get_adapter(family)  # an image-to-video family: its text-to-video twin's attention
     frames, tokens, described = _geometry(args, vae, patch)
     decay = FAMILY_DECAY[family] if args.decay is None else args.decay
     block = FAMILY_BLOCK_SIZE[family] if args.block_size is None else args.block_size
     args.block_size = block
-    text = DEFAULT_TEXT_TOKENS[arch] if args.text_tokens is None else args.text_tokens
+    text = adapter.joint_text_tokens if args.text_tokens is None else args.text_tokens
     if args.heads is None:
-        args.heads = heads or DEFAULT_HEADS[arch]
+        args.heads = heads
     for name, value in (("--heads", args.heads), ("--head-dim", args.head_dim)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     mask = radial_block_mask(
-        frames, tokens, block_size=block, decay_factor=decay, model_type=MASK_TYPE[arch], num_text_tokens=text
+        frames, tokens, block_size=block, decay_factor=decay, model_type=adapter.mask_model_type, num_text_tokens=text
     )
     seq = frames * tokens + text
     cost = attention_cost(mask, seq, head_dim=args.head_dim, num_heads=args.heads, block_size=args.block_size)

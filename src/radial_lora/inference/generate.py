@@ -181,11 +181,12 @@ def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
     """
     loaded: dict[str, tuple[str, str]] = getattr(pipe, _LOADED_ATTR, None) or {}
     setattr(pipe, _LOADED_ATTR, loaded)
+    host = pipe if hasattr(pipe, "load_lora_weights") else TransformerLoras(pipe.transformer)
     names = []
     for path, _ in loras:
         key, digest = str(Path(path).resolve()), lora_digest(path)
         if key in loaded and loaded[key][1] != digest:
-            pipe.delete_adapters(loaded.pop(key)[0])
+            host.delete_adapters(loaded.pop(key)[0])
         if key not in loaded:
             name = f"lora_{digest[:12]}"
             kwargs = {}
@@ -197,17 +198,46 @@ def set_loras(pipe: Any, loras: Sequence[tuple[str, float]]) -> list[str]:
                     )
                 kwargs["load_into_transformer_2"] = True
             try:
-                pipe.load_lora_weights(str(path), adapter_name=name, **kwargs)
+                host.load_lora_weights(str(path), adapter_name=name, **kwargs)
             except (OSError, ValueError, KeyError) as exc:
                 raise ValueError(f"cannot load LoRA {path} into this {type(pipe).__name__}: {exc}") from exc
             loaded[key] = (name, digest)
         names.append(loaded[key][0])
     if names:
-        pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+        host.enable_lora()
+        host.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
     elif loaded:
-        pipe.disable_lora()
+        host.disable_lora()
     return names
+
+
+class TransformerLoras:
+    """The pipeline LoRA calls ``set_loras`` makes, for a pipeline without diffusers' LoRA loader mixin
+    (diffusers 0.42's ``HunyuanVideo15Pipeline`` has no ``load_lora_weights``): the same diffusers-format file
+    loads into the transformer with ``transformer.load_lora_adapter(folder, prefix="transformer")``."""
+
+    def __init__(self, transformer: Any) -> None:
+        self.transformer = transformer
+
+    def load_lora_weights(self, path: str, adapter_name: str) -> None:
+        from radial_lora.lora import _lora_file
+
+        file = _lora_file(path)
+        self.transformer.load_lora_adapter(
+            str(file.parent), weight_name=file.name, prefix="transformer", adapter_name=adapter_name
+        )
+
+    def delete_adapters(self, name: str) -> None:
+        self.transformer.delete_adapters(name)
+
+    def enable_lora(self) -> None:
+        self.transformer.enable_adapters()
+
+    def disable_lora(self) -> None:
+        self.transformer.disable_adapters()
+
+    def set_adapters(self, names: list[str], adapter_weights: list[float]) -> None:
+        self.transformer.set_adapters(names, weights=adapter_weights)
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -367,7 +397,9 @@ def render_batch(
     the video's size (image-to-video pipelines; the stock call's ``image``, as PIL pictures).
     """
     from radial_lora.data.video_io import write_video
+    from radial_lora.models import detect_family, get_adapter
 
+    adapter = get_adapter(detect_family(pipe))
     decode = any(p is not None for p in video_paths)
     exec_device = device or torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
     if controller is not None:
@@ -376,10 +408,9 @@ def render_batch(
     call: dict[str, Any] = dict(
         prompt=list(prompts) if len(prompts) > 1 else prompts[0],
         num_frames=num_frames,
-        height=height,
-        width=width,
         num_inference_steps=steps,
-        guidance_scale=guidance,
+        **adapter.size_arguments(pipe, height, width),
+        **adapter.guidance_arguments(pipe, guidance),
         generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
         output_type="np" if decode else "latent",
     )
@@ -629,9 +660,10 @@ def _model_inputs(
 
     family = family or detect_family(model)
     check_lora_family(loras, family)
-    firsts = _first_frames(get_adapter(family), images, count, height, width)
-    if firsts is not None and batch_size > 1:
-        logger.info("image-to-video: one video per pipeline call (batch_size %d -> 1)", batch_size)
+    adapter = get_adapter(family)
+    firsts = _first_frames(adapter, images, count, height, width)
+    if (firsts is not None or adapter.one_video_per_call) and batch_size > 1:
+        logger.info("%s: one video per pipeline call (batch_size %d -> 1)", family, batch_size)
         batch_size = 1
     return family, firsts, batch_size
 

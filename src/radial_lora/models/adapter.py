@@ -1,15 +1,16 @@
 """The ``ModelAdapter`` interface: what training, data preparation and radial patching need from a family.
 
 One adapter per model family hides the differences between the diffusers pipelines (text encoders,
-VAE normalisation, transformer call signature, where self-attention lives). ``registry.py`` lists the
-adapters by family name ("wan", "wan22", "hunyuan") and tells which one a pipeline is.
+VAE normalisation, transformer call signature, where self-attention lives). This module knows no family:
+each family's file subclasses :class:`ModelAdapter` and says which classes and configs are its own
+(:meth:`ModelAdapter.claims`); ``registry.py`` lists the adapters and asks them.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,19 @@ if TYPE_CHECKING:
 
     from radial_lora.models.radial import RadialController
     from radial_lora.models.riflex import TemporalRope
+
+
+# A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
+# WanTransformer3DModel): loading or detecting a pipeline tags its transformers with this attribute.
+FAMILY_ATTR = "_radial_lora_family"
+
+
+def tag_transformers(pipe: Any, family: str) -> None:
+    """Mark a pipeline's transformers with its family, so a transformer taken out of it still reports that family."""
+    for attr in ("transformer", "transformer_2"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            setattr(module, FAMILY_ATTR, family)
 
 
 @dataclass(frozen=True)
@@ -60,16 +74,45 @@ class ModelAdapter(ABC):
     pipeline_class_name: str
     transformer_class_name: str
     sequence_plan: SequencePlan  # where sequence parallelism cuts and joins the tokens
+    # What ``radial-lora mask`` assumes of the family without a model at hand: the text tokens its radial
+    # attention appends to the video (0: self-attention over video alone), the heads of its reference model
+    # (for FLOPs) and the patch of its transformers.
+    joint_text_tokens: int = 0
+    reference_heads: int
+    default_patch: tuple[int, int, int] = (1, 2, 2)
+    one_video_per_call: bool = False  # the stock pipeline cannot render a batch (generate then renders one by one)
 
     @property
     def architecture(self) -> str:
-        """The transformer's kind ("wan", "wan22", "hunyuan"): ComfyUI keys, memory model, mask CLI."""
+        """The transformer's kind (``constants.ARCHITECTURE``): ComfyUI keys, memory model, mask CLI."""
         return ARCHITECTURE[self.family]
 
     @property
     def task(self) -> str:
         """ "t2v" or "i2v": what the pipeline generates from (an image-to-video family is a family of its own)."""
         return FAMILY_TASK[self.family]
+
+    # -- identity --------------------------------------------------------------------------------
+    def claims(self, class_name: str, index: Mapping[str, Any], transformer: Mapping[str, Any]) -> bool:
+        """Whether a pipeline class with its ``model_index.json`` (``index``), or a transformer class with its
+        config (``transformer``; ``index`` empty for a lone transformer), is this family's. Families that share
+        classes (Wan2.1 / Wan2.2, text- / image-to-video) tell themselves apart in :meth:`variant_of` and
+        :meth:`transformer_task`."""
+        if class_name == self.pipeline_class_name:
+            return self.variant_of(index, transformer)
+        return (
+            class_name == self.transformer_class_name
+            and self.transformer_task(transformer) == self.task
+            and self.variant_of(index, transformer)
+        )
+
+    def variant_of(self, index: Mapping[str, Any], transformer: Mapping[str, Any]) -> bool:
+        """Whether these configs are this family's rather than another family's with the same classes."""
+        return True
+
+    def transformer_task(self, transformer: Mapping[str, Any]) -> str:
+        """ "t2v" or "i2v": what a lone transformer of this family's class generates from, by its config."""
+        return "t2v"
 
     # -- structure -------------------------------------------------------------------------------
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
@@ -93,10 +136,19 @@ class ModelAdapter(ABC):
         """The transformer's RoPE module and its temporal layout (what RIFLEx changes)."""
 
     # -- geometry --------------------------------------------------------------------------------
+    def lone_vae_factors(self, transformer: Mapping[str, Any]) -> tuple[int, int]:
+        """``(temporal, spatial)`` VAE compression of the VAE this transformer config is paired with (its
+        pipeline is not at hand: a lone transformer, a transformer config file)."""
+        return 4, 8
+
     def vae_factors(self, pipe_or_transformer: Any) -> tuple[int, int]:
-        """``(temporal, spatial)`` VAE compression, read from the pipeline (defaults 4, 8 for a lone transformer)."""
-        temporal = getattr(pipe_or_transformer, "vae_scale_factor_temporal", None) or 4
-        spatial = getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) or 8
+        """``(temporal, spatial)`` VAE compression, read from the pipeline (a lone transformer:
+        :meth:`lone_vae_factors` of its config)."""
+        temporal = getattr(pipe_or_transformer, "vae_scale_factor_temporal", None)
+        spatial = getattr(pipe_or_transformer, "vae_scale_factor_spatial", None)
+        if temporal is None or spatial is None:
+            lone = self.lone_vae_factors(dict(getattr(pipe_or_transformer, "config", None) or {}))
+            temporal, spatial = temporal or lone[0], spatial or lone[1]
         return int(temporal), int(spatial)
 
     def geometry(
@@ -143,26 +195,25 @@ class ModelAdapter(ABC):
         from diffusers import DiffusionPipeline
 
         from radial_lora.models.builtin import resolve_model_id
-        from radial_lora.models.registry import family_of_index, tag_transformers
 
         path = resolve_model_id(model_id_or_path)
         index = DiffusionPipeline.load_config(path)
-        found = family_of_index(index, where=str(model_id_or_path))
-        if not self.accepts(index, found):
+        if not self.accepts(index):
             raise ValueError(
-                f"{model_id_or_path} holds a {index.get('_class_name')} of family {found!r}, not {self.family!r}; "
-                f"use --family {found} (or get_adapter({found!r}))"
+                f"{model_id_or_path} holds a {index.get('_class_name')} that is not of family {self.family!r} "
+                f"({self.pipeline_class_name}); leave --family out to detect its family from model_index.json"
             )
         skipped = {name: None for name in skip if isinstance(index.get(name), list | tuple) and index[name][0]}
         # The concrete class, not DiffusionPipeline: only it knows its optional components (Wan's transformers),
         # which DiffusionPipeline.from_pretrained would load even when passed None.
         pipe = getattr(diffusers, self.pipeline_class_name).from_pretrained(path, torch_dtype=torch_dtype, **skipped)
-        tag_transformers(pipe, found)
+        tag_transformers(pipe, self.family)
         return pipe
 
-    def accepts(self, index: dict[str, Any], found: str) -> bool:
-        """Whether a pipeline whose ``model_index.json`` says family ``found`` loads as this family."""
-        return found == self.family
+    def accepts(self, index: Mapping[str, Any]) -> bool:
+        """Whether the pipeline of this ``model_index.json`` loads as this family (:meth:`claims`, or another
+        family's pipeline whose weights this family's pipeline also runs)."""
+        return self.claims(index.get("_class_name", ""), index, {})
 
     def given_frames(self, transformer: nn.Module) -> int:
         """Leading latent frames the pipeline takes as given instead of generating them (so no loss there)."""
@@ -187,6 +238,14 @@ class ModelAdapter(ABC):
     def pipeline_inputs(self, frames: list) -> dict[str, Any]:
         """Extra arguments of the stock pipeline call for videos starting from ``frames`` (image-to-video)."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
+
+    def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
+        """The stock call's arguments for a ``height x width`` video."""
+        return {"height": height, "width": width}
+
+    def guidance_arguments(self, pipe: DiffusionPipeline, guidance: float) -> dict[str, Any]:
+        """The stock call's arguments for classifier-free guidance ``guidance`` (1: none)."""
+        return {"guidance_scale": guidance}
 
     def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
         """The conditioning of a clip's first ``latent_frames`` latent frames alone (text does not depend on

@@ -32,12 +32,16 @@ def resolve_model_id(model: str | os.PathLike[str]) -> str:
     return str(BUILTIN_MODELS[name])
 
 
-def model_identity(model: str | os.PathLike[str], transformer_config: Any) -> dict[str, str]:
+def model_identity(model: str | os.PathLike[str], transformer_config: Any) -> dict[str, Any]:
     """What a LoRA was trained on, in words that survive a move to another machine: the hub id or
-    ``builtin:`` name as given (a local folder: its name), and a hash of the transformer's config."""
+    ``builtin:`` name as given (a local folder: its name), a hash of the transformer's config, and its
+    ``mlp_ratio`` where it has one (HunyuanVideo's ComfyUI export sizes its fused ``linear1`` with it)."""
     text = os.fspath(model)
     local = Path(resolve_model_id(text))
     name = text if text.startswith(PREFIX) or not local.is_dir() else local.resolve().name
     config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return {"base_model_name": name, "transformer_config_sha256": digest}
+    identity: dict[str, Any] = {"base_model_name": name, "transformer_config_sha256": digest}
+    if config.get("mlp_ratio") is not None:
+        identity["mlp_ratio"] = float(config["mlp_ratio"])
+    return identity

@@ -30,12 +30,26 @@ if TYPE_CHECKING:
 
 
 class RadialHunyuanAttnProcessor(HunyuanVideoAttnProcessor2_0):
-    """``HunyuanVideoAttnProcessor2_0`` whose joint attention goes through the radial controller."""
+    """``HunyuanVideoAttnProcessor2_0`` whose joint attention goes through the radial controller.
+
+    The joint-attention math of every HunyuanVideo generation (double-stream blocks: video and text projected
+    apart, then ``[video; text]``; single-stream: one projection of the joined tokens; RoPE on video only).
+    A family whose mask arrives in another form overrides :meth:`key_padding_mask` only."""
 
     def __init__(self, controller: RadialController, block_index: int) -> None:
         super().__init__()
         self.controller = controller
         self.block_index = block_index
+
+    def key_padding_mask(self, attention_mask: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``[B, video + text]`` bool, True for the keys to attend: HunyuanVideo passes it as ``[B,1,1,S]``."""
+        batch = attention_mask.shape[0]
+        if attention_mask.dtype != torch.bool or attention_mask.numel() != batch * tokens:
+            raise ValueError(
+                "HunyuanVideo's attention_mask must be a bool [B,1,1,video+text] mask of valid tokens; got "
+                f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.reshape(batch, -1)
 
     def __call__(
         self,
@@ -77,15 +91,7 @@ class RadialHunyuanAttnProcessor(HunyuanVideoAttnProcessor2_0):
                 text[1] = attn.norm_added_k(text[1])
             query, key, value = (torch.cat([a, b], dim=1) for a, b in zip((query, key, value), text))
 
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.dtype != torch.bool or attention_mask.numel() != batch * query.shape[1]:
-                raise ValueError(
-                    "HunyuanVideo's attention_mask must be a bool [B,1,1,video+text] mask of valid tokens; got "
-                    f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
-                )
-            key_padding_mask = attention_mask.reshape(batch, -1)
-
+        key_padding_mask = None if attention_mask is None else self.key_padding_mask(attention_mask, query.shape[1])
         out = self.controller.attend(
             query.transpose(1, 2),
             key.transpose(1, 2),
@@ -122,6 +128,8 @@ class HunyuanAdapter(ModelAdapter):
     encoder_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae")
     pipeline_class_name = "HunyuanVideoPipeline"
     transformer_class_name = "HunyuanVideoTransformer3DModel"
+    reference_heads = 24  # HunyuanVideo 13B: 24 x 128
+    joint_text_tokens = 256  # its Llama prompt, appended to the video in every block
     max_sequence_length = 256  # the pipeline's default Llama text length (after the template crop)
     guidance_scale = 6.0  # the pipeline's default embedded guidance; training conditions match inference
 

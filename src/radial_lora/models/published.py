@@ -90,12 +90,44 @@ def hunyuan_config(
     )
 
 
+def hunyuan15_config(task: str, target_size: int = 640) -> dict[str, Any]:
+    """A ``HunyuanVideo15Transformer3DModel`` config of the published 8.3B models: 54 double-stream blocks of
+    16 x 128, patch 1, 32 latent channels (65 in: noise, condition latents, condition mask), Qwen2.5-VL-7B
+    (3584), ByT5 (1472) and SigLIP (1152) inputs; ``target_size`` 640 for 480p, 960 for 720p."""
+    return dict(
+        in_channels=65,
+        out_channels=32,
+        num_attention_heads=16,
+        attention_head_dim=128,
+        num_layers=54,
+        num_refiner_layers=2,
+        mlp_ratio=4.0,
+        patch_size=1,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        text_embed_dim=3584,
+        text_embed_2_dim=1472,
+        image_embed_dim=1152,
+        rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56),
+        target_size=target_size,
+        task_type=task,
+        use_meanflow=False,
+    )
+
+
 PUBLISHED: dict[str, Published] = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": Published("wan", wan_config(12, 8960, 30), (4, 8)),
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": Published("wan", wan_config(40, 13824, 40), (4, 8)),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", wan_config(24, 14336, 30, channels=48), (4, 16)),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", wan_config(40, 13824, 40), (4, 8), experts=2),
     "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": Published("hunyuan15", hunyuan15_config("t2v"), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-720p_t2v": Published("hunyuan15", hunyuan15_config("t2v", 960), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v": Published("hunyuan15-i2v", hunyuan15_config("i2v"), (4, 16)),
+    "hunyuanvideo-community/HunyuanVideo-1.5-720p_i2v": Published(
+        "hunyuan15-i2v", hunyuan15_config("i2v", 960), (4, 16)
+    ),
     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": Published(
         "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
     ),
@@ -114,10 +146,12 @@ def published(model: str) -> Published | None:
 def build_transformer(family: str, config: dict[str, Any], device: Any = "meta") -> Any:
     """The real diffusers transformer class of ``family`` at ``config`` (default on the meta device: no memory,
     for counting parameters)."""
+    import diffusers
     import torch
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    cls = HunyuanVideoTransformer3DModel if family == "hunyuan" else WanTransformer3DModel
+    from radial_lora.models.registry import get_adapter
+
+    cls = getattr(diffusers, get_adapter(family).transformer_class_name)
     with torch.device(device):
         return cls(**config)
 
@@ -145,20 +179,19 @@ def describe_model(model: str) -> Published:
             f"{model}: not a known hub id ({', '.join(PUBLISHED)}) nor a folder with transformer/config.json; "
             "download the pipeline or pass one of those ids"
         )
-    from radial_lora.models.registry import family_of_class
-    from radial_lora.models.wan import is_wan22_config, wan22_vae_spatial
-    from radial_lora.models.wan_i2v import is_wan_i2v_config
+    from radial_lora.models.registry import family_of, get_adapter
 
     config = json.loads(config_file.read_text())
     index_file = root / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    i2v = index.get("_class_name", "").endswith("ImageToVideoPipeline") or is_wan_i2v_config(config)
-    family = family_of_class(config.get("_class_name", ""), is_wan22_config(index, config), str(config_file), i2v=i2v)
+    class_name = index.get("_class_name") or config.get("_class_name", "")
+    family = family_of(class_name, index, config, str(config_file))
     experts = 1 if (index.get("transformer_2") or [None])[0] is None else 2
-    spatial = 8 if family == "hunyuan" else wan22_vae_spatial(config.get("in_channels"))
+    spatial = get_adapter(family).lone_vae_factors(config)[1]
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():
         vae = json.loads(vae_file.read_text())
-        spatial = int(vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
+        spatial = vae.get("scale_factor_spatial") or vae.get("spatial_compression_ratio")  # Wan; HunyuanVideo
+        spatial = int(spatial or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
     transformer = {k: v for k, v in config.items() if not k.startswith("_")}
     return Published(family, transformer, (4, spatial), experts)

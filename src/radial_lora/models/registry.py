@@ -1,34 +1,43 @@
 """The model families radial-lora knows, by name, and which one a pipeline, transformer or folder is.
 
 Explicit: the adapters are listed here, not registered as a side effect of importing their modules, and
-detection asks each adapter which diffusers classes are its own (``pipeline_class_name``,
-``transformer_class_name``); Wan2.2 shares Wan2.1's classes and is told apart by ``wan.is_wan22_config``.
+detection asks each adapter whether a class and its configs are its own (:meth:`ModelAdapter.claims`). This
+module imports the families; none of them imports it back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from radial_lora.models.adapter import ModelAdapter
+from radial_lora.models.adapter import FAMILY_ATTR, ModelAdapter, tag_transformers
 from radial_lora.models.hunyuan import HunyuanAdapter
-from radial_lora.models.wan import Wan22Adapter, WanAdapter, is_wan22, is_wan22_config
-from radial_lora.models.wan_i2v import Wan22I2VAdapter, WanI2VAdapter, is_wan_i2v_config
+from radial_lora.models.hunyuan15 import Hunyuan15Adapter, Hunyuan15I2VAdapter
+from radial_lora.models.wan import Wan22Adapter, WanAdapter
+from radial_lora.models.wan_i2v import Wan22I2VAdapter, WanI2VAdapter
 
+# The one list of families: a new family is its adapter's file and one entry here (and its names in constants).
 ADAPTERS: dict[str, ModelAdapter] = {
-    a.family: a for a in (WanAdapter(), Wan22Adapter(), HunyuanAdapter(), WanI2VAdapter(), Wan22I2VAdapter())
+    a.family: a
+    for a in (
+        WanAdapter(),
+        Wan22Adapter(),
+        HunyuanAdapter(),
+        Hunyuan15Adapter(),
+        WanI2VAdapter(),
+        Wan22I2VAdapter(),
+        Hunyuan15I2VAdapter(),
+    )
 }
-# A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
-# WanTransformer3DModel): detecting a pipeline tags its transformers with this attribute.
-_FAMILY_ATTR = "_radial_lora_family"
 
 
 def families() -> list[str]:
-    """The family names ("hunyuan", "wan", "wan-i2v", "wan22", "wan22-i2v")."""
+    """The family names, sorted (``constants.FAMILIES``)."""
     return sorted(ADAPTERS)
 
 
@@ -47,17 +56,20 @@ def detect_family(pipe_or_transformer: Any) -> str:
     transformers with the family, so a Wan2.2 expert taken out of its pipeline still reports "wan22";
     an untagged Wan transformer reports "wan", except TI2V-5B's (48 latent channels).
     """
-    tagged = getattr(pipe_or_transformer, _FAMILY_ATTR, None)
+    tagged = getattr(pipe_or_transformer, FAMILY_ATTR, None)
     if isinstance(pipe_or_transformer, nn.Module) and tagged is not None:
         return tagged
     if isinstance(pipe_or_transformer, str | os.PathLike):
         return family_of_index(_model_index(pipe_or_transformer), where=str(pipe_or_transformer))
     name = type(pipe_or_transformer).__name__
-    config = getattr(pipe_or_transformer, "config", None) or {}
-    i2v = isinstance(pipe_or_transformer, nn.Module) and is_wan_i2v_config(dict(config))
-    family = family_of_class(name, is_wan22(pipe_or_transformer), name, i2v=i2v)
-    if name in {a.pipeline_class_name for a in ADAPTERS.values()}:
-        tag_transformers(pipe_or_transformer, family)
+    config = dict(getattr(pipe_or_transformer, "config", None) or {})
+    if isinstance(pipe_or_transformer, nn.Module):
+        return family_of(name, {}, config, where=name)
+    # A loaded pipeline: its config, with the second expert as loaded, and its transformer's config.
+    index = {**config, "transformer_2": [getattr(pipe_or_transformer, "transformer_2", None)]}
+    transformer = getattr(getattr(pipe_or_transformer, "transformer", None), "config", None) or {}
+    family = family_of(name, index, dict(transformer), where=name)
+    tag_transformers(pipe_or_transformer, family)
     return family
 
 
@@ -82,30 +94,20 @@ def _model_index(model: str | os.PathLike) -> dict[str, Any]:
 
 
 def family_of_index(index: dict[str, Any], where: str = "the pipeline") -> str:
-    """The family a ``model_index.json`` describes (its class; for Wan, a second transformer or per-token
-    timesteps mean Wan2.2)."""
-    return family_of_class(index.get("_class_name", ""), is_wan22_config(index, {}), where)
+    """The family a ``model_index.json`` describes."""
+    return family_of(index.get("_class_name", ""), index, {}, where)
 
 
-def family_of_class(class_name: str, wan22: bool, where: str, *, i2v: bool = False) -> str:
-    """The family of a pipeline or transformer class name (``wan22``: :func:`wan.is_wan22_config` said so;
-    ``i2v``: a transformer whose config takes image conditioning, :func:`wan_i2v.is_wan_i2v_config`)."""
-    task = "i2v" if i2v else "t2v"
-    found = [a for a in ADAPTERS.values() if class_name == a.pipeline_class_name] or [
-        a for a in ADAPTERS.values() if class_name == a.transformer_class_name and a.task == task
-    ]
-    if found:  # Wan2.1 and Wan2.2 share their classes
-        return next((a.family for a in found if (a.architecture == "wan22") == wan22), found[0].family)
+def family_of(class_name: str, index: Mapping[str, Any], transformer: Mapping[str, Any], where: str) -> str:
+    """The family whose adapter claims a pipeline class with its ``model_index.json`` (``index``), or a
+    transformer class with its config (``transformer``)."""
+    found = [a.family for a in ADAPTERS.values() if a.claims(class_name, index, transformer)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise RuntimeError(f"families {found} all claim {class_name}: their adapters' claims overlap")
     supported = ", ".join(sorted({a.pipeline_class_name for a in ADAPTERS.values()}))
     raise ValueError(
         f"cannot tell the model family of {where or class_name!r} ({class_name or 'no class name'}); supported: "
-        f"{supported} (Wan2.1, Wan2.2, HunyuanVideo; Wan image-to-video) and their transformers"
+        f"{supported} and their transformers"
     )
-
-
-def tag_transformers(pipe: Any, family: str) -> None:
-    """Mark a pipeline's transformers with its family, so a lone Wan2.2 expert still reports "wan22"."""
-    for attr in ("transformer", "transformer_2"):
-        module = getattr(pipe, attr, None)
-        if isinstance(module, nn.Module):
-            setattr(module, _FAMILY_ATTR, family)

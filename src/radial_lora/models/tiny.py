@@ -24,9 +24,12 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLWan,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
     UniPCMultistepScheduler,
@@ -36,6 +39,7 @@ from diffusers import (
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (
+    ByT5Tokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,
@@ -43,6 +47,10 @@ from transformers import (
     LlamaConfig,
     LlamaModel,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    T5Config,
+    T5EncoderModel,
     UMT5Config,
     UMT5EncoderModel,
 )
@@ -204,6 +212,31 @@ _HUNYUAN_TRANSFORMER = dict(
 )
 
 
+_HUNYUAN15_TRANSFORMER = dict(
+    in_channels=9,  # latents, condition latents (4 each) and the condition mask
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=1,
+    patch_size_t=1,
+    text_embed_dim=16,
+    text_embed_2_dim=8,
+    image_embed_dim=8,
+    rope_axes_dim=(4, 6, 6),
+    target_size=64,
+    task_type="t2v",  # "i2v" for hunyuan15-i2v
+)
+# HunyuanVideo 1.5's Qwen2.5-VL stand-in formats prompts with a chat template (the pipeline crops its first
+# 108 tokens, the system part of the real template).
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
 def _check_overrides(family: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
@@ -356,6 +389,71 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
     )
 
 
+def _build_hunyuan15(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
+    """HunyuanVideo 1.5, text- or image-to-video (then with a tiny SigLIP of 16 tokens)."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    task = "i2v" if family.endswith("-i2v") else "t2v"
+    cfg = _check_overrides(family, {**_HUNYUAN15_TRANSFORMER, "task_type": task}, overrides)
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=cfg["out_channels"], block_out_channels=(8,) * 5, layers_per_block=1
+    ).eval()  # 16x spatial, 4x temporal as the real one
+    tokenizer = build_tokenizer("llama", vocab)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    tokenizer_2 = ByT5Tokenizer()  # bytes: no vocabulary to build
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg["text_embed_dim"],
+            intermediate_size=32,
+            num_hidden_layers=3,  # the pipeline reads the third-last hidden state
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2), d_model=cfg["text_embed_2_dim"], d_kv=4, d_ff=16, num_layers=1, num_heads=2
+        )
+    ).eval()
+    torch.manual_seed(seed + 2)
+    transformer = HunyuanVideo15Transformer3DModel(**cfg).eval()
+    components = dict(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )
+    if task == "t2v":
+        return HunyuanVideo15Pipeline(**components)
+    torch.manual_seed(seed + 3)
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=cfg["image_embed_dim"],
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    return HunyuanVideo15ImageToVideoPipeline(**components, image_encoder=image_encoder, feature_extractor=processor)
+
+
 def build_tiny_pipeline(
     family: str,
     seed: int = 0,
@@ -377,6 +475,8 @@ def build_tiny_pipeline(
         pipe = _build_wan(family, seed, vocab, overrides, expand_timesteps)
     elif family == "hunyuan":
         pipe = _build_hunyuan(seed, vocab, overrides)
+    elif family in ("hunyuan15", "hunyuan15-i2v"):
+        pipe = _build_hunyuan15(family, seed, vocab, overrides)
     else:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     pipe.set_progress_bar_config(disable=True)

@@ -84,6 +84,17 @@ class RadialWanAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](out)
 
 
+MASK_CHANNELS = 4  # = the VAE's temporal factor: the I2V pipeline folds 4 pixel-frame flags into each latent frame
+
+
+def is_wan_i2v_config(transformer: Any) -> bool:
+    """A Wan transformer config built for image-to-video: its input holds the noise, the frame mask and the
+    image latents (``in_channels = 2 * out_channels + 4``: 36 for Wan2.1-I2V and Wan2.2-I2V-A14B)."""
+    get = transformer.get if isinstance(transformer, Mapping) else lambda k, d=None: getattr(transformer, k, d)
+    cin, cout = get("in_channels"), get("out_channels")
+    return cin is not None and cout is not None and int(cin) == 2 * int(cout) + MASK_CHANNELS
+
+
 WAN22_LATENT_CHANNELS = 48  # TI2V-5B's Wan2.2 VAE: 48 latent channels, 16x spatial compression
 
 
@@ -95,23 +106,13 @@ def wan22_vae_spatial(in_channels: int | None) -> int:
 def is_wan22_config(index: Mapping[str, Any], transformer: Mapping[str, Any]) -> bool:
     """Wan2.2 shares Wan2.1's classes. A pipeline's ``model_index.json`` tells by a second expert (A14B) or
     per-token timesteps (``expand_timesteps``: TI2V-5B); a transformer's config by TI2V-5B's 48 latent
-    channels. A lone A14B expert looks like Wan2.1 unless its pipeline tagged it (``registry.tag_transformers``)."""
+    channels. A lone A14B expert looks like Wan2.1 unless its pipeline tagged it (``adapter.tag_transformers``)."""
     second = index.get("transformer_2") or [None]
     return (
         second[0] is not None
         or bool(index.get("expand_timesteps"))
         or transformer.get("in_channels") == WAN22_LATENT_CHANNELS
     )
-
-
-def is_wan22(pipe_or_transformer: object) -> bool:
-    """:func:`is_wan22_config` of a loaded pipeline (its config and its experts) or transformer."""
-    config = getattr(pipe_or_transformer, "config", None) or {}
-    if isinstance(pipe_or_transformer, nn.Module):
-        return is_wan22_config({}, config)
-    index = {**config, "transformer_2": [getattr(pipe_or_transformer, "transformer_2", None)]}
-    transformer = getattr(pipe_or_transformer, "transformer", None)
-    return is_wan22_config(index, getattr(transformer, "config", None) or {})
 
 
 class WanAdapter(ModelAdapter):
@@ -123,6 +124,7 @@ class WanAdapter(ModelAdapter):
     default_frames = 81  # WanPipeline.__call__(num_frames=81); Wan2.2 A14B keeps it
     pipeline_class_name = "WanPipeline"
     transformer_class_name = "WanTransformer3DModel"
+    reference_heads = 40  # Wan2.1-14B and Wan2.2-A14B: 40 x 128
     # The pipeline's default text length: Wan pads T5 embeddings with zeros to 512 tokens.
     max_sequence_length = 512
     # diffusers' WanTransformer3DModel._cp_plan's cut points: RoPE tables [1, S, 1, D], the first block's
@@ -147,12 +149,16 @@ class WanAdapter(ModelAdapter):
         rope = unwrap(transformer).rope  # WanRotaryPosEmbed: [t | h | w] channels, theta 10000 (diffusers' default)
         return TemporalRope(rope, float(getattr(rope, "theta", 10000.0)), int(rope.t_dim), int(rope.patch_size[0]))
 
-    def vae_factors(self, pipe_or_transformer) -> tuple[int, int]:
-        """The pipeline's own factors; a lone Wan2.2 TI2V-5B transformer (48 channels) has the 16x Wan2.2 VAE."""
-        temporal, spatial = super().vae_factors(pipe_or_transformer)
-        if getattr(pipe_or_transformer, "vae_scale_factor_spatial", None) is None:  # a lone transformer
-            spatial = wan22_vae_spatial(getattr(getattr(pipe_or_transformer, "config", None), "in_channels", None))
-        return temporal, spatial
+    def lone_vae_factors(self, transformer: Mapping[str, Any]) -> tuple[int, int]:
+        """A lone Wan2.2 TI2V-5B transformer (48 channels) has the 16x Wan2.2 VAE; the others Wan2.1's 8x."""
+        return 4, wan22_vae_spatial(transformer.get("in_channels"))
+
+    def variant_of(self, index: Mapping[str, Any], transformer: Mapping[str, Any]) -> bool:
+        """Wan2.1 and Wan2.2 share their classes: :func:`is_wan22_config` tells them apart."""
+        return is_wan22_config(index, transformer) == (self.architecture == "wan22")
+
+    def transformer_task(self, transformer: Mapping[str, Any]) -> str:
+        return "i2v" if is_wan_i2v_config(transformer) else "t2v"
 
     def load_pipeline(self, model_id_or_path, torch_dtype: torch.dtype = torch.bfloat16, *, skip=()):
         """Stock ``from_pretrained``; the VAE goes to float32 as Wan's model cards recommend."""

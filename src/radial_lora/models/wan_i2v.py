@@ -23,6 +23,7 @@ is the mask's attention sink. CLIP's image tokens go into cross-attention only, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,20 +32,10 @@ from torch import nn
 
 from radial_lora.constants import IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models.adapter import unwrap
-from radial_lora.models.wan import Wan22Adapter, WanAdapter
+from radial_lora.models.wan import MASK_CHANNELS, Wan22Adapter, WanAdapter
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
-
-MASK_CHANNELS = 4  # = the VAE's temporal factor: the pipeline folds 4 pixel-frame flags into each latent frame
-
-
-def is_wan_i2v_config(transformer: Any) -> bool:
-    """A Wan transformer config built for image-to-video: its input holds the noise, the frame mask and the
-    image latents (``in_channels = 2 * out_channels + 4``: 36 for Wan2.1-I2V and Wan2.2-I2V-A14B)."""
-    get = transformer.get if isinstance(transformer, dict) else lambda k, d=None: getattr(transformer, k, d)
-    cin, cout = get("in_channels"), get("out_channels")
-    return cin is not None and cout is not None and int(cin) == 2 * int(cout) + MASK_CHANNELS
 
 
 def frame_mask(like: torch.Tensor) -> torch.Tensor:
@@ -89,10 +80,11 @@ class WanI2VAdapter(WanAdapter):
                 return unwrap(transformer).config.image_dim is not None
         return getattr(pipe, "image_encoder", None) is not None
 
-    def accepts(self, index: dict[str, Any], found: str) -> bool:
+    def accepts(self, index: Mapping[str, Any]) -> bool:
         """Wan2.2-TI2V-5B's folder says ``WanPipeline`` (text-to-video): the same weights take an image through
         ``WanImageToVideoPipeline``'s ``expand_timesteps`` mode."""
-        return found == self.family or (self.family == "wan22-i2v" and bool(index.get("expand_timesteps")))
+        ti2v = self.architecture == "wan22" and bool(index.get("expand_timesteps"))
+        return super().accepts(index) or ti2v
 
     def given_frames(self, transformer: nn.Module) -> int:
         return 1 if _expands(transformer) else 0

@@ -167,9 +167,8 @@ class Checkpointer:
         lora_path = None
         if rt.main:
             lora_path = lora_io.save_lora(self.out, state, self._metadata(step), lora_config=m.lora_config)
-            tc = m.transformer.config
-            mlp = int(tc.num_attention_heads * tc.attention_head_dim * tc.get("mlp_ratio", 4.0))
-            lora_io.export_comfyui(lora_path, self.out / lora_io.COMFYUI_FILENAME, m.family, single_mlp_dim=mlp)
+            # The key map reads every dimension from the LoRA and its metadata (mlp_ratio for HunyuanVideo's linear1).
+            lora_io.export_comfyui(lora_path, self.out / lora_io.COMFYUI_FILENAME)
             write_json_atomic(self.out / "losses.json", self.losses)
         rt.acc.wait_for_everyone()
         return lora_path
