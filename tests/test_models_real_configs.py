@@ -36,8 +36,8 @@ def _geometry(hub: str) -> tuple[tuple[int, int, int], int | None]:
     """(latent frames, latent height, latent width) and the block size (None: the family's default)."""
     if not (REAL_GEOMETRY or hub in REAL_IN_CI):
         return SMALL, 16
-    if "HunyuanVideo-1.5" in hub:  # 480x848 / 16, patch 1: 1590 tokens per frame (4 latent frames in CI)
-        return (5 if REAL_GEOMETRY else 4, 30, 53), None
+    if "HunyuanVideo-1.5" in hub:  # 480x848 / 16, patch 1: 1590 tokens per frame (3 latent frames in CI)
+        return (5 if REAL_GEOMETRY else 3, 30, 53), None
     return ((5, 44, 80) if "TI2V" in hub else (5, 60, 104)), None  # 704x1280 / 16; 480x832 / 8
 
 
