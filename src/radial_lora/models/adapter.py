@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from radial_lora.constants import ARCHITECTURE, FAMILY_TASK
+from radial_lora.constants import ARCHITECTURE, FAMILY_TASK, IMAGE_LATENTS
 from radial_lora.geometry import LatentGeometry, latent_geometry
 
 if TYPE_CHECKING:
@@ -235,10 +235,6 @@ class ModelAdapter(ABC):
         """Image conditioning of videos starting from ``frames`` (image-to-video families only)."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
-    def pipeline_inputs(self, frames: list) -> dict[str, Any]:
-        """Extra arguments of the stock pipeline call for videos starting from ``frames`` (image-to-video)."""
-        raise ValueError(f"the {self.family} family generates from text only; it takes no image")
-
     def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
         """The stock call's arguments for a ``height x width`` video."""
         return {"height": height, "width": width}
@@ -248,9 +244,14 @@ class ModelAdapter(ABC):
         return {"guidance_scale": guidance}
 
     def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
-        """The conditioning of a clip's first ``latent_frames`` latent frames alone (text does not depend on
-        the length; an image's latents do)."""
-        return text
+        """The conditioning of a clip's first ``latent_frames`` latent frames alone. Text does not depend on the
+        length; an image's latents are cut: every image-to-video family's condition is causal in time (the
+        image, then zeros, through a causal VAE), so a shorter clip's is the first frames of a longer one's."""
+        return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
+
+    def guidance_passes(self, guidance: float) -> int:
+        """Transformer calls per denoising step: two under classifier-free guidance (``guidance`` > 1)."""
+        return 2 if guidance > 1.0 else 1
 
     @abstractmethod
     def predict(

@@ -116,6 +116,11 @@ class HunyuanAdapter(ModelAdapter):
 
     family = "hunyuan"
     mask_model_type = "hunyuan"
+
+    def guidance_passes(self, guidance: float) -> int:
+        """One: HunyuanVideo's guidance is distilled into the transformer (an embedded input, no second pass)."""
+        return 1
+
     default_decay = FAMILY_DECAY["hunyuan"]
     default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
     # diffusers has no _cp_plan for HunyuanVideo: the video tokens are cut after the patch embedding (and the

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radial_lora.constants import FAMILY_BLOCK_SIZE, FAMILY_DECAY, IMAGE_EMBEDS, IMAGE_LATENTS
-from radial_lora.models.adapter import unwrap
+from radial_lora.models.adapter import ModelAdapter, unwrap
 from radial_lora.models.hunyuan import HunyuanAdapter, RadialHunyuanAttnProcessor
 
 if TYPE_CHECKING:
@@ -101,6 +101,10 @@ class Hunyuan15Adapter(HunyuanAdapter):
             "encoder_hidden_states_2": embeds_2,
             "encoder_attention_mask_2": mask_2,
         }
+
+    def guidance_passes(self, guidance: float) -> int:
+        """1.5 guides by classifier-free guidance again (its guider), unlike HunyuanVideo's embedded guidance."""
+        return ModelAdapter.guidance_passes(self, guidance)
 
     def guidance_arguments(self, pipe: DiffusionPipeline, guidance: float) -> dict[str, Any]:
         """None: the call takes no ``guidance_scale``; its ``guider`` component (``ClassifierFreeGuidance``)
@@ -207,16 +211,6 @@ class Hunyuan15I2VAdapter(Hunyuan15Adapter):
         mask = torch.zeros_like(condition[:, :1])
         mask[:, :, 0] = 1
         return self._call(transformer, latents, torch.cat([condition, mask], 1), text[IMAGE_EMBEDS], timesteps, text)
-
-    def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
-        """The image on frame 0 and zeros after it: a shorter clip's condition is the first frames of a longer's."""
-        return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
-
-    def pipeline_inputs(self, frames: list) -> dict[str, Any]:
-        import numpy as np
-        from PIL import Image
-
-        return {"image": Image.fromarray(np.ascontiguousarray(frames[0]))}
 
     def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
         """None: the call takes no size; it renders at the image's bucket for ``target_size``, which must be the

@@ -91,11 +91,11 @@ class WanI2VAdapter(WanAdapter):
 
     @torch.no_grad()
     def encode_images(
-        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int, *, image_encoder: bool | None = None
+        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` each),
         batch-first, exactly as ``WanImageToVideoPipeline`` builds it for those images as PIL pictures of the
-        video's size. ``image_encoder``: whether to compute CLIP embeddings (default: the model takes them)."""
+        video's size (CLIP embeddings where the model takes them)."""
         from PIL import Image
 
         images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
@@ -108,11 +108,9 @@ class WanI2VAdapter(WanAdapter):
             video = torch.cat([video, zeros], dim=2)
         video = video.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
         latents = pipe.vae.encode(video).latent_dist.mode().to(device, torch.float32)
-        cfg = pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        out = {IMAGE_LATENTS: (latents - mean) * inv_std}
-        if self.needs_image_encoder(pipe) if image_encoder is None else image_encoder:
+        mean, std = self._stats(pipe, latents)
+        out = {IMAGE_LATENTS: (latents - mean) * (1.0 / std)}  # the pipeline's reciprocal, not a division
+        if self.needs_image_encoder(pipe):
             if getattr(pipe, "image_encoder", None) is None or getattr(pipe, "image_processor", None) is None:
                 raise ValueError(
                     "this Wan image-to-video transformer takes CLIP image embeddings (image_dim), but the pipeline "
@@ -146,18 +144,6 @@ class WanI2VAdapter(WanAdapter):
             encoder_hidden_states_image=None if embeds is None else embeds.to(dtype),
             return_dict=False,
         )[0]
-
-    def prefix(self, text: dict[str, torch.Tensor], latent_frames: int) -> dict[str, torch.Tensor]:
-        """The conditioning of the clip's first ``latent_frames`` latent frames alone: the VAE is causal, so the
-        image latents of a shorter video are the first frames of a longer one's (TI2V-5B's single frame stays)."""
-        return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
-
-    def pipeline_inputs(self, frames: list[np.ndarray]) -> dict[str, Any]:
-        """The image argument of the stock pipeline call for videos starting from ``frames``."""
-        from PIL import Image
-
-        images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
-        return {"image": images if len(images) > 1 else images[0]}
 
 
 class Wan22I2VAdapter(Wan22Adapter, WanI2VAdapter):
