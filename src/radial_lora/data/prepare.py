@@ -607,7 +607,7 @@ def _dataset_info(opts: PrepareOptions, adapter: Any, pipe: Any, previous: dict[
     info = {
         "format": FORMAT,
         "family": opts.family,
-        "task": getattr(adapter, "task", "t2v"),
+        "task": adapter.task,
         "model": opts.model,
         "height": opts.height,
         "width": opts.width,
