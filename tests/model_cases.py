@@ -134,9 +134,12 @@ class OracleHunyuan15(HunyuanVideo15AttnProcessor2_0):
 
 
 def oracle_processors(family: str, transformer: torch.nn.Module, token_mask: torch.Tensor) -> dict:
-    cls = {"hunyuan": OracleHunyuan, "hunyuan15": OracleHunyuan15, "hunyuan15-i2v": OracleHunyuan15}.get(
-        family, OracleWan
-    )
+    cls = {
+        "hunyuan": OracleHunyuan,
+        "hunyuan-i2v": OracleHunyuan,
+        "hunyuan15": OracleHunyuan15,
+        "hunyuan15-i2v": OracleHunyuan15,
+    }.get(family, OracleWan)
     procs = dict(transformer.attn_processors)
     for name, _, _ in get_adapter(family).self_attention_modules(transformer):
         procs[f"{name}.processor"] = cls(token_mask)

@@ -47,7 +47,7 @@ def real(request):
     hub = request.param
     spec = PUBLISHED[hub]
     config = dict(spec.transformer) | {"num_layers": 1}
-    if spec.family == "hunyuan":
+    if spec.family in ("hunyuan", "hunyuan-i2v"):
         config |= {"num_single_layers": 1, "num_refiner_layers": 1}
     if spec.family.startswith("hunyuan15"):
         config |= {"num_refiner_layers": 1}
@@ -58,7 +58,7 @@ def real(request):
 
 def _call(family: str, transformer: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    if family == "hunyuan":
+    if family in ("hunyuan", "hunyuan-i2v"):  # HunyuanVideo-I2V: the Llava states of image and prompt alike
         mask = torch.zeros(1, 16, dtype=torch.long)
         mask[:, :11] = 1  # 5 padded text tokens
         text = {
@@ -110,7 +110,7 @@ def test_radial_matches_the_token_mask_oracle_at_the_real_width(real) -> None:
     density = controller.last_density
     pt, ph, pw = adapter.patch_size(transformer)
     tokens = frames // pt * (h // ph) * (w // pw)
-    text = {"hunyuan": 16, "hunyuan15": 16 + 8 + 729, "hunyuan15-i2v": 16 + 8 + 729}.get(family, 0)
+    text = {"hunyuan": 16, "hunyuan-i2v": 16, "hunyuan15": 16 + 8 + 729, "hunyuan15-i2v": 16 + 8 + 729}.get(family, 0)
     geo = controller.geometry_for(tokens)
     token_mask = expand_block_mask(controller.mask(*geo, text), tokens + text, block).to(DEVICE)
     from radial_lora.models import remove_radial_attention

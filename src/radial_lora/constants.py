@@ -11,6 +11,7 @@ FAMILIES = (
     "wan-i2v",
     "wan22-i2v",
     "hunyuan15-i2v",
+    "hunyuan-i2v",
 )  # models/registry.py: one adapter each
 # The transformer kind of each family: an image-to-video family has its text-to-video twin's blocks.
 ARCHITECTURE = {
@@ -21,6 +22,7 @@ ARCHITECTURE = {
     "wan-i2v": "wan",
     "wan22-i2v": "wan22",
     "hunyuan15-i2v": "hunyuan15",
+    "hunyuan-i2v": "hunyuan",
 }
 FAMILY_TASK = {f: "i2v" if f.endswith("-i2v") else "t2v" for f in FAMILIES}  # what a family generates from
 # The mask defaults of the authors' scripts per family: decay (Wan2.1 0.2, Wan2.2 0.8, HunyuanVideo 0.95) and

@@ -535,22 +535,28 @@ class _Encoder:
         return result
 
     @torch.no_grad()
-    def images(self, clips: list[np.ndarray], length: int) -> list[dict[str, torch.Tensor]]:
-        """Per clip, the image-to-video conditioning of its first frame at its length (none for text-to-video)
-        and the frame itself (uint8, what ``evaluate`` conditions the generated videos on)."""
+    def conditions(
+        self, clips: list[np.ndarray], captions: list[str], length: int
+    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+        """Per clip, its text tensors and its image conditioning: the first frame's at the clip's length (none
+        for text-to-video) with the frame itself (uint8, what ``evaluate`` conditions the generated videos on).
+        Where the text encoder reads the image too (``text_sees_image``), the text comes with the image."""
         if self.adapter.task != "i2v":
-            return [{} for _ in clips]
-        from radial_lora.constants import FIRST_FRAME
+            return self.text(captions), [{} for _ in clips]
+        from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
 
         firsts = [np.ascontiguousarray(c[0]) for c in clips]
-        encoded = self.adapter.encode_images(self.pipe, firsts, length)
-        return [
-            {
-                **{k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in encoded.items()},
-                FIRST_FRAME: torch.from_numpy(f),
-            }
-            for i, f in enumerate(firsts)
-        ]
+        sees = self.adapter.text_sees_image
+        encoded = self.adapter.encode_images(self.pipe, firsts, length, captions if sees else None)
+        texts, images = [], []
+        for i, first in enumerate(firsts):
+            one = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
+            images.append({k: one.pop(k).float() for k in (IMAGE_LATENTS, IMAGE_EMBEDS) if k in one})
+            images[-1][FIRST_FRAME] = torch.from_numpy(first)
+            if one and not sees:
+                raise RuntimeError(f"{self.adapter.family}: encode_images returned unknown tensors {sorted(one)}")
+            texts.append(one)  # the text tensors of an encoder that reads the image; nothing else
+        return (texts if sees else self.text(captions)), images
 
     @torch.no_grad()
     def videos(self, clips: list[np.ndarray]) -> torch.Tensor:
@@ -757,8 +763,7 @@ def _encode_and_write(
 ) -> None:
     """Encode a batch of same-length clips (VAE + text encoder), write each clip's file and manifest line."""
     latents = encoder.videos([c.frames for c in clips])
-    texts = encoder.text([c.item.caption for c in clips])
-    images = encoder.images([c.frames for c in clips], length)
+    texts, images = encoder.conditions([c.frames for c in clips], [c.item.caption for c in clips], length)
     for clip, latent, text, image in zip(clips, latents, texts, images):
         rel = f"latents/f{length}/{clip.id}.safetensors"
         tensors = {"latents": latent.contiguous(), **text, **image}

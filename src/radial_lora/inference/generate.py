@@ -283,7 +283,7 @@ def attention_budget(
         block_size=settings["block_size"],
     )
     layers = len(adapter.self_attention_modules(transformer))
-    passes = adapter.guidance_passes(guidance)
+    passes = adapter.guidance_passes(guidance, transformer)
     total = dense_total = 0.0
     for step in range(steps):
         for layer in range(layers):

@@ -231,8 +231,15 @@ class ModelAdapter(ABC):
     def decode_latents(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> ``[B,3,F,H,W]`` in [-1, 1]; the exact inverse path of :meth:`encode_videos`."""
 
-    def encode_images(self, pipe: DiffusionPipeline, frames: list, num_frames: int) -> dict[str, torch.Tensor]:
-        """Image conditioning of videos starting from ``frames`` (image-to-video families only)."""
+    # Whether the text encoder reads the image too (HunyuanVideo-I2V's Llava): then a clip's text tensors depend
+    # on its first frame, and :meth:`encode_images` returns them, given the clips' captions.
+    text_sees_image: bool = False
+
+    def encode_images(
+        self, pipe: DiffusionPipeline, frames: list, num_frames: int, prompts: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Image conditioning of videos starting from ``frames`` (image-to-video families only); ``prompts``
+        (one per frame) where :attr:`text_sees_image`, whose text tensors are then part of the result."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
     def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:
@@ -249,8 +256,9 @@ class ModelAdapter(ABC):
         image, then zeros, through a causal VAE), so a shorter clip's is the first frames of a longer one's."""
         return {k: (v[:, :, :latent_frames] if k == IMAGE_LATENTS else v) for k, v in text.items()}
 
-    def guidance_passes(self, guidance: float) -> int:
-        """Transformer calls per denoising step: two under classifier-free guidance (``guidance`` > 1)."""
+    def guidance_passes(self, guidance: float, transformer: nn.Module | None = None) -> int:
+        """Transformer calls per denoising step: two under classifier-free guidance (``guidance`` > 1).
+        ``transformer``: where the answer depends on the checkpoint (HunyuanVideo-I2V: embedded or true CFG)."""
         return 2 if guidance > 1.0 else 1
 
     @abstractmethod

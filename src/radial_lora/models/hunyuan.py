@@ -12,7 +12,8 @@ Block indices count the double-stream blocks first, then the single-stream block
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -117,9 +118,13 @@ class HunyuanAdapter(ModelAdapter):
     family = "hunyuan"
     mask_model_type = "hunyuan"
 
-    def guidance_passes(self, guidance: float) -> int:
+    def guidance_passes(self, guidance: float, transformer: nn.Module | None = None) -> int:
         """One: HunyuanVideo's guidance is distilled into the transformer (an embedded input, no second pass)."""
         return 1
+
+    def transformer_task(self, transformer: Mapping[str, Any]) -> str:
+        """Its config says: an ``image_condition_type`` makes it HunyuanVideo-I2V's."""
+        return "i2v" if transformer.get("image_condition_type") else "t2v"
 
     default_decay = FAMILY_DECAY["hunyuan"]
     default_frames = 129  # HunyuanVideoPipeline.__call__(num_frames=129)
@@ -183,16 +188,23 @@ class HunyuanAdapter(ModelAdapter):
     def predict(
         self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        inner, batch = unwrap(transformer), latents.shape[0]
+        return self._forward(transformer, latents, timesteps, text)
+
+    def _forward(
+        self, transformer: nn.Module, hidden: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer on ``hidden`` (x_t, or the image-to-video input built from it) as the pipelines call it:
+        the text and its mask in the transformer's dtype, the embedded guidance where the model has it."""
+        inner, batch, device = unwrap(transformer), hidden.shape[0], hidden.device
         dtype = inner.dtype
         guidance = None
         if inner.config.guidance_embeds:
-            guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=latents.device, dtype=dtype)
+            guidance = torch.full((batch,), self.guidance_scale * 1000.0, device=device, dtype=dtype)
         return transformer(
-            hidden_states=latents.to(dtype),
-            timestep=timesteps.to(device=latents.device, dtype=dtype),
+            hidden_states=hidden.to(dtype),
+            timestep=timesteps.to(device=device, dtype=dtype),
             encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
-            encoder_attention_mask=text["encoder_attention_mask"].to(latents.device),
+            encoder_attention_mask=text["encoder_attention_mask"].to(device=device, dtype=dtype),
             pooled_projections=text["pooled_projections"].to(dtype),
             guidance=guidance,
             return_dict=False,

@@ -102,7 +102,7 @@ class Hunyuan15Adapter(HunyuanAdapter):
             "encoder_attention_mask_2": mask_2,
         }
 
-    def guidance_passes(self, guidance: float) -> int:
+    def guidance_passes(self, guidance: float, transformer: nn.Module | None = None) -> int:
         """1.5 guides by classifier-free guidance again (its guider), unlike HunyuanVideo's embedded guidance."""
         return ModelAdapter.guidance_passes(self, guidance)
 
@@ -179,7 +179,9 @@ class Hunyuan15I2VAdapter(Hunyuan15Adapter):
     encoder_components = (*Hunyuan15Adapter.encoder_components, "image_encoder", "feature_extractor")
 
     @torch.no_grad()
-    def encode_images(self, pipe: DiffusionPipeline, frames: list, num_frames: int) -> dict[str, torch.Tensor]:
+    def encode_images(
+        self, pipe: DiffusionPipeline, frames: list, num_frames: int, prompts: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
         video's size), batch-first, exactly as the pipeline builds it for those images as PIL pictures."""
         import numpy as np

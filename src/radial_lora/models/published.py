@@ -4,8 +4,9 @@ Why: ``radial-lora plan`` and ``radial-lora mask`` answer questions about the re
 frame, heads) on a laptop, and the tests build the real configs with few blocks and random weights. The
 values are those of the models' diffusers ``config.json`` files that matter here (the Wan team's configs:
 Wan2.1 1.3B 1536 = 12 x 128, 14B 5120 = 40 x 128; Wan2.2 TI2V-5B 3072 = 24 x 128 with the 16x-spatial,
-48-channel Wan2.2 VAE; HunyuanVideo 24 x 128, 20 double + 40 single blocks; the image-to-video 14B models
-take 36 input channels, Wan2.1-I2V also CLIP ViT-H embeddings, 1280 wide, into every cross-attention).
+48-channel Wan2.2 VAE; HunyuanVideo 24 x 128, 20 double + 40 single blocks, and so its I2V models, with
+33 input channels (I2V-33ch) or the image in place of frame 0 (I2V); the Wan image-to-video 14B models take
+36 input channels, Wan2.1-I2V also CLIP ViT-H embeddings, 1280 wide, into every cross-attention).
 """
 
 from __future__ import annotations
@@ -66,12 +67,16 @@ def hunyuan_config(
     channels: int = 16,
     text_dim: int = 4096,
     pooled_dim: int = 768,
+    image_condition: str | None = None,
 ) -> dict[str, Any]:
     """A ``HunyuanVideoTransformer3DModel`` config. RoPE splits the head as the published model does
-    (16, 56, 56 of 128): an eighth for time, the rest shared by height and width."""
+    (16, 56, 56 of 128): an eighth for time, the rest shared by height and width. ``image_condition``:
+    HunyuanVideo-I2V's ``image_condition_type`` ("latent_concat": 2 x channels + 1 in, no embedded guidance;
+    "token_replace"), as diffusers' conversion script sets them."""
     time_dim = head_dim // 8
-    return dict(
-        in_channels=channels,
+    image = {} if image_condition is None else {"image_condition_type": image_condition}
+    return image | dict(
+        in_channels=2 * channels + 1 if image_condition == "latent_concat" else channels,
         out_channels=channels,
         num_attention_heads=heads,
         attention_head_dim=head_dim,
@@ -82,7 +87,7 @@ def hunyuan_config(
         patch_size=2,
         patch_size_t=1,
         qk_norm="rms_norm",
-        guidance_embeds=True,
+        guidance_embeds=image_condition != "latent_concat",
         text_embed_dim=text_dim,
         pooled_projection_dim=pooled_dim,
         rope_theta=256.0,
@@ -122,6 +127,12 @@ PUBLISHED: dict[str, Published] = {
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": Published("wan22", wan_config(24, 14336, 30, channels=48), (4, 16)),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": Published("wan22", wan_config(40, 13824, 40), (4, 8), experts=2),
     "hunyuanvideo-community/HunyuanVideo": Published("hunyuan", hunyuan_config(24, 20, 40), (4, 8)),
+    "hunyuanvideo-community/HunyuanVideo-I2V": Published(
+        "hunyuan-i2v", hunyuan_config(24, 20, 40, image_condition="token_replace"), (4, 8)
+    ),
+    "hunyuanvideo-community/HunyuanVideo-I2V-33ch": Published(
+        "hunyuan-i2v", hunyuan_config(24, 20, 40, image_condition="latent_concat"), (4, 8)
+    ),
     "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": Published("hunyuan15", hunyuan15_config("t2v"), (4, 16)),
     "hunyuanvideo-community/HunyuanVideo-1.5-720p_t2v": Published("hunyuan15", hunyuan15_config("t2v", 960), (4, 16)),
     "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v": Published("hunyuan15-i2v", hunyuan15_config("i2v"), (4, 16)),

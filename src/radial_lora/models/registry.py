@@ -18,6 +18,7 @@ from torch import nn
 from radial_lora.models.adapter import FAMILY_ATTR, ModelAdapter, tag_transformers
 from radial_lora.models.hunyuan import HunyuanAdapter
 from radial_lora.models.hunyuan15 import Hunyuan15Adapter, Hunyuan15I2VAdapter
+from radial_lora.models.hunyuan_i2v import HunyuanI2VAdapter
 from radial_lora.models.wan import Wan22Adapter, WanAdapter
 from radial_lora.models.wan_i2v import Wan22I2VAdapter, WanI2VAdapter
 
@@ -32,6 +33,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         WanI2VAdapter(),
         Wan22I2VAdapter(),
         Hunyuan15I2VAdapter(),
+        HunyuanI2VAdapter(),
     )
 }
 

@@ -97,6 +97,8 @@ _CLIP_SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<unk>"]
 
 # Llama-3-like split: "\n\n", a space right before a digit, words, single punctuation marks.
 _LLAMA_SPLIT = r"\n\n| (?=\d)|\w+|[^\w\s]"
+# HunyuanVideo-I2V's Llava (Llama-3) template also has a lone "\n" after its "<image>" token.
+_LLAVA_SPLIT = r"\n\n|\n| (?=\d)|\w+|[^\w\s]"
 _WORD_SPLIT = r"\w+|[^\w\s]"
 
 
@@ -121,9 +123,11 @@ def _word_tokenizer(
     ids = {tok: i for i, tok in enumerate(specials)}
     for word in vocab:
         ids.setdefault(word, len(ids))
-    if split == _LLAMA_SPLIT:
+    if split in (_LLAMA_SPLIT, _LLAVA_SPLIT):
         ids.setdefault("\n\n", len(ids))
         ids.setdefault(" ", len(ids))
+    if split == _LLAVA_SPLIT:
+        ids.setdefault("\n", len(ids))
     tok = Tokenizer(WordLevel(vocab=ids, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(split), behavior="removed", invert=True)
@@ -139,7 +143,8 @@ def _word_tokenizer(
 
 
 def build_tokenizer(kind: str, vocab: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """Local tokenizer standing in for ``kind`` in {"umt5", "llama", "clip"} (same special-token roles)."""
+    """Local tokenizer standing in for ``kind`` in {"umt5", "llama", "llava", "clip"} (same special-token roles;
+    "llava": Llama-3's with the ``<image>`` token of HunyuanVideo-I2V's text encoder)."""
     vocab = caption_vocabulary() if vocab is None else vocab
     if kind == "umt5":
         return _word_tokenizer(
@@ -152,12 +157,12 @@ def build_tokenizer(kind: str, vocab: list[str] | None = None) -> PreTrainedToke
             eos_token="</s>",
             model_max_length=512,
         )
-    if kind == "llama":
+    if kind in ("llama", "llava"):
         return _word_tokenizer(
             vocab,
-            _LLAMA_SPECIALS,
+            _LLAMA_SPECIALS + (["<image>"] if kind == "llava" else []),
             "<unk>",
-            _LLAMA_SPLIT,
+            _LLAMA_SPLIT if kind == "llama" else _LLAVA_SPLIT,
             ("<|begin_of_text|> $A", "<|begin_of_text|> $A <|begin_of_text|> $B"),
             pad_token="<|end_of_text|>",
             bos_token="<|begin_of_text|>",
@@ -176,7 +181,7 @@ def build_tokenizer(kind: str, vocab: list[str] | None = None) -> PreTrainedToke
             eos_token="<|endoftext|>",
             model_max_length=77,
         )
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of 'umt5', 'llama', 'clip'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of 'umt5', 'llama', 'llava', 'clip'")
 
 
 _WAN_TRANSFORMER = dict(
@@ -329,8 +334,12 @@ def _tiny_clip_vision(seed: int) -> dict[str, Any]:
     return {"image_encoder": encoder, "image_processor": processor}
 
 
-def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> HunyuanVideoPipeline:
-    cfg = _check_overrides("hunyuan", _HUNYUAN_TRANSFORMER, overrides)
+def _build_hunyuan(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
+    """HunyuanVideo, text- or image-to-video (``image_condition_type`` "latent_concat", the 33-channel
+    HunyuanVideo-I2V-33ch, or "token_replace", HunyuanVideo-I2V; then with a tiny Llava text encoder)."""
+    i2v = family == "hunyuan-i2v"
+    defaults = _HUNYUAN_TRANSFORMER | ({"image_condition_type": "latent_concat"} if i2v else {})
+    cfg = _check_overrides(family, defaults, overrides)
     torch.manual_seed(seed)
     vae = AutoencoderKLHunyuanVideo(
         in_channels=3,
@@ -345,23 +354,22 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
         temporal_compression_ratio=4,
         mid_block_add_attention=True,
     ).eval()
-    tokenizer = build_tokenizer("llama", vocab)
+    tokenizer = build_tokenizer("llava" if i2v else "llama", vocab)
     tokenizer_2 = build_tokenizer("clip", vocab)
     torch.manual_seed(seed + 1)
-    text_encoder = LlamaModel(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg["text_embed_dim"],
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    ).eval()
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg["text_embed_dim"],
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048 if i2v else 1024,  # I2V: 256 text + the template + 576 image tokens
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_encoder = _tiny_llava(llama, tokenizer) if i2v else LlamaModel(llama).eval()
     text_encoder_2 = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer_2),
@@ -377,8 +385,10 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
         )
     ).eval()
     torch.manual_seed(seed + 2)
+    if cfg.get("image_condition_type") == "latent_concat":  # noise, image latents, mask; no embedded guidance
+        cfg = {**cfg, "in_channels": 2 * cfg["out_channels"] + 1, "guidance_embeds": False}
     transformer = HunyuanVideoTransformer3DModel(**cfg).eval()
-    return HunyuanVideoPipeline(
+    components = dict(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
@@ -387,6 +397,43 @@ def _build_hunyuan(seed: int, vocab: list[str], overrides: dict[str, Any]) -> Hu
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
+    if not i2v:
+        return HunyuanVideoPipeline(**components)
+    from diffusers import HunyuanVideoImageToVideoPipeline
+    from transformers import CLIPImageProcessor
+
+    side = _LLAVA_IMAGE_SIDE
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return HunyuanVideoImageToVideoPipeline(**components, image_processor=processor)
+
+
+# HunyuanVideo-I2V's template expands its one <image> token to 576 (image_emb_len): the tiny Llava's vision
+# tower must give 576 patch features, 24 x 24 patches of 4 pixels.
+_LLAVA_IMAGE_TOKENS = 576
+_LLAVA_IMAGE_SIDE = 96
+
+
+def _tiny_llava(llama: LlamaConfig, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """A Llava of a tiny CLIP vision tower and ``llama``: HunyuanVideo-I2V's text encoder in miniature (its
+    image becomes 576 tokens of the prompt, as in llava-llama-3-8b)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=_LLAVA_IMAGE_SIDE,
+        patch_size=_LLAVA_IMAGE_SIDE // 24,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llama,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=_LLAVA_IMAGE_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,  # read by the pipeline from the top-level config
+    )
+    return LlavaForConditionalGeneration(config).eval()
 
 
 def _build_hunyuan15(family: str, seed: int, vocab: list[str], overrides: dict[str, Any]) -> DiffusionPipeline:
@@ -473,8 +520,12 @@ def build_tiny_pipeline(
         raise ValueError("expand_timesteps is Wan2.2-TI2V-5B's image mode: family 'wan22-i2v'")
     if family in ("wan", "wan22", "wan-i2v", "wan22-i2v"):
         pipe = _build_wan(family, seed, vocab, overrides, expand_timesteps)
-    elif family == "hunyuan":
-        pipe = _build_hunyuan(seed, vocab, overrides)
+    elif family in ("hunyuan", "hunyuan-i2v"):
+        if family == "hunyuan-i2v":  # the words of its Llava prompt template
+            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+
+            vocab = caption_vocabulary([*vocabulary_texts, DEFAULT_PROMPT_TEMPLATE["template"].replace("{}", " ")])
+        pipe = _build_hunyuan(family, seed, vocab, overrides)
     elif family in ("hunyuan15", "hunyuan15-i2v"):
         pipe = _build_hunyuan15(family, seed, vocab, overrides)
     else:

@@ -91,7 +91,7 @@ class WanI2VAdapter(WanAdapter):
 
     @torch.no_grad()
     def encode_images(
-        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int
+        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int, prompts: list[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` each),
         batch-first, exactly as ``WanImageToVideoPipeline`` builds it for those images as PIL pictures of the
