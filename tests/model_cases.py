@@ -15,6 +15,12 @@ from radial_lora.models import build_tiny_pipeline, get_adapter
 
 FRAMES, SIDE = 9, 8  # latent frames and latent side: 9 x (4 x 4 tokens) = 144 video tokens
 TEXT, VALID = 10, (7, 4)  # Hunyuan text tokens; valid ones per sample (the rest is padding)
+# Cases that are a family with a transformer config other than its tiny default: name -> (family, overrides)
+CASES = {"hunyuan-i2v-replace": ("hunyuan-i2v", {"image_condition_type": "token_replace"})}
+
+
+def family_of_case(case: str) -> str:
+    return CASES.get(case, (case, {}))[0]
 
 
 def model_inputs(
@@ -24,7 +30,8 @@ def model_inputs(
     of ``family``."""
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, FRAMES, SIDE, SIDE, generator=g)
-    if family == "hunyuan":
+    family = family_of_case(family)
+    if family in ("hunyuan", "hunyuan-i2v"):  # HunyuanVideo-I2V's Llava text has the image in it: text all the same
         mask = torch.zeros(2, TEXT, dtype=torch.long)
         for row, valid in enumerate(VALID):
             mask[row, :valid] = 1
@@ -59,13 +66,15 @@ def model_inputs(
 
 
 def lora_model(family: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A tiny transformer of ``family`` with a non-zero LoRA attached (so every LoRA grad is non-zero)."""
-    transformer = build_tiny_pipeline(family).transformer.to(device)
+    """A tiny transformer of ``family`` (or a :data:`CASES` name) with a non-zero LoRA attached (so every LoRA
+    grad is non-zero)."""
+    family, overrides = CASES.get(family, (family, {}))
+    transformer = build_tiny_pipeline(family, **overrides).transformer.to(device)
     transformer.requires_grad_(False)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     if family.startswith("hunyuan"):  # the text stream of the double-stream blocks goes through our processor too
         targets += ["add_q_proj", "add_k_proj", "add_v_proj"]
-    if family == "hunyuan":  # (1.5 has no single-stream blocks after its last double one: its to_add_out is unused)
+    if family in ("hunyuan", "hunyuan-i2v"):  # (1.5's last double block's to_add_out is unused: no single blocks)
         targets += ["to_add_out"]
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
     g = torch.Generator().manual_seed(2)
@@ -82,7 +91,7 @@ def forward_backward(
     """Velocity prediction and the LoRA gradients of a fixed random projection of it."""
     latents, timesteps, text = model_inputs(family, device)
     transformer.zero_grad(set_to_none=True)
-    out = get_adapter(family).predict(transformer, latents, timesteps, text)
+    out = get_adapter(family_of_case(family)).predict(transformer, latents, timesteps, text)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
     (out * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}

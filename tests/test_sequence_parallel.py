@@ -56,14 +56,15 @@ def test_split_transformer_matches_whole_for_every_family_kind(
 ) -> None:
     """Outputs and LoRA gradients of the token-split tiny Wan, HunyuanVideo (padded text), Wan2.1-I2V (image
     latents on channels, CLIP tokens in cross-attention) and HunyuanVideo 1.5 (two padded text streams and the
-    masked image tokens joined inside the transformer; its image-to-video model with the SigLIP tokens valid)
-    transformers,
+    masked image tokens joined inside the transformer; its image-to-video model with the SigLIP tokens valid) and
+    HunyuanVideo-I2V (image latents on channels; the image's latent as frame 0, whose tokens each shard's blocks
+    must modulate as timestep 0) transformers,
     with and without gradient checkpointing, equal the whole transformer's to float32 rounding; so do the
     losses of 3 LoRA training steps and videos generated with ``sequence_parallel=2`` (uint8 frames within
     one level of the one-process videos)."""
     torchrun(str(WORKER), str(tmp_path / "report.json"), str(tiny_wan_dir), str(tiny_hunyuan_dir), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
-    families = ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v")
+    families = ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v", "hunyuan-i2v", "hunyuan-i2v-replace")
     for key in [f + suffix for f in families for suffix in ("", "_checkpointing")]:
         r = report[key]
         assert r["out_diff"] <= 1e-6 * r["out_scale"] + 1e-7, (key, r)

@@ -132,7 +132,7 @@ def main(path: str, models: dict[str, str], scratch: Path) -> None:
     torch.set_num_threads(1)
     group, n = dist.group.WORLD, dist.get_world_size()
     report: dict = {"world": n}
-    for family in ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v"):
+    for family in ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v", "hunyuan-i2v", "hunyuan-i2v-replace"):
         for checkpointing in (False, True):
             transformer = lora_model(family, DEVICE)
             if checkpointing:

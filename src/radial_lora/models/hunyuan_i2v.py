@@ -48,7 +48,21 @@ IMAGE_TOKENS = 576  # llava-llama-3-8b's CLIP ViT-L/14 at 336 px: 24 x 24 patche
 
 def condition_type(transformer: nn.Module) -> str:
     """The transformer's ``image_condition_type``: "latent_concat" or "token_replace"."""
-    kind = unwrap(transformer).config.image_condition_type
+    return _checked(unwrap(transformer).config.image_condition_type)
+
+
+def pipeline_condition_type(pipe: DiffusionPipeline) -> str:
+    """The ``image_condition_type`` of a pipeline's transformer, read from its config file where the pipeline was
+    loaded without it (``data prepare`` loads the encoders alone)."""
+    if getattr(pipe, "transformer", None) is not None:
+        return condition_type(pipe.transformer)
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    config = HunyuanVideoTransformer3DModel.load_config(pipe.name_or_path, subfolder="transformer")
+    return _checked(config.get("image_condition_type"))
+
+
+def _checked(kind: str | None) -> str:
     if kind not in IMAGE_EMBED_INTERLEAVE:
         raise ValueError(
             f"HunyuanVideo-I2V's transformer has image_condition_type {kind!r}; expected one of "
@@ -109,7 +123,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
             raise ValueError(
                 "HunyuanVideo-I2V's text encoder reads each image with its prompt: give one prompt per image"
             )
-        kind = condition_type(pipe.transformer)
+        kind = pipeline_condition_type(pipe)
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
         latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -128,7 +142,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
     def _encode_text(self, pipe: DiffusionPipeline, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``encode_prompt`` of each (image, prompt): the Llava states ``[image tokens; prompt]`` and their mask,
         and CLIP's pooled prompt. One pair per call: the pipeline's crop of the Llava output takes a batch of 1."""
-        interleave = IMAGE_EMBED_INTERLEAVE[condition_type(pipe.transformer)]
+        interleave = IMAGE_EMBED_INTERLEAVE[pipeline_condition_type(pipe)]
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         for image, prompt in zip(images, prompts):
             embeds, pooled, mask = pipe.encode_prompt(
