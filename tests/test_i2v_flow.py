@@ -232,3 +232,73 @@ def test_ti2v_image_mode_prepares_and_trains(tmp_path: Path, flow: dict[str, Pat
     )
     result = trainer.train(cfg)
     assert all(np.isfinite(result.losses)) and read_lora_metadata(tmp_path / "lora")["family"] == "wan22-i2v"
+
+
+def test_first_last_frame_model(tmp_path: Path, flow: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """Wan2.1-FLF2V (WanImageToVideoPipeline with last_image): data prepare keeps each clip's last frame and builds
+    the condition from both frames, exactly as encode_images does; train refuses the consistency term (no
+    base-length clip inside a longer one) in one line and trains without it; generate takes --image and
+    --last-image (and refuses a missing one); evaluate conditions on the held-out clips' first and last frames."""
+    from radial_lora.constants import LAST_FRAME
+    from radial_lora.models.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("wan-i2v", tmp_path / "flf2v", first_last=True)
+    opts = PrepareOptions(
+        input=flow["root"] / "videos", out=tmp_path / "data", model=str(model), lengths=(9, 17), height=32, width=32
+    )
+    prepare_dataset(opts)
+    assert validate_dataset(tmp_path / "data").ok
+    ds = PreparedDataset(tmp_path / "data")
+    adapter = get_adapter("wan-i2v")
+    pipe = adapter.load_pipeline(model, torch.float32, skip=adapter.denoiser_components)
+    short, long = ds.buckets[9][0], next(r for r in ds.buckets[17] if r.source == ds.buckets[9][0].source)
+    for record in (short, long):
+        t = ds.load(record)
+        again = adapter.encode_images(pipe, [t[FIRST_FRAME].numpy()], record.num_frames, None, [t[LAST_FRAME].numpy()])
+        assert torch.equal(t[IMAGE_LATENTS], again[IMAGE_LATENTS][0]) and torch.equal(
+            t[IMAGE_EMBEDS], again[IMAGE_EMBEDS][0]
+        )
+    assert not torch.equal(ds.load(short)[LAST_FRAME], ds.load(long)[LAST_FRAME])  # the last frame moves with length
+    assert ds.image_condition(long).shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="needs each video's last frame"):
+        adapter.encode_images(pipe, [ds.load(short)[FIRST_FRAME].numpy()], 9)
+
+    common = ["resolution.height=32", "resolution.width=32", "model.family=null", "train.steps=2"]
+    common += ["schedule.warmup_steps=0", "logging.tensorboard=false", "checkpoint.every=0", "radial.block_size=4"]
+    with pytest.raises(ValueError, match="first-last-frame model"):
+        trainer.train(quick_config(model, tmp_path / "data", tmp_path / "c", *common, "train.consistency_weight=0.1"))
+    cfg = quick_config(
+        model,
+        tmp_path / "data",
+        tmp_path / "lora",
+        *common,
+        "train.consistency_weight=0",
+        "validation.every=2",
+        'validation.sample_prompts=["a red circle"]',
+        "validation.sample_steps=2",
+    )
+    result = trainer.train(cfg)
+    assert all(np.isfinite(result.losses)) and len(list((tmp_path / "lora" / "samples").rglob("*.mp4"))) == 1
+
+    first, last = (Image.fromarray(ds.image_condition(long)[i]) for i in (0, 1))
+    first.save(tmp_path / "first.png")
+    last.save(tmp_path / "last.png")
+    base = ["generate", "--model", str(model), "--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
+    base += ["--lora", str(tmp_path / "lora"), "--prompt", "a red circle", "--image", str(tmp_path / "first.png")]
+    assert main([*base, "--last-image", str(tmp_path / "last.png"), "--out", str(tmp_path / "gen")]) == 0
+    (sidecar,) = (tmp_path / "gen").glob("*.json")
+    settings = json.loads(sidecar.read_text())["settings"]
+    assert settings["last_image"] == str(tmp_path / "last.png") and len(settings["last_image_sha256"]) == 64
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "gen2")]) == 2
+    assert "generates between two frames: pass --last-image" in capsys.readouterr().err
+    evaluate = ["evaluate", "--model", str(model), "--lora", str(tmp_path / "lora"), "--lengths", "9,17"]
+    evaluate += ["--height", "32", "--width", "32", "--steps", "2", "--dataset", str(tmp_path / "data")]
+    evaluate += ["--heldout-max-clips", "1", "--variants", "lora_radial", "--block-size", "4"]
+    assert main([*evaluate, "--out", str(tmp_path / "eval")]) == 0
+    (video,) = (tmp_path / "eval" / "videos").glob("lora_radial_f0017_p00.json")
+    held = ds.image_condition(ds.buckets[17][0])
+    assert (
+        json.loads(video.read_text())["settings"]["last_image_sha256"]
+        == __import__("hashlib").sha256(held[1].tobytes()).hexdigest()
+    )

@@ -32,21 +32,29 @@ def _capture(transformer: torch.nn.Module) -> tuple[list[dict], object]:
     return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-CASES = [("wan-i2v", False), ("wan22-i2v", False), ("wan22-i2v", True)]  # (family, TI2V-5B's expand_timesteps)
+# (family, layout): Wan2.1-I2V, Wan2.2-I2V-A14B, TI2V-5B's expand_timesteps, Wan2.1-FLF2V's first and last frame
+CASES = [("wan-i2v", ""), ("wan22-i2v", ""), ("wan22-i2v", "expand_timesteps"), ("wan-i2v", "first_last")]
 
 
-@pytest.mark.parametrize(("family", "expand"), CASES)
-def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, expand: bool) -> None:
+def _pipe(family: str, layout: str):
+    return build_tiny_pipeline(family, **({layout: True} if layout else {}))
+
+
+@pytest.mark.parametrize(("family", "layout"), CASES)
+def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, layout: str) -> None:
     """One denoising step of WanImageToVideoPipeline, its transformer's inputs captured; the adapter given the
     same x_t and timestep, with the conditioning data prepare stores (encode_prompts + encode_images), feeds
-    the transformer exactly the same tensors (TI2V-5B: the image's latent in frame 0, per-token timesteps)."""
-    pipe = build_tiny_pipeline(family, expand_timesteps=expand)
+    the transformer exactly the same tensors (TI2V-5B: the image's latent in frame 0, per-token timesteps;
+    FLF2V: the last frame in the video condition and the mask, both images' CLIP tokens)."""
+    pipe = _pipe(family, layout)
+    expand, first_last = layout == "expand_timesteps", layout == "first_last"
     adapter = get_adapter(family)
-    (frame,) = _frames(1)
+    frame, last = _frames(2)
     seen, handle = _capture(pipe.transformer)
     pipe(
         prompt="a red circle moves right",
         image=Image.fromarray(frame),
+        last_image=Image.fromarray(last) if first_last else None,
         num_frames=9,
         height=32,
         width=32,
@@ -64,7 +72,10 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, expand: boo
         x_t = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
         t = t.max().reshape(1)  # the step's timestep; the pipeline spreads it per token
 
-    cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(pipe, [frame], 9)
+    lasts = [last] if first_last else None
+    cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(
+        pipe, [frame], 9, None, lasts
+    )
     assert (IMAGE_EMBEDS in cond) == (family == "wan-i2v")  # Wan2.2-I2V-A14B has no image encoder
     seen, handle = _capture(pipe.transformer)
     adapter.predict(pipe.transformer, x_t, t, cond)
@@ -79,20 +90,26 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, expand: boo
         assert stock["timestep"][0, :tokens].max() == 0 and stock["timestep"][0, tokens:].min() == t
         assert torch.equal(stock["hidden_states"][:, :, 1:], x_t[:, :, 1:])
         return
-    # The mask channels: 1 on the first latent frame, 0 after it (a first-frame condition).
+    # The mask channels: 1 on the first latent frame, 0 after it (a first-frame condition); FLF2V: also the
+    # last video frame, the 4th of the last latent frame's 4 channels.
     mask = stock["hidden_states"][:, z : z + 4]
-    assert torch.equal(mask, frame_mask(x_t)) and mask[:, :, 0].min() == 1 and mask[:, :, 1:].max() == 0
+    assert torch.equal(mask, frame_mask(x_t, last=first_last)) and mask[:, :, 0].min() == 1
+    assert mask[:, :, 1:-1].max() == 0 and mask[:, :3, -1].max() == 0 and mask[:, 3, -1].min() == int(first_last)
+    if first_last:  # both images' CLIP tokens, first then last, as the pipeline's [2, 257, D] pair
+        assert cond[IMAGE_EMBEDS].shape[1] == 2 * stock["encoder_hidden_states_image"].shape[1]
 
 
-@pytest.mark.parametrize(("family", "expand"), CASES)
-def test_flow_step_trains_on_the_generated_frames_with_the_condition(family: str, expand: bool) -> None:
+@pytest.mark.parametrize(("family", "layout"), CASES)
+def test_flow_step_trains_on_the_generated_frames_with_the_condition(family: str, layout: str) -> None:
     """The trainer's forward (flow_step) with the image conditioning: a finite loss, a different image changes
-    the prediction; Wan2.1/2.2-I2V train every frame (the image reaches the patch embedding's image channels),
-    TI2V-5B leaves frame 0 out: the noise drawn for it changes nothing."""
-    pipe = build_tiny_pipeline(family, expand_timesteps=expand)
+    the prediction; Wan2.1/2.2-I2V and FLF2V train every frame (the image reaches the patch embedding's image
+    channels), TI2V-5B leaves frame 0 out: the noise drawn for it changes nothing."""
+    pipe = _pipe(family, layout)
+    expand = layout == "expand_timesteps"
     adapter = get_adapter(family)
-    frames = _frames(2, seed=1)
-    cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames, 9)
+    frames = _frames(4, seed=1)
+    lasts = frames[2:] if layout == "first_last" else None
+    cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames[:2], 9, None, lasts)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
     step = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), noise)

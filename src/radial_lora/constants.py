@@ -44,3 +44,4 @@ IMAGE_LATENTS = "image_latents"  # [C, F, h, w]: the first frame's VAE latents a
 # [tokens, dim]: the image encoder's states of the first frame (Wan2.1-I2V: CLIP; HunyuanVideo 1.5 I2V: SigLIP)
 IMAGE_EMBEDS = "encoder_hidden_states_image"
 FIRST_FRAME = "first_frame"  # uint8 [H, W, 3]: the frame itself (samples and evaluate start from it)
+LAST_FRAME = "last_frame"  # uint8 [H, W, 3]: the clip's last frame, for first-last-frame models (Wan2.1-FLF2V)

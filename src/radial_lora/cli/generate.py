@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from radial_lora.constants import FAMILIES
 from radial_lora.inference.generate import parse_lora_spec
@@ -24,6 +25,12 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="image-to-video: the first frame of every video (scaled and centre-cropped to --height x --width)",
+    )
+    p.add_argument(
+        "--last-image",
+        type=Path,
+        default=None,
+        help="first-last-frame models (Wan2.1-FLF2V): the last frame of every video, with --image",
     )
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -65,22 +72,27 @@ def add_attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less memory for long videos)")
 
 
-def prompt_entries(args: argparse.Namespace, default: list[str] | None = None) -> list[tuple[str, Path | None]]:
-    """``(prompt, image)`` of every --prompt and --prompts entry: an entry's own image, else --image."""
+def prompt_entries(args: argparse.Namespace, default: list[str] | None = None) -> list[tuple[str, Any]]:
+    """``(prompt, image)`` of every --prompt and --prompts entry: an entry's own image, else --image (with
+    --last-image: the pair ``(first, last)``)."""
     from radial_lora.inference.generate import read_prompt_entries
 
-    entries: list[tuple[str, Path | None]] = [(p, None) for p in args.prompt or []]
+    entries: list[tuple[str, Any]] = [(p, None) for p in args.prompt or []]
     if args.prompts is not None:
         entries += read_prompt_entries(args.prompts)
     if not entries and default:
         entries = [(p, None) for p in default]
     if not entries:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
-    image = getattr(args, "image", None)
+    image, last = getattr(args, "image", None), getattr(args, "last_image", None)
+    if last is not None:
+        if image is None:
+            raise ValueError("--last-image needs --image (the first frame) too")
+        image = (image, last)
     return [(prompt, own or image) for prompt, own in entries]
 
 
-def images_of(entries: list[tuple[str, Path | None]]) -> list[Path] | None:
+def images_of(entries: list[tuple[str, Any]]) -> list[Any] | None:
     """The image of every prompt, or None when no prompt has one; some with and some without is an error."""
     images = [image for _, image in entries]
     if all(i is None for i in images):

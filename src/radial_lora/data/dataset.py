@@ -193,6 +193,18 @@ class PreparedDataset:
             )
         return load(file.read_bytes())
 
+    def image_condition(self, record: Record) -> Any:
+        """The images an image-to-video clip starts from, as ``generate`` takes them: its first frame, uint8
+        ``[H, W, 3]``, or its first and last frames ``[2, H, W, 3]`` (first-last-frame models)."""
+        from radial_lora.constants import FIRST_FRAME, LAST_FRAME
+
+        tensors = self.load(record)
+        if FIRST_FRAME not in tensors:
+            raise ValueError(f"{self.path} was prepared for text-to-video: its clips hold no first frames")
+        if LAST_FRAME in tensors:
+            return torch.stack([tensors[FIRST_FRAME], tensors[LAST_FRAME]]).numpy()
+        return tensors[FIRST_FRAME].numpy()
+
     def load(self, record: Record, *, verify: bool = False) -> dict[str, torch.Tensor]:
         """The clip's tensors ("latents" [C,F,h,w] float32 + text tensors). ``verify`` checks the sha256."""
         file = self.file_of(record)

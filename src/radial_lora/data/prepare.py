@@ -519,6 +519,8 @@ class _Encoder:
         self.cache_size = cache_size
         vae = getattr(pipe, "vae", None)
         self.dtype = next(vae.parameters()).dtype if vae is not None else torch.float32
+        # Wan2.1-FLF2V: each clip's last frame is a condition too
+        self.first_last = adapter.task == "i2v" and adapter.conditions_on_last_frame(adapter.transformer_config(pipe))
 
     @torch.no_grad()
     def text(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
@@ -539,20 +541,24 @@ class _Encoder:
         self, clips: list[np.ndarray], captions: list[str], length: int
     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
         """Per clip, its text tensors and its image conditioning: the first frame's at the clip's length (none
-        for text-to-video) with the frame itself (uint8, what ``evaluate`` conditions the generated videos on).
+        for text-to-video) with the frame itself (uint8, what ``evaluate`` conditions the generated videos on),
+        and the last frame's too for a first-last-frame model.
         Where the text encoder reads the image too (``text_sees_image``), the text comes with the image."""
         if self.adapter.task != "i2v":
             return self.text(captions), [{} for _ in clips]
-        from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
+        from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS, LAST_FRAME
 
         firsts = [np.ascontiguousarray(c[0]) for c in clips]
+        lasts = [np.ascontiguousarray(c[-1]) for c in clips] if self.first_last else None
         sees = self.adapter.text_sees_image
-        encoded = self.adapter.encode_images(self.pipe, firsts, length, captions if sees else None)
+        encoded = self.adapter.encode_images(self.pipe, firsts, length, captions if sees else None, lasts)
         texts, images = [], []
         for i, first in enumerate(firsts):
             one = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
             images.append({k: one.pop(k).float() for k in (IMAGE_LATENTS, IMAGE_EMBEDS) if k in one})
             images[-1][FIRST_FRAME] = torch.from_numpy(first)
+            if lasts is not None:
+                images[-1][LAST_FRAME] = torch.from_numpy(lasts[i])
             if one and not sees:
                 raise RuntimeError(f"{self.adapter.family}: encode_images returned unknown tensors {sorted(one)}")
             texts.append(one)  # the text tensors of an encoder that reads the image; nothing else

@@ -232,9 +232,9 @@ def real_clips(pipe: Any, family: str, dataset: Path, lengths: Sequence[int], ma
 
 
 def heldout_conditions(dataset: Path, lengths: Sequence[int], max_clips: int) -> tuple[list[str], list[np.ndarray]]:
-    """An image-to-video evaluation's prompts and images: the captions and first frames of the held-out clips
-    (the longest length's, up to ``max_clips``), so each generated video has a real continuation to compare with."""
-    from radial_lora.constants import FIRST_FRAME
+    """An image-to-video evaluation's prompts and images: the captions and first frames (and last, for a
+    first-last-frame model) of the held-out clips (the longest length's, up to ``max_clips``), so each
+    generated video has a real continuation to compare with."""
     from radial_lora.data.dataset import PreparedDataset
 
     ds = PreparedDataset(dataset)
@@ -242,10 +242,7 @@ def heldout_conditions(dataset: Path, lengths: Sequence[int], max_clips: int) ->
     if length is None:
         raise ValueError(f"--dataset {dataset} has no clips of {list(lengths)} frames to take first frames from")
     records = ds.buckets[length][:max_clips]
-    tensors = [ds.load(r) for r in records]
-    if any(FIRST_FRAME not in t for t in tensors):
-        raise ValueError(f"--dataset {dataset} was prepared for text-to-video: its clips hold no first frames")
-    return [r.caption for r in records], [t[FIRST_FRAME].numpy() for t in tensors]
+    return [r.caption for r in records], [ds.image_condition(r) for r in records]
 
 
 def motion_summary(scores: Sequence[long_video.VideoScore], real: dict[str, Any] | None) -> dict[str, Any]:

@@ -394,7 +394,8 @@ def render_batch(
     new denoising run, so ``dense_timesteps`` counts from this call's first step. A ``None`` path runs the
     denoising only (``output_type="latent"``: no decode, nothing written; a process that must take part in
     a sharded forward but writes nothing). ``images``: the first frame of each video, uint8 ``[H, W, 3]`` of
-    the video's size (image-to-video pipelines; the stock call's ``image``, as PIL pictures).
+    the video's size (image-to-video pipelines; the stock call's ``image``, as PIL pictures), or its first and
+    last frames ``[2, H, W, 3]`` (a first-last-frame model: ``image`` and ``last_image``).
     """
     from radial_lora.data.video_io import write_video
     from radial_lora.models import detect_family, get_adapter
@@ -419,7 +420,10 @@ def render_batch(
 
         if len(images) != 1 or len(prompts) != 1:  # diffusers 0.42's I2V pipelines repeat a batch's image latents
             raise ValueError("image-to-video renders one video per pipeline call (batch_size 1)")
-        call["image"] = Image.fromarray(np.ascontiguousarray(images[0]))
+        frames = images[0] if images[0].ndim == 4 else images[0][None]
+        call["image"] = Image.fromarray(np.ascontiguousarray(frames[0]))
+        if len(frames) == 2:
+            call["last_image"] = Image.fromarray(np.ascontiguousarray(frames[1]))
     if len(prompts) == 1:
         call["generator"] = call["generator"][0]
     if negative_prompt is not None:
@@ -497,10 +501,11 @@ def generate(
     groups, and each group's first process writes. The result lists the videos this process's group made.
     ``overwrite``: an earlier video of the same name made with other settings moves to ``previous/<time>/`` of
     ``results_root`` (default ``out_dir``; ``evaluate`` passes its own folder) instead of stopping the call.
-    ``images``: image-to-video only, prompt ``i``'s first frame (a picture file or uint8 ``[H, W, 3]``).
+    ``images``: image-to-video only, prompt ``i``'s first frame (a picture file or uint8 ``[H, W, 3]``); for a
+    first-last-frame model (Wan2.1-FLF2V) its first and last frames (two files, or uint8 ``[2, H, W, 3]``).
     """
     prompts, lora_list = _checked_inputs(prompts, names, steps, fps, loras, batch_size)
-    family, firsts, batch = _model_inputs(model, family, lora_list, images, len(prompts), height, width, batch_size)
+    family, conditions, batch = _model_inputs(model, family, lora_list, images, len(prompts), height, width, batch_size)
     user = dict(pattern=pattern, decay_factor=decay_factor, block_size=block_size, dense_layers=dense_layers)
     attn, source = resolve_attention_settings(user | {"dense_timesteps": dense_timesteps}, lora_list)
     layout = None
@@ -525,7 +530,7 @@ def generate(
         )
         base_settings = _base_settings(model, run.pipe, run.family, attn, backend, lora_list, run.call)
         base_settings["batch_size"] = batch
-        results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed, firsts)
+        results, todo = _plan_outputs(prompts, names, out, save_frames, skip_existing, base_settings, seed, conditions)
         _keep_earlier(todo, Path(results_root or out), overwrite, mover=layout is None or layout.rank == 0)
         writer = True
         if layout is not None:
@@ -648,12 +653,12 @@ class _Pending:
     sidecar: Path
     frames_file: Path | None
     settings: dict[str, Any]
-    image: np.ndarray | None = None  # the first frame (image-to-video)
+    image: np.ndarray | None = None  # the first frame [H, W, 3] (image-to-video), or first and last [2, H, W, 3]
 
 
 def _model_inputs(
     model: Any, family: str | None, loras: list, images: Any, count: int, height: int, width: int, batch_size: int
-) -> tuple[str, list[tuple[np.ndarray, str]] | None, int]:
+) -> tuple[str, list[tuple[np.ndarray, dict[str, str]]] | None, int]:
     """Before anything loads: the family (a folder's or hub id's ``model_index.json``), a LoRA of another
     family refused, the images an image-to-video model starts from, and its batch size (one per call)."""
     from radial_lora.models import detect_family, get_adapter
@@ -661,20 +666,39 @@ def _model_inputs(
     family = family or detect_family(model)
     check_lora_family(loras, family)
     adapter = get_adapter(family)
-    firsts = _first_frames(adapter, images, count, height, width)
-    if (firsts is not None or adapter.one_video_per_call) and batch_size > 1:
+    first_last = adapter.task == "i2v" and adapter.conditions_on_last_frame(_transformer_config(model, adapter))
+    conditions = _image_conditions(adapter, first_last, images, count, height, width)
+    if (conditions is not None or adapter.one_video_per_call) and batch_size > 1:
         logger.info("%s: one video per pipeline call (batch_size %d -> 1)", family, batch_size)
         batch_size = 1
-    return family, firsts, batch_size
+    return family, conditions, batch_size
 
 
-def _first_frames(
-    adapter: Any, images: Sequence[Any] | None, count: int, height: int, width: int
-) -> list[tuple[np.ndarray, str]] | None:
-    """Per prompt, the image an image-to-video model starts from and a name for it (its path, or "array"); None
-    for a text-to-video model. A missing or extra image is one line saying what to pass."""
-    from radial_lora.data.video_io import read_image, resize_center_crop
+def _transformer_config(model: Any, adapter: Any) -> dict[str, Any]:
+    """The transformer config of a loaded pipeline, a folder or a hub id (published: known; else its config file
+    alone); empty where it cannot be read (offline), and the pipeline says later what it lacks."""
+    if hasattr(model, "components"):
+        return dict(adapter.transformer_config(model))
+    from radial_lora.models.published import describe_model
 
+    try:
+        return dict(describe_model(str(model)).transformer)
+    except (OSError, ValueError):
+        import diffusers
+
+        try:
+            cls = getattr(diffusers, adapter.transformer_class_name)
+            return dict(cls.load_config(str(model), subfolder="transformer"))
+        except (OSError, ValueError):
+            return {}
+
+
+def _image_conditions(
+    adapter: Any, first_last: bool, images: Sequence[Any] | None, count: int, height: int, width: int
+) -> list[tuple[np.ndarray, dict[str, str]]] | None:
+    """Per prompt, the images an image-to-video model starts from (uint8 ``[H, W, 3]``, or ``[2, H, W, 3]`` with
+    the last frame) and the sidecar settings naming them (path or "array", sha256 of the pixels); None for a
+    text-to-video model. A missing or extra image is one line saying what to pass."""
     if adapter.task != "i2v":
         if images:
             raise ValueError(f"the {adapter.family} model generates from text only; drop --image")
@@ -688,11 +712,31 @@ def _first_frames(
         raise ValueError(f"got {len(images)} images for {count} prompts; give one image per prompt (or one for all)")
     out = []
     for image in images:
-        if isinstance(image, np.ndarray):
-            out.append((np.ascontiguousarray(resize_center_crop(image, height, width)), "array"))
-        else:
-            out.append((read_image(image, height, width), str(image)))
+        frames, names = _read_condition(image, height, width)
+        if len(frames) == 2 and not first_last:
+            raise ValueError(f"the {adapter.family} model starts from a first frame only; drop --last-image")
+        if len(frames) == 1 and first_last:
+            raise ValueError(
+                "this first-last-frame model (Wan2.1-FLF2V) generates between two frames: pass --last-image PATH "
+                'too, or "last_image" in every prompts-file entry'
+            )
+        settings = {"image": names[0], "image_sha256": hashlib.sha256(frames[0].tobytes()).hexdigest()}
+        if len(frames) == 2:
+            settings |= {"last_image": names[1], "last_image_sha256": hashlib.sha256(frames[1].tobytes()).hexdigest()}
+        out.append((frames[0] if len(frames) == 1 else np.stack(frames), settings))
     return out
+
+
+def _read_condition(image: Any, height: int, width: int) -> tuple[list[np.ndarray], list[str]]:
+    """One prompt's images, scaled and centre-cropped to the video's size: a file, a ``(first, last)`` pair of
+    files, or uint8 ``[H, W, 3]`` / ``[2, H, W, 3]``; with a name for each (its path, or "array")."""
+    from radial_lora.data.video_io import read_image, resize_center_crop
+
+    if isinstance(image, np.ndarray):
+        arrays = list(image) if image.ndim == 4 else [image]
+        return [np.ascontiguousarray(resize_center_crop(a, height, width)) for a in arrays], ["array"] * len(arrays)
+    paths = list(image) if isinstance(image, list | tuple) else [image]
+    return [read_image(path, height, width) for path in paths], [str(path) for path in paths]
 
 
 def _plan_outputs(
@@ -703,10 +747,10 @@ def _plan_outputs(
     skip_existing: bool,
     base_settings: dict[str, Any],
     seed: int,
-    firsts: list[tuple[np.ndarray, str]] | None = None,
+    conditions: list[tuple[np.ndarray, dict[str, str]]] | None = None,
 ) -> tuple[dict[int, GenerationResult], list[_Pending]]:
     """The results that can be reused as they are (``skip_existing``: same settings) and the videos to render;
-    an image-to-video video's settings name its image and the sha256 of its pixels."""
+    an image-to-video video's settings name its image(s) and the sha256 of their pixels."""
     results: dict[int, GenerationResult] = {}
     todo: list[_Pending] = []
     for i, prompt in enumerate(prompts):
@@ -715,9 +759,9 @@ def _plan_outputs(
         frames_file = out / f"{stem}.npz" if save_frames else None
         settings = {**base_settings, "prompt": prompt, "seed": seed + i}
         image = None
-        if firsts is not None:
-            image, source = firsts[i]
-            settings |= {"image": source, "image_sha256": hashlib.sha256(image.tobytes()).hexdigest()}
+        if conditions is not None:
+            image, named = conditions[i]
+            settings |= named
         found = _load_existing(video_path, sidecar, frames_file, settings) if skip_existing else None
         if found is not None:
             logger.info("reusing %s (same settings)", video_path)
@@ -836,10 +880,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return [prompt for prompt, _ in read_prompt_entries(path)]
 
 
-def read_prompt_entries(path: str | os.PathLike) -> list[tuple[str, Path | None]]:
+def read_prompt_entries(path: str | os.PathLike) -> list[tuple[str, Any]]:
     """``(prompt, image)`` pairs of a prompts file: a text file (one prompt per line, no images) or a JSON list
     of prompt strings and ``{"prompt": TEXT, "image": PATH}`` objects (image-to-video; a relative PATH is
-    relative to the file's folder)."""
+    relative to the file's folder; with ``"last_image": PATH`` too, the image is the pair ``(first, last)``)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts file {p} not found")
@@ -852,13 +896,17 @@ def read_prompt_entries(path: str | os.PathLike) -> list[tuple[str, Path | None]
             raise ValueError(f"{p}: not valid JSON ({exc}); expected {wanted}") from exc
         if not isinstance(data, list):
             raise ValueError(f"{p}: expected {wanted}")
-        entries: list[tuple[str, Path | None]] = []
+        entries: list[tuple[str, Any]] = []
         for i, item in enumerate(data):
             if isinstance(item, dict) and isinstance(item.get("prompt"), str):
-                image = item.get("image")
-                if image is not None and not isinstance(image, str):
-                    raise ValueError(f"{p}: entry {i}'s image must be a path (a string), got {image!r}")
-                entries.append((item["prompt"].strip(), None if image is None else p.parent / image))
+                image, last = item.get("image"), item.get("last_image")
+                for key, value in (("image", image), ("last_image", last)):
+                    if value is not None and not isinstance(value, str):
+                        raise ValueError(f"{p}: entry {i}'s {key} must be a path (a string), got {value!r}")
+                if last is not None and image is None:
+                    raise ValueError(f"{p}: entry {i} has a last_image but no image; give both")
+                first = None if image is None else p.parent / image
+                entries.append((item["prompt"].strip(), first if last is None else (first, p.parent / last)))
             elif isinstance(item, str):
                 entries.append((item.strip(), None))
             else:

@@ -235,11 +235,32 @@ class ModelAdapter(ABC):
     # on its first frame, and :meth:`encode_images` returns them, given the clips' captions.
     text_sees_image: bool = False
 
+    def conditions_on_last_frame(self, transformer: Mapping[str, Any]) -> bool:
+        """Whether a transformer of this config generates between a first and a last frame (Wan2.1-FLF2V)."""
+        return False
+
+    def transformer_config(self, pipe: DiffusionPipeline) -> Mapping[str, Any]:
+        """The config of a pipeline's transformer, read from its folder where the pipeline was loaded without it
+        (``data prepare`` loads the encoders alone)."""
+        for transformer in self.transformers(pipe):
+            if transformer is not None:
+                return unwrap(transformer).config
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_class_name)
+        return cls.load_config(pipe.name_or_path, subfolder="transformer")
+
     def encode_images(
-        self, pipe: DiffusionPipeline, frames: list, num_frames: int, prompts: list[str] | None = None
+        self,
+        pipe: DiffusionPipeline,
+        frames: list,
+        num_frames: int,
+        prompts: list[str] | None = None,
+        last_frames: list | None = None,
     ) -> dict[str, torch.Tensor]:
         """Image conditioning of videos starting from ``frames`` (image-to-video families only); ``prompts``
-        (one per frame) where :attr:`text_sees_image`, whose text tensors are then part of the result."""
+        (one per frame) where :attr:`text_sees_image`, whose text tensors are then part of the result;
+        ``last_frames`` where the model :meth:`conditions_on_last_frame`."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
     def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:

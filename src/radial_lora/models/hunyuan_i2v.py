@@ -51,17 +51,6 @@ def condition_type(transformer: nn.Module) -> str:
     return _checked(unwrap(transformer).config.image_condition_type)
 
 
-def pipeline_condition_type(pipe: DiffusionPipeline) -> str:
-    """The ``image_condition_type`` of a pipeline's transformer, read from its config file where the pipeline was
-    loaded without it (``data prepare`` loads the encoders alone)."""
-    if getattr(pipe, "transformer", None) is not None:
-        return condition_type(pipe.transformer)
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    config = HunyuanVideoTransformer3DModel.load_config(pipe.name_or_path, subfolder="transformer")
-    return _checked(config.get("image_condition_type"))
-
-
 def _checked(kind: str | None) -> str:
     if kind not in IMAGE_EMBED_INTERLEAVE:
         raise ValueError(
@@ -112,7 +101,12 @@ class HunyuanI2VAdapter(HunyuanAdapter):
 
     @torch.no_grad()
     def encode_images(
-        self, pipe: DiffusionPipeline, frames: list, num_frames: int, prompts: list[str] | None = None
+        self,
+        pipe: DiffusionPipeline,
+        frames: list,
+        num_frames: int,
+        prompts: list[str] | None = None,
+        last_frames: list | None = None,
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
         video's size) with captions ``prompts``, batch-first, as the pipeline builds it for those images as PIL
@@ -123,7 +117,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
             raise ValueError(
                 "HunyuanVideo-I2V's text encoder reads each image with its prompt: give one prompt per image"
             )
-        kind = pipeline_condition_type(pipe)
+        kind = _checked(self.transformer_config(pipe).get("image_condition_type"))
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
         latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -142,7 +136,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
     def _encode_text(self, pipe: DiffusionPipeline, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``encode_prompt`` of each (image, prompt): the Llava states ``[image tokens; prompt]`` and their mask,
         and CLIP's pooled prompt. One pair per call: the pipeline's crop of the Llava output takes a batch of 1."""
-        interleave = IMAGE_EMBED_INTERLEAVE[pipeline_condition_type(pipe)]
+        interleave = IMAGE_EMBED_INTERLEAVE[_checked(self.transformer_config(pipe).get("image_condition_type"))]
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         for image, prompt in zip(images, prompts):
             embeds, pooled, mask = pipe.encode_prompt(

@@ -146,6 +146,10 @@ PUBLISHED: dict[str, Published] = {
         "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280), (4, 8)
     ),
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": Published("wan22-i2v", wan_config(40, 13824, 40, i2v=True), (4, 8), experts=2),
+    # the first-last-frame model: Wan2.1-I2V-14B with a position embedding over both images' 257 CLIP tokens
+    "Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers": Published(
+        "wan-i2v", wan_config(40, 13824, 40, i2v=True, image_dim=1280) | {"pos_embed_seq_len": 2 * 257}, (4, 8)
+    ),
 }
 
 

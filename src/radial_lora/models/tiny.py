@@ -257,7 +257,12 @@ def _wan_transformer(seed: int, cfg: dict[str, Any]) -> WanTransformer3DModel:
 
 
 def _build_wan(
-    family: str, seed: int, vocab: list[str], overrides: dict[str, Any], expand_timesteps: bool = False
+    family: str,
+    seed: int,
+    vocab: list[str],
+    overrides: dict[str, Any],
+    expand_timesteps: bool = False,
+    first_last: bool = False,
 ) -> DiffusionPipeline:
     cfg = _check_overrides(family, _WAN_TRANSFORMER, overrides)
     z = cfg["in_channels"]
@@ -296,6 +301,8 @@ def _build_wan(
             kwargs = _tiny_clip_vision(seed + 4)
             dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
             cfg |= {"image_dim": kwargs["image_encoder"].config.hidden_size, "added_kv_proj_dim": dim}
+            if first_last:  # Wan2.1-FLF2V: a position embedding over both images' CLIP tokens (17 each here)
+                cfg |= {"pos_embed_seq_len": 2 * 17}
     transformer = _wan_transformer(seed + 2, cfg)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
@@ -507,6 +514,7 @@ def build_tiny_pipeline(
     *,
     vocabulary_texts: Iterable[str] = (),
     expand_timesteps: bool = False,
+    first_last: bool = False,
     **overrides: Any,
 ) -> DiffusionPipeline:
     """A tiny random-weight pipeline of ``family`` (``radial_lora.constants.FAMILIES``), in float32 on CPU.
@@ -514,12 +522,15 @@ def build_tiny_pipeline(
     ``overrides`` change the transformer config (e.g. ``num_layers=4``); ``vocabulary_texts`` adds
     words to the tokenizers' vocabulary. Same seed, same weights. ``expand_timesteps`` (``wan22-i2v``):
     Wan2.2-TI2V-5B's layout, one transformer that takes the image in place of the first latent frame.
+    ``first_last`` (``wan-i2v``): Wan2.1-FLF2V's, which generates between a first and a last frame.
     """
     vocab = caption_vocabulary(vocabulary_texts)
     if expand_timesteps and family != "wan22-i2v":
         raise ValueError("expand_timesteps is Wan2.2-TI2V-5B's image mode: family 'wan22-i2v'")
+    if first_last and family != "wan-i2v":
+        raise ValueError("first_last is Wan2.1-FLF2V's layout: family 'wan-i2v'")
     if family in ("wan", "wan22", "wan-i2v", "wan22-i2v"):
-        pipe = _build_wan(family, seed, vocab, overrides, expand_timesteps)
+        pipe = _build_wan(family, seed, vocab, overrides, expand_timesteps, first_last)
     elif family in ("hunyuan", "hunyuan-i2v"):
         if family == "hunyuan-i2v":  # the words of its Llava prompt template
             from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE

@@ -38,12 +38,21 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 
-def frame_mask(like: torch.Tensor) -> torch.Tensor:
-    """The pipeline's mask for a first-frame condition: ``[B, 4, F, h, w]``, 1 on latent frame 0, else 0."""
+def frame_mask(like: torch.Tensor, last: bool = False) -> torch.Tensor:
+    """The pipeline's mask for a first-frame condition: ``[B, 4, F, h, w]``, 1 on latent frame 0, else 0. The
+    4 channels are the 4 video frames of a latent frame (frame 0 counts 4 times); ``last``: the video's last
+    frame is given too, the 4th of the last latent frame (``WanImageToVideoPipeline.prepare_latents``)."""
     b, _, f, h, w = like.shape
     mask = torch.zeros(b, MASK_CHANNELS, f, h, w, dtype=like.dtype, device=like.device)
     mask[:, :, 0] = 1
+    if last:
+        mask[:, -1, -1] = 1
     return mask
+
+
+def _first_last(transformer: nn.Module) -> bool:
+    """Wan2.1-FLF2V: CLIP tokens of two images (first, last) with a learned position embedding over both."""
+    return unwrap(transformer).config.get("pos_embed_seq_len") is not None
 
 
 def _expands(transformer: nn.Module) -> bool:
@@ -75,10 +84,7 @@ class WanI2VAdapter(WanAdapter):
 
     def needs_image_encoder(self, pipe: DiffusionPipeline) -> bool:
         """Wan2.1-I2V's transformer takes CLIP image embeddings (``image_dim``); Wan2.2-I2V-A14B's does not."""
-        for transformer in self.transformers(pipe):
-            if transformer is not None:
-                return unwrap(transformer).config.image_dim is not None
-        return getattr(pipe, "image_encoder", None) is not None
+        return self.transformer_config(pipe).get("image_dim") is not None
 
     def accepts(self, index: Mapping[str, Any]) -> bool:
         """Wan2.2-TI2V-5B's folder says ``WanPipeline`` (text-to-video): the same weights take an image through
@@ -89,23 +95,39 @@ class WanI2VAdapter(WanAdapter):
     def given_frames(self, transformer: nn.Module) -> int:
         return 1 if _expands(transformer) else 0
 
+    def conditions_on_last_frame(self, transformer: Mapping[str, Any]) -> bool:
+        """Wan2.1-FLF2V's transformer: a position embedding over two images' CLIP tokens (``pos_embed_seq_len``)."""
+        return transformer.get("pos_embed_seq_len") is not None
+
     @torch.no_grad()
     def encode_images(
-        self, pipe: DiffusionPipeline, frames: list[np.ndarray], num_frames: int, prompts: list[str] | None = None
+        self,
+        pipe: DiffusionPipeline,
+        frames: list[np.ndarray],
+        num_frames: int,
+        prompts: list[str] | None = None,
+        last_frames: list[np.ndarray] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` each),
         batch-first, exactly as ``WanImageToVideoPipeline`` builds it for those images as PIL pictures of the
-        video's size (CLIP embeddings where the model takes them)."""
+        video's size (CLIP embeddings where the model takes them). A first-last-frame model (Wan2.1-FLF2V) also
+        takes ``last_frames``: the video ``[first, 0, ..., 0, last]`` and both images' CLIP tokens, first then
+        last (``[B, 2 x 257, 1280]``)."""
         from PIL import Image
 
         images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
+        lasts = self._last_images(pipe, images, last_frames)
         pixels = pipe.video_processor.preprocess(images, height=height, width=width).to(device, torch.float32)
         video = pixels.unsqueeze(2)  # TI2V-5B (expand_timesteps): the image alone, one latent frame
         if not pipe.config.get("expand_timesteps"):
-            zeros = pixels.new_zeros(pixels.shape[0], pixels.shape[1], num_frames - 1, height, width)
-            video = torch.cat([video, zeros], dim=2)
+            gap = num_frames - 1 - (lasts is not None)
+            parts = [video, pixels.new_zeros(pixels.shape[0], pixels.shape[1], gap, height, width)]
+            if lasts is not None:
+                last = pipe.video_processor.preprocess(lasts, height=height, width=width)
+                parts.append(last.to(device, torch.float32).unsqueeze(2))
+            video = torch.cat(parts, dim=2)
         video = video.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
         latents = pipe.vae.encode(video).latent_dist.mode().to(device, torch.float32)
         mean, std = self._stats(pipe, latents)
@@ -117,8 +139,25 @@ class WanI2VAdapter(WanAdapter):
                     "has no image_encoder / image_processor: use the complete model folder (e.g. "
                     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers)"
                 )
-            out[IMAGE_EMBEDS] = pipe.encode_image(images, device).float()
+            if lasts is None:
+                out[IMAGE_EMBEDS] = pipe.encode_image(images, device).float()
+            else:  # one pair per call, as the pipeline encodes [image, last_image]
+                pairs = [pipe.encode_image([a, b], device).float() for a, b in zip(images, lasts)]
+                out[IMAGE_EMBEDS] = torch.stack([pair.flatten(0, 1) for pair in pairs])
         return out
+
+    def _last_images(self, pipe: DiffusionPipeline, images: list, last_frames: list | None) -> list | None:
+        """The last frames as PIL pictures where the model takes them; one line where they are missing or extra."""
+        from PIL import Image
+
+        wanted = self.conditions_on_last_frame(self.transformer_config(pipe))
+        if wanted and (last_frames is None or len(last_frames) != len(images)):
+            raise ValueError("this first-last-frame model (Wan2.1-FLF2V) needs each video's last frame too")
+        if not wanted:
+            if last_frames is not None:
+                raise ValueError("this Wan image-to-video model starts from a first frame only; it takes no last frame")
+            return None
+        return [Image.fromarray(np.ascontiguousarray(f)) for f in last_frames]
 
     def predict(
         self, transformer: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor]
@@ -132,11 +171,15 @@ class WanI2VAdapter(WanAdapter):
             )
         dtype = unwrap(transformer).dtype
         image = text[IMAGE_LATENTS].to(latents.device, torch.float32)
+        first_last = _first_last(transformer)
         if _expands(transformer):
             hidden, timesteps = _first_frame_given(transformer, latents, image, timesteps.to(latents.device))
         else:
-            hidden = torch.cat([latents, torch.cat([frame_mask(image), image], dim=1).to(latents.dtype)], dim=1)
+            mask = frame_mask(image, last=first_last)
+            hidden = torch.cat([latents, torch.cat([mask, image], dim=1).to(latents.dtype)], dim=1)
         embeds = text.get(IMAGE_EMBEDS)
+        if embeds is not None and first_last:  # [B, 2 x 257, D] -> the pipeline's [2B, 257, D] (first, last)
+            embeds = embeds.reshape(embeds.shape[0] * 2, embeds.shape[1] // 2, embeds.shape[2])
         return transformer(
             hidden_states=hidden.to(dtype),
             timestep=timesteps.to(latents.device),

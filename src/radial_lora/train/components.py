@@ -290,12 +290,10 @@ class SampleRenderer:
 
 
 def _sample_images(data: Any, count: int) -> list[np.ndarray]:
-    """First frames for an image-to-video model's sample videos: the held-out clips' (else the training
-    clips'), one per sample prompt where there are enough."""
-    from radial_lora.constants import FIRST_FRAME
-
+    """First frames (and last, for a first-last-frame model) for an image-to-video model's sample videos: the
+    held-out clips' (else the training clips'), one per sample prompt where there are enough."""
     records = data.holdout or [r for clips in data.by_bucket.values() for r in clips]
-    return [data.dataset.load(r)[FIRST_FRAME].numpy() for r in records[:count]]
+    return [data.dataset.image_condition(r) for r in records[:count]]
 
 
 def lora_metadata(

@@ -522,6 +522,11 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
         logger.info("loading %s from %s%s", family, cfg.model.id, f" without {', '.join(skip)}" if skip else "")
         pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=rt.weight_dtype, skip=skip)
     transformer, sigma_range, expert_meta = _pick_transformer(cfg, adapter, family, pipe)
+    if cfg.train.consistency_weight > 0 and adapter.conditions_on_last_frame(transformer.config):
+        raise ValueError(
+            "train.consistency_weight: a first-last-frame model (Wan2.1-FLF2V) has no shorter clip inside a longer "
+            "one (its last frame moves with the length), so the term has no base-length target; set it to 0"
+        )
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
     sample_pipe = pipe if cfg.validation.sample_prompts else None  # its transformer is the one trained
