@@ -65,6 +65,25 @@ def model_inputs(
     return latents.to(device), timesteps, {k: v.to(device) for k, v in text.items()}
 
 
+def random_frames(n: int, seed: int = 0, side: int = 32) -> list:
+    """``n`` random uint8 ``[side, side, 3]`` pictures: the first (and last) frames of image-to-video tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def capture_inputs(transformer: torch.nn.Module) -> tuple[list[dict], object]:
+    """A hook recording the keyword inputs of each transformer call (what a stock pipeline feeds it), and its
+    handle."""
+    seen: list[dict] = []
+
+    def hook(_module, _args, kwargs):
+        seen.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def lora_model(family: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A tiny transformer of ``family`` (or a :data:`CASES` name) with a non-zero LoRA attached (so every LoRA
     grad is non-zero)."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from model_cases import capture_inputs, random_frames
 from radial_lora.constants import IMAGE_LATENTS
 from radial_lora.models import build_tiny_pipeline, detect_family, get_adapter
 from radial_lora.models.hunyuan_i2v import IMAGE_EMBED_INTERLEAVE, IMAGE_TOKENS
@@ -18,20 +18,6 @@ from radial_lora.train.flow_matching import flow_step
 
 KINDS = ["latent_concat", "token_replace"]
 PROMPT = "a red circle moves right"
-
-
-def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
-
-
-def _capture(transformer: torch.nn.Module) -> tuple[list[dict], object]:
-    seen: list[dict] = []
-
-    def hook(_module, _args, kwargs):
-        seen.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
-
-    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -45,8 +31,8 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(pipe) -> None:
     and the Llava text of image and prompt) feeds the transformer exactly the same tensors."""
     kind = pipe.transformer.config.image_condition_type
     adapter = get_adapter("hunyuan-i2v")
-    (frame,) = _frames(1)
-    seen, handle = _capture(pipe.transformer)
+    (frame,) = random_frames(1)
+    seen, handle = capture_inputs(pipe.transformer)
     pipe(
         prompt=PROMPT,
         image=Image.fromarray(frame),
@@ -68,7 +54,7 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(pipe) -> None:
     cond = adapter.encode_images(pipe, [frame], 9, [PROMPT])
     text_tokens = IMAGE_TOKENS // IMAGE_EMBED_INTERLEAVE[kind] + 256 - 4
     assert cond["encoder_hidden_states"].shape[1] == text_tokens
-    seen, handle = _capture(pipe.transformer)
+    seen, handle = capture_inputs(pipe.transformer)
     adapter.predict(pipe.transformer, x_t, stock["timestep"], cond)
     handle.remove()
     ours = seen[0]
@@ -90,10 +76,10 @@ def test_the_empty_caption_is_the_pipelines_negative_branch() -> None:
     image; ``encode_prompts([""])`` (the dataset's null_text, for caption dropout) is exactly that text."""
     pipe = build_tiny_pipeline("hunyuan-i2v")
     adapter = get_adapter("hunyuan-i2v")
-    seen, handle = _capture(pipe.transformer)
+    seen, handle = capture_inputs(pipe.transformer)
     pipe(
         prompt=PROMPT,
-        image=Image.fromarray(_frames(1)[0]),
+        image=Image.fromarray(random_frames(1)[0]),
         num_frames=5,
         height=32,
         width=32,
@@ -116,7 +102,7 @@ def test_flow_step_trains_on_the_frames_the_pipeline_generates(pipe) -> None:
     image changes the prediction in both."""
     kind = pipe.transformer.config.image_condition_type
     adapter = get_adapter("hunyuan-i2v")
-    frames = _frames(2, seed=1)
+    frames = random_frames(2, seed=1)
     cond = adapter.encode_images(pipe, frames, 9, ["a", "b"])
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
@@ -144,4 +130,4 @@ def test_detected_from_pipeline_folder_and_lone_transformer(tmp_path: Path) -> N
     t2v = build_tiny_pipeline("hunyuan").transformer
     assert detect_family(type(t2v)(**t2v.config)) == "hunyuan"
     with pytest.raises(ValueError, match="one prompt per image"):
-        get_adapter("hunyuan-i2v").encode_images(pipe, _frames(1), 9)
+        get_adapter("hunyuan-i2v").encode_images(pipe, random_frames(1), 9)

@@ -5,31 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from model_cases import capture_inputs, random_frames
 from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS
 from radial_lora.models import build_tiny_pipeline, detect_family, get_adapter
 from radial_lora.models.wan_i2v import frame_mask
 from radial_lora.train.flow_matching import flow_step
 
 I2V = ["wan-i2v", "wan22-i2v"]
-
-
-def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
-
-
-def _capture(transformer: torch.nn.Module) -> tuple[list[dict], object]:
-    seen: list[dict] = []
-
-    def hook(_module, _args, kwargs):
-        seen.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
-
-    return seen, transformer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # (family, layout): Wan2.1-I2V, Wan2.2-I2V-A14B, TI2V-5B's expand_timesteps, Wan2.1-FLF2V's first and last frame
@@ -49,8 +35,8 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, layout: str
     pipe = _pipe(family, layout)
     expand, first_last = layout == "expand_timesteps", layout == "first_last"
     adapter = get_adapter(family)
-    frame, last = _frames(2)
-    seen, handle = _capture(pipe.transformer)
+    frame, last = random_frames(2)
+    seen, handle = capture_inputs(pipe.transformer)
     pipe(
         prompt="a red circle moves right",
         image=Image.fromarray(frame),
@@ -77,7 +63,7 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, layout: str
         pipe, [frame], 9, None, lasts
     )
     assert (IMAGE_EMBEDS in cond) == (family == "wan-i2v")  # Wan2.2-I2V-A14B has no image encoder
-    seen, handle = _capture(pipe.transformer)
+    seen, handle = capture_inputs(pipe.transformer)
     adapter.predict(pipe.transformer, x_t, t, cond)
     handle.remove()
     ours = seen[0]
@@ -107,7 +93,7 @@ def test_flow_step_trains_on_the_generated_frames_with_the_condition(family: str
     pipe = _pipe(family, layout)
     expand = layout == "expand_timesteps"
     adapter = get_adapter(family)
-    frames = _frames(4, seed=1)
+    frames = random_frames(4, seed=1)
     lasts = frames[2:] if layout == "first_last" else None
     cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames[:2], 9, None, lasts)
     g = torch.Generator().manual_seed(0)
@@ -133,7 +119,7 @@ def test_prefix_of_the_image_latents_is_the_shorter_clip() -> None:
     (what the consistency term's base-length prefix uses)."""
     pipe = build_tiny_pipeline("wan-i2v")
     adapter = get_adapter("wan-i2v")
-    frames = _frames(1, seed=2)
+    frames = random_frames(1, seed=2)
     long = adapter.encode_images(pipe, frames, 17)
     short = adapter.encode_images(pipe, frames, 9)
     prefix = adapter.prefix(long, 3)
@@ -158,5 +144,5 @@ def test_detected_from_pipeline_folder_and_lone_transformer(family: str, tmp_pat
 
 def test_text_only_family_refuses_an_image() -> None:
     with pytest.raises(ValueError, match="text only"):
-        get_adapter("wan").encode_images(build_tiny_pipeline("wan"), _frames(1), 9)
-    assert FIRST_FRAME not in get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), _frames(1), 9)
+        get_adapter("wan").encode_images(build_tiny_pipeline("wan"), random_frames(1), 9)
+    assert FIRST_FRAME not in get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), random_frames(1), 9)
