@@ -161,6 +161,9 @@ def test_train_generate_evaluate(flow: dict[str, Path], tiny_wan_lora: Path, cap
     )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("radial-lora")]
     assert len(err) == 1 and "trained for the wan family (t2v), this model is wan-i2v (i2v)" in err[0]
+    first = str(root / "first.png")  # a last frame for a model that starts from a first frame only
+    assert main([*base, "--prompt", "x", "--image", first, "--last-image", first, "--out", str(root / "gen4")]) == 2
+    assert "starts from a first frame only; drop --last-image" in capsys.readouterr().err
 
     # evaluate --dataset: the held-out clips' captions and first frames; real clips and motion per length.
     assert (

@@ -146,3 +146,7 @@ def test_text_only_family_refuses_an_image() -> None:
     with pytest.raises(ValueError, match="text only"):
         get_adapter("wan").encode_images(build_tiny_pipeline("wan"), random_frames(1), 9)
     assert FIRST_FRAME not in get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), random_frames(1), 9)
+    with pytest.raises(ValueError, match="starts from a first frame only; it takes no last frame"):
+        get_adapter("wan-i2v").encode_images(
+            build_tiny_pipeline("wan-i2v"), random_frames(1), 9, None, random_frames(1)
+        )
