@@ -501,6 +501,16 @@ def _pick_transformer(cfg: TrainConfig, adapter: Any, family: str, pipe: Any) ->
     return transformer, (None if sigma_range == (0.0, 1.0) else sigma_range), (expert, t_range)
 
 
+def _check_consistency_target(cfg: TrainConfig, adapter: Any, transformer: Any) -> None:
+    """The consistency term compares a clip's base-length prefix with the base model's prediction for it, so the
+    prefix must be a base-length clip: not so for a first-last-frame model, whose last frame moves with the length."""
+    if cfg.train.consistency_weight > 0 and adapter.conditions_on_last_frame(transformer.config):
+        raise ValueError(
+            "train.consistency_weight: a first-last-frame model (Wan2.1-FLF2V) has no shorter clip inside a longer "
+            "one (its last frame moves with the length), so the term has no base-length target; set it to 0"
+        )
+
+
 def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state: dict | None) -> TrainModel:
     """Load the base through its family adapter, attach the LoRA (resumed weights before any sharding),
     install radial attention, then shard (FSDP) or wrap (DDP) for several processes."""
@@ -522,11 +532,7 @@ def setup_model(cfg: TrainConfig, rt: Runtime, data: TrainData, pipe: Any, state
         logger.info("loading %s from %s%s", family, cfg.model.id, f" without {', '.join(skip)}" if skip else "")
         pipe = adapter.load_pipeline(cfg.model.id, torch_dtype=rt.weight_dtype, skip=skip)
     transformer, sigma_range, expert_meta = _pick_transformer(cfg, adapter, family, pipe)
-    if cfg.train.consistency_weight > 0 and adapter.conditions_on_last_frame(transformer.config):
-        raise ValueError(
-            "train.consistency_weight: a first-last-frame model (Wan2.1-FLF2V) has no shorter clip inside a longer "
-            "one (its last frame moves with the length), so the term has no base-length target; set it to 0"
-        )
+    _check_consistency_target(cfg, adapter, transformer)
     sched_cfg = pipe.scheduler.config
     shift = cfg.model.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
     sample_pipe = pipe if cfg.validation.sample_prompts else None  # its transformer is the one trained
