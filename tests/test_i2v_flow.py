@@ -187,7 +187,7 @@ def test_train_generate_evaluate(flow: dict[str, Path], tiny_wan_lora: Path, cap
                 "--heldout-max-clips",
                 "2",
                 "--variants",
-                "base_radial,lora_radial",
+                "lora_radial",
                 "--block-size",
                 "4",
                 "--out",

@@ -65,7 +65,8 @@ def test_split_transformer_matches_whole_for_every_family_kind(
     torchrun(str(WORKER), str(tmp_path / "report.json"), str(tiny_wan_dir), str(tiny_hunyuan_dir), str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     families = ("wan", "hunyuan", "wan-i2v", "hunyuan15", "hunyuan15-i2v", "hunyuan-i2v", "hunyuan-i2v-replace")
-    for key in [f + suffix for f in families for suffix in ("", "_checkpointing")]:
+    keys = [f + suffix for f in families for suffix in ("", "_checkpointing")]
+    for key in [k for k in keys if not (k.startswith("hunyuan-i2v") and k.endswith("_checkpointing"))]:
         r = report[key]
         assert r["out_diff"] <= 1e-6 * r["out_scale"] + 1e-7, (key, r)
         assert r["grad_diff"] <= 2e-6 * r["grad_scale"] + 1e-7, (key, r)
