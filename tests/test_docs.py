@@ -4,7 +4,8 @@ The commands run in order in one working directory (README first, then docs/ by 
 what an earlier one wrote, as a reader following the pages would. What changes, and only this (README, "The
 job, end to end"): model ids -> ``builtin:tiny-wan-base`` (image-to-video ids: a random tiny
 ``WanImageToVideoPipeline``, and ``photo.png`` a grey picture); pixel sizes -> 32x32; 81/161/321 frames -> 17/33/65;
-a few steps (``--steps 2``, ``train.steps=2``, small LoRA, no periodic checkpoints, validation or samples);
+a few steps (``--steps 2``, ``train.steps=2``, small LoRA, no periodic checkpoints, validation or samples;
+``evaluate`` on one held-out clip);
 multi-GPU launchers -> the ``radial-lora`` command they launch, on one process (``train.sequence_parallel=1``,
 no ``--sequence-parallel``); ``/data/clips`` -> sample videos; ``mask`` and ``plan`` run as written (arithmetic
 at the real size). A required option missing from a documented command is not added: that command fails
@@ -116,7 +117,7 @@ def tiny_argv(words: list[str]) -> list[str]:
             if flag not in argv:
                 argv += [flag, value]
         if argv[0] == "evaluate" and "--heldout-max-clips" not in argv:
-            argv += ["--heldout-max-clips", "2"]
+            argv += ["--heldout-max-clips", "1"]
     return argv
 
 
