@@ -76,7 +76,9 @@ def test_prepare_caches_the_image_and_the_text_that_reads_it(concat: dict[str, P
     texts = {}
     for record in ds.records:
         tensors = ds.load(record, verify=True)
-        again = adapter.encode_images(pipe, [tensors[FIRST_FRAME].numpy()], record.num_frames, [record.caption])
+        first = [tensors[FIRST_FRAME].numpy()]
+        again = adapter.encode_images(pipe, first, record.num_frames)
+        again |= adapter.encode_prompts_with_images(pipe, [record.caption], first)
         for key in (IMAGE_LATENTS, *TEXT_KEYS):  # what the pipeline builds, exactly (no transformer loaded)
             assert torch.equal(tensors[key], again[key][0].to(tensors[key].dtype)), key
         assert tensors[IMAGE_LATENTS].shape == tensors["latents"].shape

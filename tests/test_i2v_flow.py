@@ -257,7 +257,7 @@ def test_first_last_frame_model(tmp_path: Path, flow: dict[str, Path], capsys: p
     short, long = ds.buckets[9][0], next(r for r in ds.buckets[17] if r.source == ds.buckets[9][0].source)
     for record in (short, long):
         t = ds.load(record)
-        again = adapter.encode_images(pipe, [t[FIRST_FRAME].numpy()], record.num_frames, None, [t[LAST_FRAME].numpy()])
+        again = adapter.encode_images(pipe, [t[FIRST_FRAME].numpy()], record.num_frames, [t[LAST_FRAME].numpy()])
         assert torch.equal(t[IMAGE_LATENTS], again[IMAGE_LATENTS][0]) and torch.equal(
             t[IMAGE_EMBEDS], again[IMAGE_EMBEDS][0]
         )

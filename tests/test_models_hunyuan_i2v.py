@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -51,7 +52,7 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(pipe) -> None:
     if kind == "token_replace":  # the captured frame 0 is the image's latent; any x_t frame 0 gives the same input
         x_t[:, :, 0] = torch.randn(x_t[:, :, 0].shape, generator=torch.Generator().manual_seed(1))
 
-    cond = adapter.encode_images(pipe, [frame], 9, [PROMPT])
+    cond = adapter.encode_images(pipe, [frame], 9) | adapter.encode_prompts_with_images(pipe, [PROMPT], [frame])
     text_tokens = IMAGE_TOKENS // IMAGE_EMBED_INTERLEAVE[kind] + 256 - 4
     assert cond["encoder_hidden_states"].shape[1] == text_tokens
     seen, handle = capture_inputs(pipe.transformer)
@@ -103,7 +104,7 @@ def test_flow_step_trains_on_the_frames_the_pipeline_generates(pipe) -> None:
     kind = pipe.transformer.config.image_condition_type
     adapter = get_adapter("hunyuan-i2v")
     frames = random_frames(2, seed=1)
-    cond = adapter.encode_images(pipe, frames, 9, ["a", "b"])
+    cond = adapter.encode_images(pipe, frames, 9) | adapter.encode_prompts_with_images(pipe, ["a", "b"], frames)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
     step = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), noise)
@@ -130,4 +131,31 @@ def test_detected_from_pipeline_folder_and_lone_transformer(tmp_path: Path) -> N
     t2v = build_tiny_pipeline("hunyuan").transformer
     assert detect_family(type(t2v)(**t2v.config)) == "hunyuan"
     with pytest.raises(ValueError, match="one prompt per image"):
-        get_adapter("hunyuan-i2v").encode_images(pipe, random_frames(1), 9)
+        get_adapter("hunyuan-i2v").encode_prompts_with_images(pipe, ["a", "b"], random_frames(1))
+
+
+def test_prepare_reads_each_caption_and_first_frame_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data prepare's text cache keys HunyuanVideo-I2V's text by caption and first frame: a source's clips of every
+    length (same caption, same first frame) cost one Llava encoding; another frame or caption is encoded anew."""
+    from radial_lora.data.prepare import _Encoder
+
+    pipe = build_tiny_pipeline("hunyuan-i2v")
+    adapter = get_adapter("hunyuan-i2v")
+    calls = []
+    original = adapter.encode_prompts_with_images
+
+    def counted(p, prompts, frames):
+        calls.append(prompts)
+        return original(p, prompts, frames)
+
+    monkeypatch.setattr(adapter, "encode_prompts_with_images", counted)
+    encoder = _Encoder(adapter, pipe, torch.device("cpu"))
+    a, b = random_frames(2)
+    clips = [np.stack([a] * 9), np.stack([b] * 9)]
+    first, _ = encoder.conditions(clips, ["x", "x"], 9)
+    again, _ = encoder.conditions([np.stack([a] * 17), np.stack([b] * 17)], ["x", "x"], 17)
+    assert calls == [["x", "x"]]  # both clips at 9 frames in one call, nothing at 17
+    assert all(torch.equal(u["encoder_hidden_states"], v["encoder_hidden_states"]) for u, v in zip(first, again))
+    assert not torch.equal(first[0]["encoder_hidden_states"], first[1]["encoder_hidden_states"])
+    encoder.conditions([np.stack([a] * 9)], ["y"], 9)
+    assert calls[-1] == ["y"]

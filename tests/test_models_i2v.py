@@ -59,9 +59,7 @@ def test_trainer_inputs_equal_the_stock_pipeline_inputs(family: str, layout: str
         t = t.max().reshape(1)  # the step's timestep; the pipeline spreads it per token
 
     lasts = [last] if first_last else None
-    cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(
-        pipe, [frame], 9, None, lasts
-    )
+    cond = adapter.encode_prompts(pipe, ["a red circle moves right"]) | adapter.encode_images(pipe, [frame], 9, lasts)
     assert (IMAGE_EMBEDS in cond) == (family == "wan-i2v")  # Wan2.2-I2V-A14B has no image encoder
     seen, handle = capture_inputs(pipe.transformer)
     adapter.predict(pipe.transformer, x_t, t, cond)
@@ -95,7 +93,7 @@ def test_flow_step_trains_on_the_generated_frames_with_the_condition(family: str
     adapter = get_adapter(family)
     frames = random_frames(4, seed=1)
     lasts = frames[2:] if layout == "first_last" else None
-    cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames[:2], 9, None, lasts)
+    cond = adapter.encode_prompts(pipe, ["a", "b"]) | adapter.encode_images(pipe, frames[:2], 9, lasts)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
     step = flow_step(adapter, pipe.transformer, x0, cond, torch.tensor([0.5, 0.9]), noise)
@@ -147,6 +145,4 @@ def test_text_only_family_refuses_an_image() -> None:
         get_adapter("wan").encode_images(build_tiny_pipeline("wan"), random_frames(1), 9)
     assert FIRST_FRAME not in get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), random_frames(1), 9)
     with pytest.raises(ValueError, match="starts from a first frame only; it takes no last frame"):
-        get_adapter("wan-i2v").encode_images(
-            build_tiny_pipeline("wan-i2v"), random_frames(1), 9, None, random_frames(1)
-        )
+        get_adapter("wan-i2v").encode_images(build_tiny_pipeline("wan-i2v"), random_frames(1), 9, random_frames(1))

@@ -515,7 +515,8 @@ class _Encoder:
 
     def __init__(self, adapter: Any, pipe: Any, device: torch.device, cache_size: int = 256) -> None:
         self.adapter, self.pipe, self.device = adapter, pipe, device
-        self.text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        # by caption; where the text encoder reads the image too, by caption and the first frame's digest
+        self.text_cache: OrderedDict[Any, dict[str, torch.Tensor]] = OrderedDict()
         self.cache_size = cache_size
         vae = getattr(pipe, "vae", None)
         self.dtype = next(vae.parameters()).dtype if vae is not None else torch.float32
@@ -523,16 +524,27 @@ class _Encoder:
         self.first_last = adapter.task == "i2v" and adapter.conditions_on_last_frame(adapter.transformer_config(pipe))
 
     @torch.no_grad()
-    def text(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        new = list(dict.fromkeys(c for c in captions if c not in self.text_cache))
-        if new:
-            encoded = self.adapter.encode_prompts(self.pipe, new)
-            for i, caption in enumerate(new):
-                self.text_cache[caption] = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
-        result = [self.text_cache[c] for c in captions]
-        for caption in captions:
-            self.text_cache.move_to_end(caption)
-        while len(self.text_cache) > max(self.cache_size, len(captions)):
+    def text(self, captions: list[str], firsts: list[np.ndarray] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The captions' text tensors; with ``firsts`` (an encoder that reads the image: ``text_sees_image``) each
+        caption read with its clip's first frame, so a source's clips of every length share one encoding."""
+        keys: list[Any] = list(captions)
+        if firsts is not None:
+            keys = [(c, hashlib.sha1(f.tobytes()).hexdigest()) for c, f in zip(captions, firsts)]
+        todo = {k: i for i, k in enumerate(keys) if k not in self.text_cache}  # one of each
+        if todo:
+            at = list(todo.values())
+            if firsts is None:
+                encoded = self.adapter.encode_prompts(self.pipe, [captions[i] for i in at])
+            else:
+                encoded = self.adapter.encode_prompts_with_images(
+                    self.pipe, [captions[i] for i in at], [firsts[i] for i in at]
+                )
+            for j, key in enumerate(todo):
+                self.text_cache[key] = {k: v[j].detach().to("cpu").contiguous() for k, v in encoded.items()}
+        result = [self.text_cache[k] for k in keys]
+        for key in keys:
+            self.text_cache.move_to_end(key)
+        while len(self.text_cache) > max(self.cache_size, len(keys)):
             self.text_cache.popitem(last=False)
         return result
 
@@ -542,27 +554,22 @@ class _Encoder:
     ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
         """Per clip, its text tensors and its image conditioning: the first frame's at the clip's length (none
         for text-to-video) with the frame itself (uint8, what ``evaluate`` conditions the generated videos on),
-        and the last frame's too for a first-last-frame model.
-        Where the text encoder reads the image too (``text_sees_image``), the text comes with the image."""
+        and the last frame's too for a first-last-frame model. Where the text encoder reads the image too
+        (``text_sees_image``), each caption is read with its clip's first frame."""
         if self.adapter.task != "i2v":
             return self.text(captions), [{} for _ in clips]
-        from radial_lora.constants import FIRST_FRAME, IMAGE_EMBEDS, IMAGE_LATENTS, LAST_FRAME
+        from radial_lora.constants import FIRST_FRAME, LAST_FRAME
 
         firsts = [np.ascontiguousarray(c[0]) for c in clips]
         lasts = [np.ascontiguousarray(c[-1]) for c in clips] if self.first_last else None
-        sees = self.adapter.text_sees_image
-        encoded = self.adapter.encode_images(self.pipe, firsts, length, captions if sees else None, lasts)
-        texts, images = [], []
+        encoded = self.adapter.encode_images(self.pipe, firsts, length, lasts)
+        images = []
         for i, first in enumerate(firsts):
-            one = {k: v[i].detach().to("cpu").contiguous() for k, v in encoded.items()}
-            images.append({k: one.pop(k).float() for k in (IMAGE_LATENTS, IMAGE_EMBEDS) if k in one})
+            images.append({k: v[i].detach().to("cpu", torch.float32).contiguous() for k, v in encoded.items()})
             images[-1][FIRST_FRAME] = torch.from_numpy(first)
             if lasts is not None:
                 images[-1][LAST_FRAME] = torch.from_numpy(lasts[i])
-            if one and not sees:
-                raise RuntimeError(f"{self.adapter.family}: encode_images returned unknown tensors {sorted(one)}")
-            texts.append(one)  # the text tensors of an encoder that reads the image; nothing else
-        return (texts if sees else self.text(captions)), images
+        return self.text(captions, firsts if self.adapter.text_sees_image else None), images
 
     @torch.no_grad()
     def videos(self, clips: list[np.ndarray]) -> torch.Tensor:

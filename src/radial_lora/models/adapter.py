@@ -232,8 +232,15 @@ class ModelAdapter(ABC):
         """Normalised latents -> ``[B,3,F,H,W]`` in [-1, 1]; the exact inverse path of :meth:`encode_videos`."""
 
     # Whether the text encoder reads the image too (HunyuanVideo-I2V's Llava): then a clip's text tensors depend
-    # on its first frame, and :meth:`encode_images` returns them, given the clips' captions.
+    # on its first frame and come from :meth:`encode_prompts_with_images`.
     text_sees_image: bool = False
+
+    def encode_prompts_with_images(
+        self, pipe: DiffusionPipeline, prompts: list[str], frames: list
+    ) -> dict[str, torch.Tensor]:
+        """Text conditioning of videos that start from ``frames`` (uint8 ``[H, W, 3]``), as the pipeline computes it
+        where its text encoder reads the image with the prompt (:attr:`text_sees_image`); else the prompts'."""
+        return self.encode_prompts(pipe, prompts)
 
     def conditions_on_last_frame(self, transformer: Mapping[str, Any]) -> bool:
         """Whether a transformer of this config generates between a first and a last frame (Wan2.1-FLF2V)."""
@@ -251,16 +258,10 @@ class ModelAdapter(ABC):
         return cls.load_config(pipe.name_or_path, subfolder="transformer")
 
     def encode_images(
-        self,
-        pipe: DiffusionPipeline,
-        frames: list,
-        num_frames: int,
-        prompts: list[str] | None = None,
-        last_frames: list | None = None,
+        self, pipe: DiffusionPipeline, frames: list, num_frames: int, last_frames: list | None = None
     ) -> dict[str, torch.Tensor]:
-        """Image conditioning of videos starting from ``frames`` (image-to-video families only); ``prompts``
-        (one per frame) where :attr:`text_sees_image`, whose text tensors are then part of the result;
-        ``last_frames`` where the model :meth:`conditions_on_last_frame`."""
+        """Image conditioning of videos starting from ``frames`` (image-to-video families only); ``last_frames``
+        where the model :meth:`conditions_on_last_frame`."""
         raise ValueError(f"the {self.family} family generates from text only; it takes no image")
 
     def size_arguments(self, pipe: DiffusionPipeline, height: int, width: int) -> dict[str, Any]:

@@ -180,12 +180,7 @@ class Hunyuan15I2VAdapter(Hunyuan15Adapter):
 
     @torch.no_grad()
     def encode_images(
-        self,
-        pipe: DiffusionPipeline,
-        frames: list,
-        num_frames: int,
-        prompts: list[str] | None = None,
-        last_frames: list | None = None,
+        self, pipe: DiffusionPipeline, frames: list, num_frames: int, last_frames: list | None = None
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
         video's size), batch-first, exactly as the pipeline builds it for those images as PIL pictures."""

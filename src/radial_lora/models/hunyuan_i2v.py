@@ -18,7 +18,7 @@ differs is the conditioning, built here exactly as the stock pipeline builds it 
 
 In both, the Llava text encoder reads the image: the prompt's embeddings are the image's tokens (576, every
 2nd kept for latent_concat, every 4th for token_replace) followed by the prompt's 256, so a clip's text
-depends on its first frame and :meth:`HunyuanI2VAdapter.encode_images` returns it (``text_sees_image``).
+depends on its first frame: it comes from :meth:`HunyuanI2VAdapter.encode_prompts_with_images` (``text_sees_image``).
 Those image tokens are text-side tokens of the joint attention: radial attention keeps all text rows and
 columns dense, so the image tokens attend to and are attended by every video token, as in dense attention.
 The empty caption (caption dropout's ``null_text``) is the pipeline's negative branch: the empty prompt
@@ -100,30 +100,35 @@ class HunyuanI2VAdapter(HunyuanAdapter):
         return self._encode_text(pipe, [Image.fromarray(black)] * len(prompts), prompts)
 
     @torch.no_grad()
-    def encode_images(
-        self,
-        pipe: DiffusionPipeline,
-        frames: list,
-        num_frames: int,
-        prompts: list[str] | None = None,
-        last_frames: list | None = None,
+    def encode_prompts_with_images(
+        self, pipe: DiffusionPipeline, prompts: list[str], frames: list
     ) -> dict[str, torch.Tensor]:
-        """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
-        video's size) with captions ``prompts``, batch-first, as the pipeline builds it for those images as PIL
-        pictures: the image latents and the text tensors the Llava encoder makes of each (image, prompt)."""
+        """The text tensors the Llava encoder makes of each (first frame, prompt), batch-first, as the pipeline
+        computes them for those images as PIL pictures."""
         from PIL import Image
 
-        if prompts is None or len(prompts) != len(frames):
+        if len(prompts) != len(frames):
             raise ValueError(
                 "HunyuanVideo-I2V's text encoder reads each image with its prompt: give one prompt per image"
             )
+        return self._encode_text(pipe, [Image.fromarray(np.ascontiguousarray(f)) for f in frames], prompts)
+
+    @torch.no_grad()
+    def encode_images(
+        self, pipe: DiffusionPipeline, frames: list, num_frames: int, last_frames: list | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The image latents of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` of the
+        video's size), batch-first, as the pipeline builds them for those images as PIL pictures. (The text,
+        which reads the image too, is :meth:`encode_prompts_with_images`.)"""
+        from PIL import Image
+
         kind = _checked(self.transformer_config(pipe).get("image_condition_type"))
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
         latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
-        images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
         latents = []
-        for image in images:  # one image per call, as the pipeline encodes them
+        for frame in frames:  # one image per call, as the pipeline encodes them
+            image = Image.fromarray(np.ascontiguousarray(frame))
             pixels = pipe.video_processor.preprocess(image, height, width).to(device, pipe.vae.dtype)
             z = pipe.vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
             z = z.to(torch.float32) * pipe.vae_scaling_factor
@@ -131,7 +136,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
                 z = z.repeat(1, 1, latent_frames, 1, 1)
                 z[:, :, 1:] = 0
             latents.append(z)
-        return {IMAGE_LATENTS: torch.cat(latents)} | self._encode_text(pipe, images, prompts)
+        return {IMAGE_LATENTS: torch.cat(latents)}
 
     def _encode_text(self, pipe: DiffusionPipeline, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``encode_prompt`` of each (image, prompt): the Llava states ``[image tokens; prompt]`` and their mask,

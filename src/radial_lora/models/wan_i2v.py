@@ -105,7 +105,6 @@ class WanI2VAdapter(WanAdapter):
         pipe: DiffusionPipeline,
         frames: list[np.ndarray],
         num_frames: int,
-        prompts: list[str] | None = None,
         last_frames: list[np.ndarray] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The conditioning of ``num_frames``-frame videos that start from ``frames`` (uint8 ``[H, W, 3]`` each),
