@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from radial_lora.models.riflex import TemporalRope
 
 
+# The transformer config of a pipeline loaded without its transformer, read once (ModelAdapter.transformer_config)
+_CONFIG_ATTR = "_radial_lora_transformer_config"
 # A transformer taken out of its pipeline keeps the family its pipeline had (a Wan2.2 expert is a plain
 # WanTransformer3DModel): loading or detecting a pipeline tags its transformers with this attribute.
 FAMILY_ATTR = "_radial_lora_family"
@@ -113,6 +115,11 @@ class ModelAdapter(ABC):
     def transformer_task(self, transformer: Mapping[str, Any]) -> str:
         """ "t2v" or "i2v": what a lone transformer of this family's class generates from, by its config."""
         return "t2v"
+
+    def sequence_hooks(self, transformer: nn.Module, group: Any) -> list[Any]:
+        """Hooks (their handles) a transformer needs beyond :attr:`sequence_plan`'s cuts when its tokens are split
+        over ``group``: where a block reads a token position the shard no longer starts from (HunyuanVideo-I2V)."""
+        return []
 
     # -- structure -------------------------------------------------------------------------------
     def transformers(self, pipe: DiffusionPipeline) -> list[nn.Module]:
@@ -247,15 +254,19 @@ class ModelAdapter(ABC):
         return False
 
     def transformer_config(self, pipe: DiffusionPipeline) -> Mapping[str, Any]:
-        """The config of a pipeline's transformer, read from its folder where the pipeline was loaded without it
-        (``data prepare`` loads the encoders alone)."""
+        """The config of a pipeline's transformer, read from its folder (once: kept on the pipeline) where the
+        pipeline was loaded without it (``data prepare`` loads the encoders alone)."""
         for transformer in self.transformers(pipe):
             if transformer is not None:
                 return unwrap(transformer).config
-        import diffusers
+        config = getattr(pipe, _CONFIG_ATTR, None)
+        if config is None:
+            import diffusers
 
-        cls = getattr(diffusers, self.transformer_class_name)
-        return cls.load_config(pipe.name_or_path, subfolder="transformer")
+            cls = getattr(diffusers, self.transformer_class_name)
+            config = cls.load_config(pipe.name_or_path, subfolder="transformer")
+            setattr(pipe, _CONFIG_ATTR, config)
+        return config
 
     def encode_images(
         self, pipe: DiffusionPipeline, frames: list, num_frames: int, last_frames: list | None = None

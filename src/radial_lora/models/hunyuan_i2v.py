@@ -28,6 +28,7 @@ read with a black image.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,12 +47,9 @@ IMAGE_EMBED_INTERLEAVE = {"latent_concat": 2, "token_replace": 4}
 IMAGE_TOKENS = 576  # llava-llama-3-8b's CLIP ViT-L/14 at 336 px: 24 x 24 patches (the template's image_emb_len)
 
 
-def condition_type(transformer: nn.Module) -> str:
-    """The transformer's ``image_condition_type``: "latent_concat" or "token_replace"."""
-    return _checked(unwrap(transformer).config.image_condition_type)
-
-
-def _checked(kind: str | None) -> str:
+def condition_type(config: Mapping[str, Any]) -> str:
+    """A HunyuanVideo-I2V transformer config's ``image_condition_type``: "latent_concat" or "token_replace"."""
+    kind = config.get("image_condition_type")
     if kind not in IMAGE_EMBED_INTERLEAVE:
         raise ValueError(
             f"HunyuanVideo-I2V's transformer has image_condition_type {kind!r}; expected one of "
@@ -73,8 +71,30 @@ class HunyuanI2VAdapter(HunyuanAdapter):
     # the assistant header the pipeline cuts: what the memory planner and the mask CLI count, the larger case.
     joint_text_tokens = IMAGE_TOKENS // 2 + 256 - 4
 
+    def sequence_hooks(self, transformer: nn.Module, group: Any) -> list[Any]:
+        """The token-replace blocks modulate the first ``first_frame_num_tokens`` tokens of their input as
+        timestep 0 (the image's latent frame). On a shard those are the first frame's tokens that fall in it, at
+        its start (the shards are contiguous and the frame leads the sequence): each block is told that count."""
+        import torch.distributed as dist
+
+        if condition_type(transformer.config) != "token_replace" or dist.get_world_size(group) == 1:
+            return []
+        rank = dist.get_rank(group)
+
+        def share(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            args = list(args)
+            shard = args[0].shape[1]  # this rank's video tokens
+            if "first_frame_num_tokens" in kwargs:
+                kwargs["first_frame_num_tokens"] = min(max(kwargs["first_frame_num_tokens"] - rank * shard, 0), shard)
+            else:  # the transformer passes it as the 7th positional argument
+                args[6] = min(max(args[6] - rank * shard, 0), shard)
+            return tuple(args), kwargs
+
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        return [block.register_forward_pre_hook(share, with_kwargs=True) for block in blocks]
+
     def given_frames(self, transformer: nn.Module) -> int:
-        return 1 if condition_type(transformer) == "token_replace" else 0
+        return 1 if condition_type(unwrap(transformer).config) == "token_replace" else 0
 
     def guidance_passes(self, guidance: float, transformer: nn.Module | None = None) -> int:
         """One with embedded guidance; the 33-channel model guides by true CFG: two passes when ``guidance`` > 1."""
@@ -122,7 +142,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
         which reads the image too, is :meth:`encode_prompts_with_images`.)"""
         from PIL import Image
 
-        kind = _checked(self.transformer_config(pipe).get("image_condition_type"))
+        kind = condition_type(self.transformer_config(pipe))
         height, width = frames[0].shape[:2]
         device = pipe._execution_device
         latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -141,7 +161,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
     def _encode_text(self, pipe: DiffusionPipeline, images: list, prompts: list[str]) -> dict[str, torch.Tensor]:
         """``encode_prompt`` of each (image, prompt): the Llava states ``[image tokens; prompt]`` and their mask,
         and CLIP's pooled prompt. One pair per call: the pipeline's crop of the Llava output takes a batch of 1."""
-        interleave = IMAGE_EMBED_INTERLEAVE[_checked(self.transformer_config(pipe).get("image_condition_type"))]
+        interleave = IMAGE_EMBED_INTERLEAVE[condition_type(self.transformer_config(pipe))]
         out: dict[str, list[torch.Tensor]] = defaultdict(list)
         for image, prompt in zip(images, prompts):
             embeds, pooled, mask = pipe.encode_prompt(
@@ -167,7 +187,7 @@ class HunyuanI2VAdapter(HunyuanAdapter):
                 "(radial-lora data prepare --model ...): it encodes each clip's first frame"
             )
         image = text[IMAGE_LATENTS].to(latents.device, torch.float32)
-        if condition_type(transformer) == "token_replace":
+        if condition_type(unwrap(transformer).config) == "token_replace":
             hidden = torch.cat([image[:, :, :1], latents[:, :, 1:].float()], dim=2)
         else:
             mask = torch.zeros_like(image[:, :1])

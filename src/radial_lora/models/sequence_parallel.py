@@ -99,31 +99,9 @@ def enable_sequence_parallel(transformer: nn.Module, group: dist.ProcessGroup) -
         handles.append(_output_hook(modules[name], splits, group))
     for name, dim in plan.gather.items():
         handles.append(_gather_hook(modules[name], dim, group))
-    if getattr(config, "image_condition_type", None) == "token_replace":
-        handles += _first_frame_share_hooks(transformer, group)
+    handles += controller.adapter.sequence_hooks(transformer, group)
     controller.sequence_group = group
     setattr(transformer, _SP_ATTR, handles)
-
-
-def _first_frame_share_hooks(transformer: nn.Module, group: dist.ProcessGroup) -> list[Any]:
-    """HunyuanVideo-I2V's token-replace blocks modulate the first ``first_frame_num_tokens`` tokens of their input
-    as timestep 0 (the image's latent frame): on a shard, those are the first frame's tokens that fall in it,
-    at its start (the shards are contiguous and the frame leads the sequence), so each block is told that count."""
-    rank, n = dist.get_rank(group), dist.get_world_size(group)
-
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        args = list(args)
-        shard = args[0].shape[1]  # this rank's video tokens
-        if "first_frame_num_tokens" in kwargs:
-            kwargs["first_frame_num_tokens"] = min(max(kwargs["first_frame_num_tokens"] - rank * shard, 0), shard)
-        else:  # the transformer passes it as the 7th positional argument
-            args[6] = min(max(args[6] - rank * shard, 0), shard)
-        return tuple(args), kwargs
-
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-    if n == 1:
-        return []
-    return [block.register_forward_pre_hook(hook, with_kwargs=True) for block in blocks]
 
 
 def disable_sequence_parallel(transformer: nn.Module) -> bool:
