@@ -107,95 +107,30 @@ def test_train_generate_evaluate(flow: dict[str, Path], tiny_wan_lora: Path, cap
 
     # generate --image: the sidecar names the image and its pixels' sha256.
     image.save(root / "first.png")
-    base = [
-        "generate",
-        "--model",
-        str(flow["model"]),
-        "--frames",
-        "9",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--steps",
-        "2",
-    ]
-    assert (
-        main(
-            [
-                *base,
-                "--lora",
-                str(root / "lora"),
-                "--prompt",
-                "a red circle",
-                "--image",
-                str(root / "first.png"),
-                "--out",
-                str(root / "gen"),
-            ]
-        )
-        == 0
-    )
+    first = str(root / "first.png")
+    sizes = ["--height", "32", "--width", "32", "--steps", "2"]
+    base = ["generate", "--model", str(flow["model"]), "--frames", "9", *sizes]
+    lora = ["--lora", str(root / "lora")]
+    assert main([*base, *lora, "--prompt", "a red circle", "--image", first, "--out", str(root / "gen")]) == 0
     (sidecar,) = (root / "gen").glob("*.json")
     settings = json.loads(sidecar.read_text())["settings"]
-    assert settings["image"] == str(root / "first.png") and len(settings["image_sha256"]) == 64
+    assert settings["image"] == first and len(settings["image_sha256"]) == 64
     capsys.readouterr()
     # No image, or a text-to-video LoRA on this image-to-video model: one line each, exit 2.
     assert main([*base, "--prompt", "a red circle", "--out", str(root / "gen2")]) == 2
     assert "generates from an image: pass --image" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                *base,
-                "--lora",
-                str(tiny_wan_lora),
-                "--prompt",
-                "x",
-                "--image",
-                str(root / "first.png"),
-                "--out",
-                str(root / "gen3"),
-            ]
-        )
-        == 2
-    )
+    t2v_lora = ["--lora", str(tiny_wan_lora)]
+    assert main([*base, *t2v_lora, "--prompt", "x", "--image", first, "--out", str(root / "gen3")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("radial-lora")]
     assert len(err) == 1 and "trained for the wan family (t2v), this model is wan-i2v (i2v)" in err[0]
-    first = str(root / "first.png")  # a last frame for a model that starts from a first frame only
+    # a last frame for a model that starts from a first frame only
     assert main([*base, "--prompt", "x", "--image", first, "--last-image", first, "--out", str(root / "gen4")]) == 2
     assert "starts from a first frame only; drop --last-image" in capsys.readouterr().err
 
     # evaluate --dataset: the held-out clips' captions and first frames; real clips and motion per length.
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                str(flow["model"]),
-                "--lora",
-                str(root / "lora"),
-                "--lengths",
-                "9,17",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--steps",
-                "2",
-                "--dataset",
-                str(flow["data"]),
-                "--heldout-max-clips",
-                "2",
-                "--variants",
-                "lora_radial",
-                "--block-size",
-                "4",
-                "--out",
-                str(root / "eval"),
-            ]
-        )
-        == 0
-    )
+    evaluate = ["evaluate", "--model", str(flow["model"]), *lora, "--lengths", "9,17", *sizes]
+    evaluate += ["--dataset", str(flow["data"]), "--heldout-max-clips", "2", "--variants", "lora_radial"]
+    assert main([*evaluate, "--block-size", "4", "--out", str(root / "eval")]) == 0
     results = json.loads((root / "eval" / "results.json").read_text())
     records = PreparedDataset(flow["data"]).buckets[17][:2]
     assert results["prompts"] == [r.caption for r in records]
